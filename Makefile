@@ -1,0 +1,34 @@
+# Two commands set up a fresh machine: `make repro` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install repro test benchmark mlflow-ui clean
+
+install: $(STAMP)
+
+# Reinstall only when the dependency declarations change (idempotent).
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements-lock.txt -e ".[dev]"
+	touch $(STAMP)
+
+repro: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+benchmark: install
+	$(BIN)/python benchmarks/train_throughput.py
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+clean:
+	rm -rf $(VENV) .pytest_cache

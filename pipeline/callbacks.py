@@ -1,0 +1,63 @@
+"""Keras callbacks for MLflow logging, epoch-change inference and a time budget."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import keras
+import numpy as np
+
+from pipeline.panels import make_panel
+from pipeline.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Every Keras log value plus the learning rate, with step=epoch (1-based)."""
+
+    def __init__(self, run: RunLogger):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.run.log_metrics(metrics, step=epoch + 1)
+
+
+class EpochChangeInference(keras.callbacks.Callback):
+    """The seed's epoch_change_infer: predict a few mini_test images after every epoch and
+    log one input | truth | prediction panel with step=epoch, so the MLflow UI's image
+    slider shows the masks forming."""
+
+    def __init__(self, run: RunLogger, images: np.ndarray, truth_rgb: list[np.ndarray], colours, key: str):
+        super().__init__()
+        self.run, self.images, self.truth_rgb, self.key = run, images, truth_rgb, key
+        self.colours = np.asarray(colours, dtype=np.uint8)
+
+    def on_epoch_end(self, epoch, logs=None):
+        probs = self.model.predict(self.images.astype(np.float32), verbose=0, batch_size=8)
+        preds = [self.colours[p] for p in probs.argmax(axis=-1)]
+        panel = make_panel(list(self.images), self.truth_rgb, preds)
+        self.run.log_image(panel, key=self.key, step=epoch + 1)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stop after `minutes` of fitting; EarlyStopping still restores the best weights."""
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.seconds = minutes * 60.0
+        self.start = 0.0
+        self.stopped_epoch: int | None = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if time.monotonic() - self.start > self.seconds:
+            log.warning("time budget of %.1f min reached after epoch %d: stopping", self.seconds / 60, epoch + 1)
+            self.stopped_epoch = epoch + 1
+            self.model.stop_training = True

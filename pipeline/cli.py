@@ -1,0 +1,160 @@
+"""`flexunet <stage>`: parse arguments, load params once, call the stage function.
+
+Errors a user can fix print as one line (`error: <file>: <problem>`) and exit 2; pass
+--debug for the traceback and TensorFlow's own log output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serving.errors import UserError
+
+log = logging.getLogger("flexunet")
+
+
+def quiet_tensorflow(debug: bool) -> None:
+    """Keep TensorFlow's C++ start-up chatter from burying the project's own messages.
+
+    TF_CPP_MIN_LOG_LEVEL silences TF's logger, but TF >= 2.16 prints absl lines before
+    that logger exists, so stderr is muted at the file-descriptor level for the import.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if debug or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+
+        tensorflow.get_logger().setLevel(logging.ERROR)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UserError(f"-S {text!r}: expected KEY=VALUE, e.g. -S train.epochs=3")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _layout(args: argparse.Namespace):
+    from pipeline.layout import Layout
+    from pipeline.params import load_params
+
+    params_path = Path(args.params)
+    params = load_params(params_path, dict(_parse_override(s) for s in args.set or []))
+    root = Path(args.root) if args.root else params_path.resolve().parent
+    return Layout(root=root.resolve(), params=params)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from pipeline.data.prepare import prepare
+
+    prepare(_layout(args))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    layout = _layout(args)
+    quiet_tensorflow(args.debug)
+    from pipeline.train import train
+
+    result = train(layout)
+    log.info("MLflow run %s", result.run_id)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    layout = _layout(args)
+    quiet_tensorflow(args.debug)
+    from pipeline.evaluate import evaluate
+
+    evaluate(layout)
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    layout = _layout(args)
+    print(f"{args.params}: OK ({layout.params.dataset.name}, {layout.params.model.image_width}px, "
+          f"{layout.params.model.num_layers} levels)")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("pipeline.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def cmd_preset(args: argparse.Namespace) -> None:
+    """Validate a shipped preset, then copy it over params.yaml (the old file is kept)."""
+    from pipeline.params import load_params
+    from serving.atomic import write_text
+
+    if args.name not in preset_names():
+        raise UserError(f"unknown preset {args.name!r}; available: {', '.join(preset_names())}")
+    source = resources.files("pipeline.presets") / f"{args.name}.yaml"
+    text = source.read_text(encoding="utf-8")
+    target = Path(args.params)
+    with resources.as_file(source) as path:
+        load_params(path)
+    if target.exists():
+        shutil.copyfile(target, target.with_name(target.name + ".bak"))
+    write_text(target, text)
+    print(f"{target}: now preset {args.name!r} (previous file kept as {target.name}.bak)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexunet", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    stages: dict[str, tuple[Callable, str]] = {
+        "prepare": (cmd_prepare, "generate or import the dataset into data/<name>"),
+        "train": (cmd_train, "train FlexUNet, tracked in MLflow"),
+        "evaluate": (cmd_evaluate, "test-split metrics, confusion matrix, mini_test panels"),
+        "check": (cmd_check, "validate params.yaml and exit"),
+    }
+    for name, (func, help_text) in stages.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--root", default=None, help="project root (default: the params file's folder)")
+        p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
+                       help="override a parameter for this call, e.g. -S train.epochs=2")
+        p.set_defaults(func=func)
+    p = sub.add_parser("preset", help="replace params.yaml with a shipped preset")
+    p.add_argument("name", help="one of: " + ", ".join(preset_names()))
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_preset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "absl", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

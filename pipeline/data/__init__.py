@@ -1,0 +1,1 @@
+"""Datasets: masks, synthetic generators, preparation and the tf.data input pipeline."""

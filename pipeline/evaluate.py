@@ -1,0 +1,122 @@
+"""Evaluate stage: test-split metrics, confusion matrix and mini_test panels.
+
+Metrics are accumulated over the whole test split (pixel counts summed, then divided),
+not averaged per batch, so they do not depend on the batch size. Everything is logged
+into the training run named in models/train_run.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import plots
+from pipeline.data.dataset import load_split, make_dataset
+from pipeline.errors import DataError
+from pipeline.layout import Layout
+from pipeline.metrics import SMOOTH, get_loss
+from pipeline.panels import make_panel
+from pipeline.tracking import find_project_root, start_run
+from pipeline.train import load_infer_samples
+from serving.atomic import remove_on_failure, write_json
+from serving.imageio import save_palette_png, save_rgb_png
+
+log = logging.getLogger(__name__)
+
+
+class Accumulator:
+    """Confusion matrix of argmax predictions plus soft-Dice sums, over many batches."""
+
+    def __init__(self, num_classes: int):
+        self.n = num_classes
+        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.soft = np.zeros((3, num_classes), dtype=np.float64)  # sum t*p, sum t, sum p
+        self.loss_sum, self.batches = 0.0, 0
+
+    def update(self, onehot: np.ndarray, probs: np.ndarray, loss: float) -> None:
+        truth, pred = onehot.argmax(-1).ravel(), probs.argmax(-1).ravel()
+        self.confusion += np.bincount(truth * self.n + pred, minlength=self.n**2).reshape(self.n, self.n)
+        axes = tuple(range(probs.ndim - 1))
+        self.soft += [(onehot * probs).sum(axes), onehot.sum(axes), probs.sum(axes)]
+        self.loss_sum, self.batches = self.loss_sum + loss, self.batches + 1
+
+    def metrics(self, class_names: list[str]) -> dict[str, float]:
+        inter, t_sum, p_sum = self.soft
+        out = {
+            "loss": self.loss_sum / max(self.batches, 1),
+            "dice_coef_multiclass": float(np.mean((2 * inter + SMOOTH) / (t_sum + p_sum + SMOOTH))),
+        }
+        fg_dice = []
+        for c in range(1, self.n):
+            tp = self.confusion[c, c]
+            fp = self.confusion[:, c].sum() - tp
+            fn = self.confusion[c, :].sum() - tp
+            name = class_names[c]
+            out[f"dice_{name}"] = float(2 * tp / max(2 * tp + fp + fn, 1))
+            out[f"iou_{name}"] = float(tp / max(tp + fp + fn, 1))
+            out[f"precision_{name}"] = float(tp / max(tp + fp, 1))
+            out[f"recall_{name}"] = float(tp / max(tp + fn, 1))
+            fg_dice.append(out[f"dice_{name}"])
+        out["mean_foreground_dice"] = float(np.mean(fg_dice))
+        out["pixel_accuracy"] = float(np.trace(self.confusion) / max(self.confusion.sum(), 1))
+        return out
+
+
+def load_model(path: Path) -> keras.Model:
+    if not path.is_file():
+        raise DataError(f"{path}: model not found; run the train stage first (dvc repro train)")
+    return keras.models.load_model(path, compile=False)
+
+
+def evaluate_split(model: keras.Model, layout: Layout, split: str = "test") -> tuple[dict[str, float], np.ndarray]:
+    p = layout.params
+    pairs = load_split(layout.data_dir, split, p.mask, (p.model.image_width, p.model.image_height))
+    ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
+    loss_fn = get_loss(p.train.loss)
+    acc = Accumulator(p.model.num_classes)
+    steps = -(-len(pairs) // p.evaluate.batch_size)
+    for images, onehot in tqdm(ds, total=steps, desc=f"evaluating {split}", unit="batch"):
+        probs = model(images, training=False)
+        acc.update(onehot.numpy(), np.asarray(probs), float(keras.ops.mean(loss_fn(onehot, probs))))
+    return acc.metrics(p.mask.class_names), acc.confusion
+
+
+def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
+    """Predict mini_test (plain, model size), save palette masks and one panel; return it."""
+    p = layout.params
+    images, truths = load_infer_samples(layout, p.evaluate.num_panels)
+    probs = model.predict(images.astype(np.float32), verbose=0, batch_size=p.evaluate.batch_size)
+    colours = np.asarray(p.mask.colours, dtype=np.uint8)
+    stems = sorted(f.stem for f in (layout.data_dir / "mini_test" / "images").iterdir() if f.is_file())
+    for stem, ids in zip(stems, probs.argmax(-1).astype(np.uint8)):
+        save_palette_png(layout.predictions / f"{stem}.png", ids, p.mask.colours)
+    panel = make_panel(list(images), truths, [colours[i] for i in probs.argmax(-1)])
+    save_rgb_png(layout.plots / "mini_test_panel.png", panel)
+    return panel
+
+
+def evaluate(layout: Layout) -> dict[str, Any]:
+    p = layout.params
+    model = load_model(layout.model_file)
+    run_info = layout.read_run()
+    outputs = [layout.metrics / "eval.json", layout.plots / "confusion_matrix.png",
+               layout.plots / "mini_test_panel.png", layout.predictions]
+    project_root = find_project_root(layout.root)
+    with remove_on_failure(outputs), start_run(p.mlflow, project_root, run_id=run_info["run_id"]) as run:
+        metrics, confusion = evaluate_split(model, layout)
+        plots.confusion_matrix(confusion, p.mask.class_names, layout.plots / "confusion_matrix.png")
+        save_mini_test(model, layout)
+        report = {**metrics, "confusion_matrix": confusion.tolist()}
+        write_json(layout.metrics / "eval.json", report)
+        run.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        for path, folder in ((layout.plots / "confusion_matrix.png", "plots"),
+                             (layout.plots / "mini_test_panel.png", "plots"), (layout.metrics / "eval.json", "metrics")):
+            run.log_artifact(path, folder)
+    log.info("test: mean foreground Dice %.4f, seed dice_coef_multiclass %.4f",
+             metrics["mean_foreground_dice"], metrics["dice_coef_multiclass"])
+    return report

@@ -1,0 +1,67 @@
+"""Where each stage reads and writes, derived from one project root.
+
+dvc.yaml lists the same paths; tests build a Layout on a temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+from pipeline.params import Params
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    params: Params
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / self.params.dataset.path
+
+    @property
+    def manifest(self) -> Path:
+        return self.data_dir / "manifest.json"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def model_file(self) -> Path:
+        return self.models / "model.keras"
+
+    @property
+    def run_file(self) -> Path:
+        """Hand-off from train to later stages: MLflow run id and tracking URI."""
+        return self.models / "train_run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def dvclive(self) -> Path:
+        return self.root / "dvclive"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "outputs" / "mini_test_predictions"
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest.is_file():
+            raise DataError(f"{self.manifest}: not found; run the prepare stage first (dvc repro prepare)")
+        return json.loads(self.manifest.read_text(encoding="utf-8"))
+
+    def read_run(self) -> dict[str, Any]:
+        if not self.run_file.is_file():
+            raise DataError(f"{self.run_file}: not found; run the train stage first (dvc repro train)")
+        return json.loads(self.run_file.read_text(encoding="utf-8"))

@@ -1,0 +1,78 @@
+"""FlexUNet: the seed's U-Net with a large first kernel shrinking by 2 per level.
+
+Per encoder level i (0 = top): two Conv2D(base_filters * 2**i, kernel max(3, k - 2i),
+dilation max(1, d - i)) with dropout_rate * i between them, optional BatchNorm, and
+MaxPool between levels. The decoder mirrors the encoder without the bottom level:
+Conv2DTranspose(2x2, stride 2), concatenation with the skip, two convolutions. A 1x1
+softmax head gives per-pixel class probabilities.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from pipeline.params import ModelParams
+
+
+def kernel_schedule(base_kernels: tuple[int, int], num_layers: int) -> list[tuple[int, int]]:
+    """Encoder kernel per level: the base kernel shrinking by 2 per level, floored at 3."""
+    return [(max(3, base_kernels[0] - 2 * i), max(3, base_kernels[1] - 2 * i)) for i in range(num_layers)]
+
+
+def dilation_schedule(dilation: tuple[int, int], num_layers: int) -> list[tuple[int, int]]:
+    """Encoder dilation per level: decreasing by 1 per level, floored at 1 (the seed's rule)."""
+    return [(max(1, dilation[0] - i), max(1, dilation[1] - i)) for i in range(num_layers)]
+
+
+def _conv_block(x, filters: int, kernel, dilation, dropout: float, batchnorm: bool, name: str):
+    for j in range(2):
+        x = layers.Conv2D(
+            filters,
+            kernel,
+            dilation_rate=dilation,
+            padding="same",
+            activation="relu",
+            kernel_initializer="he_normal",
+            name=f"{name}_conv{j}",
+        )(x)
+        if batchnorm:
+            x = layers.BatchNormalization(name=f"{name}_bn{j}")(x)
+        if j == 0 and dropout > 0:
+            x = layers.Dropout(dropout, name=f"{name}_drop")(x)
+    return x
+
+
+def build_flexunet(cfg: ModelParams, *, dynamic_size: bool = False) -> keras.Model:
+    """Build the functional FlexUNet. dynamic_size=True leaves H and W open (for export)."""
+    height, width = (None, None) if dynamic_size else (cfg.image_height, cfg.image_width)
+    inputs = keras.Input((height, width, cfg.image_channels), name="image")
+    # Rescaling, not Lambda: it serialises and exports without custom code.
+    x = layers.Rescaling(1.0 / 255.0, name="input_normalize")(inputs) if cfg.input_normalize else inputs
+
+    kernels = kernel_schedule(cfg.base_kernels, cfg.num_layers)
+    dilations = dilation_schedule(cfg.dilation, cfg.num_layers)
+
+    # --- encoder
+    skips = []
+    for i in range(cfg.num_layers):
+        x = _conv_block(
+            x, cfg.base_filters * 2**i, kernels[i], dilations[i],
+            cfg.dropout_rate * i, cfg.normalization, name=f"enc{i}",
+        )
+        skips.append(x)
+        if i < cfg.num_layers - 1:
+            x = layers.MaxPooling2D(2, name=f"enc{i}_pool")(x)
+
+    # --- decoder: levels num_layers-2 .. 0, kernels of the encoder reversed
+    for level in range(cfg.num_layers - 2, -1, -1):
+        filters = cfg.base_filters * 2**level
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"dec{level}_up")(x)
+        x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
+        x = _conv_block(
+            x, filters, kernels[level], dilations[level],
+            cfg.dropout_rate * level, cfg.normalization, name=f"dec{level}",
+        )
+
+    outputs = layers.Conv2D(cfg.num_classes, 1, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="FlexUNet")

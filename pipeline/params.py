@@ -1,0 +1,316 @@
+"""params.yaml: loaded once, validated, handed down as one typed object.
+
+No other module reads the YAML. Every error names the key, the value and why it is
+wrong, because a typo in a 60-line params file should cost seconds, not a failed run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ParamsError
+
+RGB = tuple[int, int, int]
+_RGB_KEY = re.compile(r"^\s*\(?\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\)?\s*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitFractions(_Section):
+    train: float = Field(0.7, gt=0, lt=1)
+    valid: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + valid + test must be 1.0, got {total:g}")
+        return self
+
+
+class DatasetParams(_Section):
+    name: Literal["kidney-t2w", "glomeruli"] = "kidney-t2w"
+    source: Literal["synthetic"] = "synthetic"
+    root: str = "data"
+    image_size: int = Field(128, ge=16, le=4096)
+    seed: int = 137
+    # kidney-t2w: subjects -> 3-D scans -> 2-D slices
+    num_subjects: int = Field(60, ge=3)
+    slices_per_scan: int = Field(12, ge=1)
+    repeat_fraction: float = Field(0.1, ge=0, le=1)
+    repeat_scans: int = Field(5, ge=2)
+    kidney_free_fraction: float = Field(0.1, ge=0, le=1)
+    # glomeruli: large images (the real ones are 1024 px) cut into model-size tiles
+    num_large_images: int = Field(24, ge=3)
+    large_image_factor: int = Field(2, ge=1, le=16)
+    split: SplitFractions = SplitFractions()
+    num_mini_test: int = Field(6, ge=1)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.name
+
+
+class MaskParams(_Section):
+    rgb_map: dict[RGB, int]
+    class_names: list[str]
+    # Max Euclidean RGB distance at which an unknown colour snaps to the nearest map
+    # colour (JPEG masks); 0 = exact colours only.
+    color_tolerance: float = Field(0.0, ge=0, le=255)
+
+    @field_validator("rgb_map", mode="before")
+    @classmethod
+    def _parse_colours(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not value:
+            raise ValueError("must be a non-empty mapping like {'(0,0,0)': 0, '(255,0,0)': 1}")
+        parsed: dict[RGB, Any] = {}
+        for key, class_id in value.items():
+            colour = _parse_rgb(key)
+            if colour in parsed:
+                raise ValueError(f"colour {colour} is listed twice")
+            parsed[colour] = class_id
+        return parsed
+
+    @model_validator(mode="after")
+    def _ids_are_contiguous(self) -> MaskParams:
+        ids = list(self.rgb_map.values())
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"rgb_map: class id(s) {dupes} used by more than one colour")
+        if sorted(ids) != list(range(len(ids))):
+            raise ValueError(f"rgb_map: class ids must be 0..{len(ids) - 1}, got {sorted(ids)}")
+        if len(self.class_names) != len(ids):
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names for {len(ids)} rgb_map colours"
+            )
+        return self
+
+    @property
+    def colours(self) -> list[RGB]:
+        """Colour of each class id, in id order."""
+        return [c for c, _ in sorted(self.rgb_map.items(), key=lambda kv: kv[1])]
+
+
+def _parse_rgb(key: Any) -> RGB:
+    if isinstance(key, (list, tuple)) and len(key) == 3:
+        rgb = tuple(int(v) for v in key)
+    else:
+        match = _RGB_KEY.match(str(key))
+        if not match:
+            raise ValueError(f"colour key {key!r} is not of the form '(R,G,B)'")
+        rgb = tuple(int(v) for v in match.groups())
+    if any(not 0 <= v <= 255 for v in rgb):
+        raise ValueError(f"colour {rgb} has a channel outside 0..255")
+    return rgb  # type: ignore[return-value]
+
+
+class ModelParams(_Section):
+    image_width: int = Field(128, ge=8)
+    image_height: int = Field(128, ge=8)
+    image_channels: Literal[1, 3] = 3
+    num_classes: int = Field(3, ge=2)
+    base_filters: int = Field(8, ge=1, le=512)
+    base_kernels: tuple[int, int] = (11, 11)
+    num_layers: int = Field(6, ge=2, le=10)
+    dropout_rate: float = Field(0.05, ge=0, lt=0.2)
+    dilation: tuple[int, int] = (1, 1)
+    normalization: bool = False
+    input_normalize: bool = True
+
+    @field_validator("base_kernels")
+    @classmethod
+    def _odd_kernels(cls, value: tuple[int, int]) -> tuple[int, int]:
+        for k in value:
+            if k < 1 or k % 2 == 0:
+                raise ValueError(f"kernel sizes must be odd and >= 1, got {k} in {value}")
+        return value
+
+    @field_validator("dilation")
+    @classmethod
+    def _positive_dilation(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 1:
+            raise ValueError(f"dilation must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _size_fits_depth(self) -> ModelParams:
+        # dropout_rate * level must stay a valid rate at the deepest level.
+        if self.dropout_rate * (self.num_layers - 1) >= 1:
+            raise ValueError(
+                f"dropout_rate {self.dropout_rate} x deepest level {self.num_layers - 1} >= 1"
+            )
+        factor = 2 ** (self.num_layers - 1)
+        for name in ("image_width", "image_height"):
+            size = getattr(self, name)
+            if size % factor:
+                raise ValueError(
+                    f"{name} {size} is not divisible by 2^(num_layers-1) = {factor}; "
+                    f"use a multiple of {factor} or fewer layers"
+                )
+        return self
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (self.num_layers - 1)
+
+
+class AugmentParams(_Section):
+    flip: bool = True
+    rot90: bool = True
+    max_rotation_deg: float = Field(10.0, ge=0, le=45)
+    max_zoom: float = Field(0.1, ge=0, lt=0.5)
+    max_shift: float = Field(0.05, ge=0, lt=0.5)
+    brightness: float = Field(0.1, ge=0, le=0.5)
+    contrast: float = Field(0.1, ge=0, le=0.5)
+
+
+class TrainParams(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(8, ge=1)
+    # The seed kept learning_rate and loss under [model]; they live here so that
+    # `dvc exp run -S train.learning_rate=...` reruns train and what follows only.
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    loss: Literal["categorical_crossentropy", "dice", "ce_dice"] = "categorical_crossentropy"
+    clipvalue: float = Field(0.5, gt=0)
+    patience: int = Field(10, ge=1)
+    learning_rate_reducer: bool = True
+    reducer_factor: float = Field(0.5, gt=0, lt=1)
+    reducer_patience: int = Field(4, ge=1)
+    epoch_change_infer: bool = True
+    num_infer_images: int = Field(6, ge=1)
+    seed: int = 137
+    # Safety net for shared CPU machines: stop (keeping the best weights) after this
+    # many minutes of fitting. null = no limit.
+    max_minutes: float | None = Field(None, gt=0)
+    augment: AugmentParams = AugmentParams()
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(8, ge=1)
+    num_panels: int = Field(6, ge=1)
+
+
+class MlflowParams(_Section):
+    # null -> $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db.
+    tracking_uri: str | None = None
+    experiment_name: str = "flexunet"
+    log_model: bool = True
+
+
+class Params(_Section):
+    dataset: DatasetParams = DatasetParams()
+    mask: MaskParams
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Params:
+        if self.model.num_classes != len(self.mask.rgb_map):
+            raise ValueError(
+                f"model.num_classes is {self.model.num_classes} but mask.rgb_map has "
+                f"{len(self.mask.rgb_map)} colours"
+            )
+        size = self.dataset.image_size
+        if (self.model.image_width, self.model.image_height) != (size, size):
+            raise ValueError(
+                f"dataset.image_size {size} must equal model.image_width/image_height "
+                f"({self.model.image_width}x{self.model.image_height})"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalar values, the form MLflow params and DVC -S use."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    key = k if not isinstance(k, tuple) else "({},{},{})".format(*k)
+                    walk(f"{prefix}.{key}" if prefix else str(key), v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="python"))
+        return out
+
+
+# Keys the seed kept elsewhere: a pointer beats "unknown key".
+_MOVED = {
+    ("model", "learning_rate"): "train.learning_rate",
+    ("model", "loss"): "train.loss",
+}
+
+
+def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; raise ParamsError with one readable line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_explain(exc, raw, source)) from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _explain(exc: ValidationError, raw: dict[str, Any], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(_unknown_key(loc))
+        elif err["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = f" (got {err['input']!r})" if not isinstance(err["input"], dict) else ""
+            lines.append(f"'{key}': {msg}{shown}" if loc else msg)
+    return f"{source}: " + "; ".join(lines)
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    if loc[-2:] in _MOVED and len(loc) == 2:
+        return f"'{'.'.join(loc)}' is now '{_MOVED[loc[-2:]]}' (the seed kept it under [model])"
+    section: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        section = annotation
+    valid = sorted(section.model_fields)
+    close = difflib.get_close_matches(loc[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    where = f"in '{'.'.join(loc[:-1])}'" if len(loc) > 1 else "at the top level"
+    return f"unknown key '{'.'.join(loc)}'{hint}; valid keys {where}: {', '.join(valid)}"

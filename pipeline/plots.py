@@ -1,0 +1,76 @@
+"""Charts people would rather look at than read: curves, confusion matrix, dataset stats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on CI or servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from serving.atomic import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def training_curves(history: dict[str, list[float]], path: Path) -> None:
+    """Loss, seed Dice and per-class Dice per epoch, train vs validation."""
+    groups = [("loss", "loss"), ("dice_coef_multiclass", "Dice (all classes, seed metric)")]
+    groups += [(k, k) for k in history if k.startswith("dice_") and not k.startswith("dice_coef")]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4))
+    for ax, (key, title) in zip(np.atleast_1d(axes), groups):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=(prefix or "train_").rstrip("_"))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
+    """Row-normalised confusion matrix with pixel counts, truth on rows."""
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(class_names), 1.2 + 1.0 * len(class_names)))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            colour = "white" if norm[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{norm[i, j]:.3f}\n{int(matrix[i, j]):,}", ha="center", va="center",
+                    fontsize=7, color=colour)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title("test pixels (row-normalised)", fontsize=9)
+    _save(fig, path)
+
+
+def dataset_statistics(stats: dict, path: Path) -> None:
+    """Images per split (bars) and class pixel fractions per split (stacked bars)."""
+    splits = list(stats["images"].keys())
+    names = stats["class_names"]
+    colours = [np.array(c) / 255.0 for c in stats["class_colours"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    counts = [stats["images"][s] for s in splits]
+    bars = ax1.bar(splits, counts, color="#4c72b0")
+    ax1.bar_label(bars)
+    ax1.set_title(f"{stats['dataset']}: images per split", fontsize=9)
+    bottom = np.zeros(len(splits))
+    for c, name in enumerate(names):
+        frac = np.array([stats["class_fraction"][s][c] for s in splits])
+        edge = "black" if colours[c].sum() == 0 else None
+        ax2.bar(splits, frac, bottom=bottom, color=colours[c], edgecolor=edge, label=name)
+        bottom += frac
+    ax2.set_yscale("linear")
+    ax2.set_title("class pixel fraction per split", fontsize=9)
+    ax2.legend(fontsize=8, loc="lower right")
+    _save(fig, path)

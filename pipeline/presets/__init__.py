@@ -1,0 +1,1 @@
+"""Shipped params files: `flexunet preset NAME` copies one over params.yaml."""

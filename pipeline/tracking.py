@@ -1,0 +1,165 @@
+"""The only module that talks to MLflow.
+
+Where runs go: $MLFLOW_TRACKING_URI, else `mlflow.tracking_uri` from params, else
+`sqlite:///<project root>/mlflow.db`. A relative sqlite path is resolved against the
+project root, never the working directory, because `dvc exp run --temp/--queue` runs
+stages in a throw-away copy under `.dvc/tmp/exps/`: runs logged there must land in the
+real project's store. Artifacts of local stores go to `<project root>/mlartifacts`
+for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.params import MlflowParams
+
+log = logging.getLogger(__name__)
+
+_EXPS_MARKER = (".dvc", "tmp", "exps")
+
+
+def find_project_root(start: Path) -> Path:
+    """`start`, or the real repo when `start` lies inside a DVC temp experiment copy."""
+    start = start.resolve()
+    parts = start.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == _EXPS_MARKER:
+            return Path(*parts[:i])
+    return start
+
+
+def resolve_tracking_uri(cfg: MlflowParams, project_root: Path, env: dict[str, str] | None = None) -> str:
+    env = dict(os.environ) if env is None else env
+    uri = env.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    if not uri:
+        return f"sqlite:///{(project_root / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(project_root / uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:  # a bare path: treat as a sqlite file
+        path = Path(uri)
+        return f"sqlite:///{(path if path.is_absolute() else project_root / path).resolve()}"
+    return uri
+
+
+def git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@dataclass
+class RunLogger:
+    """Thin handle on one active MLflow run; stages log through it, never via mlflow.*."""
+
+    run_id: str
+    tracking_uri: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def log_image(self, image: np.ndarray, key: str, step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_image(np.asarray(image, dtype=np.uint8), key=key, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
+
+    def log_keras_model(self, model: Any, name: str = "model") -> None:
+        import mlflow
+        import mlflow.keras
+
+        # Explicit requirements: MLflow's inference would reload the model in a subprocess.
+        mlflow.keras.log_model(model, name=name, pip_requirements=_pip_requirements())
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy", "pillow")]
+
+
+def _ensure_experiment(name: str, tracking_uri: str, project_root: Path) -> str:
+    import mlflow
+
+    existing = mlflow.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = (project_root / "mlartifacts").resolve().as_uri() if tracking_uri.startswith("sqlite:") else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def start_run(cfg: MlflowParams, project_root: Path, *, run_name: str | None = None,
+              tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[RunLogger]:
+    """Start a new run (or reopen `run_id`); an exception marks it FAILED and re-raises."""
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg, project_root)
+    mlflow.set_tracking_uri(uri)
+    if run_id is None:
+        experiment_id = _ensure_experiment(cfg.experiment_name, uri, project_root)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    else:
+        run = mlflow.start_run(run_id=run_id)
+    handle = RunLogger(run.info.run_id, uri)
+    try:
+        if tags:
+            handle.set_tags(tags)
+        yield handle
+    except BaseException:
+        mlflow.end_run(status="KILLED" if _interrupted() else "FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def _interrupted() -> bool:
+    import sys
+
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+def standard_tags(project_root: Path, fingerprint: str | None, stage: str) -> dict[str, str]:
+    tags = {"flexunet.stage": stage, "mlflow.source.git.commit": git_commit(Path.cwd()),
+            "dataset.fingerprint": fingerprint, "dvc.exp_name": os.environ.get("DVC_EXP_NAME")}
+    return {k: v for k, v in tags.items() if v}
+
+
+def run_status(tracking_uri: str, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri).get_run(run_id).info.status

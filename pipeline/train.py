@@ -1,0 +1,152 @@
+"""Train stage: fit FlexUNet on data/<name>/{train,valid}, tracked in MLflow and DVCLive.
+
+Outputs (all or nothing): models/model.keras (best validation loss), models/train_run.json
+(MLflow run id for the later stages), metrics/train.json, plots/train_curves.png and the
+per-epoch DVCLive plots in dvclive/.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+
+from pipeline import plots
+from pipeline.callbacks import EpochChangeInference, MlflowEpochLogger, TimeBudget
+from pipeline.data.dataset import find_pairs, load_split, make_dataset
+from pipeline.data.masks import ids_to_rgb, read_mask
+from pipeline.layout import Layout
+from pipeline.metrics import get_loss, training_metrics
+from pipeline.model import build_flexunet
+from pipeline.params import Params
+from pipeline.tracking import find_project_root, standard_tags, start_run
+from serving.atomic import atomic_path, remove_on_failure, write_json
+from serving.imageio import read_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_id: str
+    model_path: Path
+    best_epoch: int
+    epochs_run: int
+    metrics: dict[str, float]
+
+
+def compile_model(params: Params) -> keras.Model:
+    model = build_flexunet(params.model)
+    model.compile(
+        optimizer=keras.optimizers.Adam(params.train.learning_rate, clipvalue=params.train.clipvalue),
+        loss=get_loss(params.train.loss),
+        metrics=training_metrics(params.mask.class_names),
+    )
+    return model
+
+
+def load_infer_samples(layout: Layout, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """First `count` mini_test pairs at model size (large images resized, as the seed's
+    plain inference did; tiled inference keeps them whole)."""
+    p = layout.params
+    size = (p.model.image_width, p.model.image_height)
+    pairs = find_pairs(layout.data_dir / "mini_test")[:count]
+    images, truths = [], []
+    for pair in pairs:
+        image = read_image(pair.image, p.model.image_channels)
+        ids = read_mask(pair.mask, p.mask)
+        if image.shape[:2] != (size[1], size[0]):
+            image = np.asarray(Image.fromarray(image.squeeze()).resize(size, Image.BILINEAR))
+            image = image.reshape(size[1], size[0], -1)
+            ids = np.asarray(Image.fromarray(ids).resize(size, Image.NEAREST))
+        images.append(image)
+        truths.append(ids_to_rgb(ids, p.mask.colours))
+    return np.stack(images), truths
+
+
+def _callbacks(layout: Layout, run, checkpoint: Path) -> tuple[list, TimeBudget | None]:
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    t = layout.params.train
+    callbacks: list = [
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience, restore_best_weights=True),
+        MlflowEpochLogger(run),
+        # dvcyaml=None: dvc.yaml declares the plots itself; DVCLive must not rewrite it.
+        DVCLiveCallback(live=Live(str(layout.dvclive), dvcyaml=None, save_dvc_exp=False, report=None)),
+    ]
+    if t.learning_rate_reducer:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=t.reducer_factor, patience=t.reducer_patience, min_lr=1e-7, verbose=1))
+    if t.epoch_change_infer:
+        images, truths = load_infer_samples(layout, t.num_infer_images)
+        callbacks.append(EpochChangeInference(run, images, truths, layout.params.mask.colours, "epoch_change_infer"))
+    budget = TimeBudget(t.max_minutes) if t.max_minutes else None
+    if budget:
+        callbacks.append(budget)
+    return callbacks, budget
+
+
+def train(layout: Layout) -> TrainResult:
+    p = layout.params
+    keras.utils.set_random_seed(p.train.seed)
+    size = (p.model.image_width, p.model.image_height)
+    manifest = layout.read_manifest()
+    train_pairs = load_split(layout.data_dir, "train", p.mask, size)
+    valid_pairs = load_split(layout.data_dir, "valid", p.mask, size)
+    train_ds = make_dataset(train_pairs, p.mask, channels=p.model.image_channels, batch_size=p.train.batch_size,
+                            augment=p.train.augment, shuffle_seed=p.train.seed)
+    valid_ds = make_dataset(valid_pairs, p.mask, channels=p.model.image_channels, batch_size=p.train.batch_size)
+    model = compile_model(p)
+    log.info("FlexUNet: %s parameters, %d train / %d valid images", f"{model.count_params():,}",
+             len(train_pairs), len(valid_pairs))
+
+    project_root = find_project_root(layout.root)
+    checkpoint = layout.models / ".best.weights.h5"
+    outputs = [layout.model_file, layout.run_file, layout.metrics / "train.json",
+               layout.plots / "train_curves.png", layout.dvclive, checkpoint]
+    tags = standard_tags(project_root, manifest.get("fingerprint"), "train")
+    with remove_on_failure(outputs), start_run(p.mlflow, project_root, tags=tags) as run:
+        run.log_params(p.flat())
+        layout.models.mkdir(parents=True, exist_ok=True)
+        callbacks, budget = _callbacks(layout, run, checkpoint)
+        start = time.monotonic()
+        history = model.fit(train_ds, validation_data=valid_ds, epochs=p.train.epochs,
+                            callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+        seconds = time.monotonic() - start
+        if checkpoint.is_file():  # absent only if val_loss was never finite
+            model.load_weights(checkpoint)
+            checkpoint.unlink()
+        result = _finish(layout, run, model, history.history, seconds, len(train_pairs), budget)
+    return result
+
+
+def _finish(layout: Layout, run, model, history: dict, seconds: float, n_train: int,
+            budget: TimeBudget | None) -> TrainResult:
+    val_loss = history["val_loss"]
+    best = int(np.nanargmin(val_loss))
+    best_metrics = {f"best_{k}": float(v[best]) for k, v in history.items() if k.startswith("val_")}
+    summary = {
+        **best_metrics, "best_epoch": best + 1, "epochs_run": len(val_loss),
+        "train_seconds": round(seconds, 1), "train_images_per_second": round(n_train * len(val_loss) / seconds, 2),
+        "time_budget_hit": bool(budget and budget.stopped_epoch), "params": int(model.count_params()),
+    }
+    with atomic_path(layout.model_file, suffix=".keras") as tmp:
+        model.save(tmp)
+    write_json(layout.metrics / "train.json", summary)
+    plots.training_curves(history, layout.plots / "train_curves.png")
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.log_artifact(layout.plots / "train_curves.png", "plots")
+    if layout.params.mlflow.log_model:
+        run.log_keras_model(model)
+    write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+    log.info("best epoch %d of %d: val_loss %.4f; model -> %s", best + 1, len(val_loss), val_loss[best],
+             layout.model_file)
+    return TrainResult(run.run_id, layout.model_file, best + 1, len(val_loss), best_metrics)

@@ -1,0 +1,1 @@
+"""flexunet serving: reading images and writing results without TensorFlow."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny params (32 px, 3 levels) so the whole suite runs on 2 CPU cores."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests never write to a developer's store
+
+from pipeline.layout import Layout  # noqa: E402
+from pipeline.params import Params, params_from_dict  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["dataset"].update(image_size=32, num_subjects=8, slices_per_scan=6, num_large_images=6, num_mini_test=2)
+    raw["model"].update(image_width=32, image_height=32, base_filters=4, base_kernels=[5, 5], num_layers=3)
+    raw["train"].update(epochs=2, batch_size=4, num_infer_images=2, max_minutes=None)
+    raw["evaluate"].update(num_panels=2)
+    raw["mlflow"]["experiment_name"] = "tests"
+    if name == "glomeruli":
+        raw["dataset"]["name"] = "glomeruli"
+        raw["mask"] = {"rgb_map": {"(0,0,0)": 0, "(255,0,0)": 1}, "class_names": ["background", "glomerulus"]}
+        raw["model"]["num_classes"] = 2
+    return raw
+
+
+@pytest.fixture
+def raw_params() -> dict[str, Any]:
+    return copy.deepcopy(tiny_dict())
+
+
+@pytest.fixture
+def tiny_params() -> Params:
+    return params_from_dict(tiny_dict())
+
+
+@pytest.fixture
+def layout(tmp_path: Path, tiny_params: Params) -> Layout:
+    return Layout(root=tmp_path, params=tiny_params)
