@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -38,9 +39,10 @@ def quiet_tensorflow(debug: bool) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow
 
         tensorflow.get_logger().setLevel(logging.ERROR)
+        tensorflow.config.list_physical_devices()  # device probing logs (cuInit...) happen here
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "absl", "h5py", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Keras warns that fit(shuffle=True) is ignored for tf.data: we shuffle in the pipeline.
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     try:
         args.func(args)
     except UserError as exc:

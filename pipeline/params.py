@@ -234,10 +234,12 @@ class Params(_Section):
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
+            if isinstance(value, dict) and any(isinstance(k, tuple) for k in value):
+                # rgb_map: colour keys are not valid MLflow param names; keep the seed's form.
+                out[prefix] = "{" + ", ".join(f"({r},{g},{b}): {v}" for (r, g, b), v in value.items()) + "}"
+            elif isinstance(value, dict):
                 for k, v in value.items():
-                    key = k if not isinstance(k, tuple) else "({},{},{})".format(*k)
-                    walk(f"{prefix}.{key}" if prefix else str(key), v)
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
             else:
                 out[prefix] = value
 

@@ -93,12 +93,17 @@ class RunLogger:
 
         mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
 
-    def log_keras_model(self, model: Any, name: str = "model") -> None:
+    def log_keras_model(self, model: Any, input_example: np.ndarray, name: str = "model") -> None:
         import mlflow
         import mlflow.keras
 
         # Explicit requirements: MLflow's inference would reload the model in a subprocess.
-        mlflow.keras.log_model(model, name=name, pip_requirements=_pip_requirements())
+        mlflow.keras.log_model(model, name=name, pip_requirements=_pip_requirements(),
+                               input_example=input_example)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _param_value(value: Any) -> str:
@@ -118,7 +123,8 @@ def _ensure_experiment(name: str, tracking_uri: str, project_root: Path) -> str:
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    location = (project_root / "mlartifacts").resolve().as_uri() if tracking_uri.startswith("sqlite:") else None
+    local = tracking_uri.startswith("sqlite:")
+    location = (project_root / "mlartifacts" / _safe(name)).resolve().as_uri() if local else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 

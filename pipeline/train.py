@@ -145,7 +145,8 @@ def _finish(layout: Layout, run, model, history: dict, seconds: float, n_train: 
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     run.log_artifact(layout.plots / "train_curves.png", "plots")
     if layout.params.mlflow.log_model:
-        run.log_keras_model(model)
+        m = layout.params.model
+        run.log_keras_model(model, np.zeros((1, m.image_height, m.image_width, m.image_channels), np.float32))
     write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
     log.info("best epoch %d of %d: val_loss %.4f; model -> %s", best + 1, len(val_loss), val_loss[best],
              layout.model_file)

@@ -94,5 +94,5 @@ def test_overrides_and_flat_keys(tmp_path, raw_params):
     assert p.train.learning_rate == pytest.approx(3e-4)
     flat = p.flat()
     assert flat["train.learning_rate"] == pytest.approx(3e-4)
-    assert flat["mask.rgb_map.(255,0,0)"] == 1
+    assert flat["mask.rgb_map"] == "{(0,0,0): 0, (255,0,0): 1, (0,255,0): 2}"
     assert flat["train.augment.flip"] is True
