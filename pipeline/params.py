@@ -236,7 +236,8 @@ class Params(_Section):
         def walk(prefix: str, value: Any) -> None:
             if isinstance(value, dict) and any(isinstance(k, tuple) for k in value):
                 # rgb_map: colour keys are not valid MLflow param names; keep the seed's form.
-                out[prefix] = "{" + ", ".join(f"({r},{g},{b}): {v}" for (r, g, b), v in value.items()) + "}"
+                items = sorted(value.items(), key=lambda kv: kv[1])
+                out[prefix] = "{" + ", ".join(f"({r},{g},{b}): {v}" for (r, g, b), v in items) + "}"
             elif isinstance(value, dict):
                 for k, v in value.items():
                     walk(f"{prefix}.{k}" if prefix else str(k), v)
