@@ -13,6 +13,8 @@ from typing import Any
 from pipeline.errors import DataError
 from pipeline.params import Params
 
+SPLITS = ("train", "valid", "test")
+
 
 @dataclass(frozen=True)
 class Layout:

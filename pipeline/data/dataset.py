@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from pipeline.data.masks import read_mask
 from pipeline.errors import DataError
+from pipeline.layout import SPLITS  # noqa: F401  (re-exported)
 from pipeline.params import AugmentParams, MaskParams
 from serving.imageio import list_images, read_image
 
-SPLITS = ("train", "valid", "test")
+
 
 
 @dataclass(frozen=True)

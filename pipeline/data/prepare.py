@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline import plots
 from pipeline.data import glomeruli, kidney_t2w
-from pipeline.data.dataset import SPLITS
+from pipeline.layout import SPLITS
 from pipeline.data.masks import ids_to_rgb
 from pipeline.errors import ParamsError
 from pipeline.layout import Layout

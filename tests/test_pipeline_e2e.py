@@ -1,0 +1,109 @@
+"""End to end: a tiny `dvc repro` in a temporary copy of the project.
+
+Checks what the pipeline promises: all outputs appear; a second repro does nothing;
+changing train.learning_rate reruns train and evaluate only; `dvc metrics show` and
+`dvc plots show` work; `dvc exp run --temp -S ...` logs into the project's MLflow store
+(not the throw-away copy) with the experiment's name as a tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_dict
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def sh(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for name in ("pipeline", "serving"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    raw = tiny_dict()
+    raw["train"]["epochs"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n__pycache__/\n")
+    sh(["git", "init", "-q"], root)
+    sh([str(BIN / "dvc"), "init", "-q"], root)
+    sh([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "init"], root)
+    sh([str(BIN / "dvc"), "repro"], root)
+    return root
+
+
+def _ran(output: str) -> set[str]:
+    return {s for s in ("prepare", "train", "evaluate") if f"Running stage '{s}'" in output}
+
+
+def test_repro_produces_every_output(project):
+    for rel in ("data/kidney-t2w/manifest.json", "models/model.keras", "models/train_run.json",
+                "metrics/train.json", "metrics/eval.json", "metrics/dataset.json", "plots/train_curves.png",
+                "plots/confusion_matrix.png", "plots/mini_test_panel.png", "plots/dataset_statistics.png",
+                "dvclive/plots/metrics/train/loss.tsv", "dvc.lock"):
+        assert (project / rel).exists(), rel
+    assert list((project / "outputs" / "mini_test_predictions").glob("*.png"))
+    run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
+    with sqlite3.connect(project / "mlflow.db") as db:
+        status = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
+        metrics = {k for (k,) in db.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
+        tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+    assert status == "FINISHED"
+    assert {"loss", "val_loss", "val_dice_CKD", "learning_rate", "test_mean_foreground_dice"} <= metrics
+    assert len(tags["dataset.fingerprint"]) == 64 and len(tags["mlflow.source.git.commit"]) == 40
+
+
+def test_second_repro_does_nothing(project):
+    out = sh([str(BIN / "dvc"), "repro"], project)
+    assert _ran(out) == set(), out
+
+
+def test_metrics_and_plots_show(project):
+    metrics = json.loads(sh([str(BIN / "dvc"), "metrics", "show", "--json"], project).split("\n", 1)[0]
+                         if False else sh([str(BIN / "dvc"), "metrics", "show", "--json"], project))
+    data = json.dumps(metrics)
+    assert "mean_foreground_dice" in data and "best_val_loss" in data
+    sh([str(BIN / "dvc"), "plots", "show", "-o", "dvc_plots"], project)
+    html = (project / "dvc_plots" / "index.html").read_text()
+    assert "loss" in html
+
+
+def test_learning_rate_change_reruns_train_and_evaluate_only(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 0.002
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([str(BIN / "dvc"), "repro"], project)
+    assert _ran(out) == {"train", "evaluate"}, out
+
+
+def test_exp_run_temp_logs_into_project_store(project):
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "lr"], project)
+    sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "lr3", "-S", "train.learning_rate=0.003"], project)
+    with sqlite3.connect(project / "mlflow.db") as db:
+        rows = db.execute("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                          "where t.key = 'dvc.exp_name' and t.value = 'lr3'").fetchall()
+    assert rows == [("FINISHED",)]
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
