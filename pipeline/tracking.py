@@ -97,9 +97,12 @@ class RunLogger:
         import mlflow
         import mlflow.keras
 
-        # Explicit requirements: MLflow's inference would reload the model in a subprocess.
-        mlflow.keras.log_model(model, name=name, pip_requirements=_pip_requirements(),
-                               input_example=input_example)
+        from mlflow.models import infer_signature
+
+        # Explicit requirements and signature: MLflow's inference would reload the model in
+        # a subprocess, and its input_example path fails for Keras 3 models (mlflow 3.17).
+        signature = infer_signature(input_example, model.predict(input_example, verbose=0))
+        mlflow.keras.log_model(model, name=name, pip_requirements=_pip_requirements(), signature=signature)
 
 
 def _safe(name: str) -> str:

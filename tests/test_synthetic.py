@@ -137,7 +137,7 @@ def group_stats() -> dict[str, dict[str, list[float]]]:
 
 def test_ckd_kidneys_smaller_but_overlapping(group_stats: dict[str, dict[str, list[float]]]) -> None:
     healthy, ckd = (np.array(group_stats[g]["voxels"]) for g in ("healthy", "CKD"))
-    assert 0.6 < ckd.mean() / healthy.mean() < 0.85
+    assert 0.5 < ckd.mean() / healthy.mean() < 0.8
     assert ckd.max() > healthy.min()  # individual variation: the groups overlap a little
 
 

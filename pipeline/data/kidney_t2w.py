@@ -104,8 +104,8 @@ def _kidney(rng: np.random.Generator, side: int, healthy: bool, size: float) -> 
 
     return _Kidney(
         centre=centre, axes=axes, tilt=rng.uniform(0.1, 0.3), bend=rng.uniform(0.08, 0.16),
-        cortex=pick((0.15, 0.2), (0.08, 0.12)), level=pick((0.62, 0.7), (0.52, 0.6)),
-        contrast=pick((0.25, 0.4), (0.08, 0.14)), patchiness=pick((0.03, 0.06), (0.06, 0.1)),
+        cortex=pick((0.15, 0.2), (0.07, 0.11)), level=pick((0.62, 0.7), (0.52, 0.6)),
+        contrast=pick((0.28, 0.4), (0.06, 0.12)), patchiness=pick((0.03, 0.06), (0.06, 0.1)),
         outline=tuple((rng.uniform(0, 0.015 if healthy else 0.045), rng.uniform(0, 2 * np.pi)) for _ in range(4)),
         pyramids=int(rng.integers(6, 9)), phase=rng.uniform(0, 2 * np.pi))
 
@@ -114,8 +114,9 @@ def _anatomy(subject: SubjectSpec, seed: int) -> _Anatomy:
     number = _number(subject.subject_id)
     rng = np.random.default_rng([_key(seed), number])
     healthy = subject.group == GROUPS[1]
-    # 0.9 ** 3: CKD kidneys ~27 % smaller by volume; the spread lets the groups overlap a little.
-    size = (1.0 if healthy else 0.9) + float(np.clip(rng.normal(0, 0.07), -0.17, 0.17))
+    # CKD kidneys ~35 % smaller by volume (CKD kidneys shrink as nephrons are
+    # lost); the spread lets the groups overlap a little in size alone.
+    size = (1.0 if healthy else 0.87) + float(np.clip(rng.normal(0, 0.07), -0.15, 0.15))
     kidneys = tuple(_kidney(rng, side, healthy, size) for side in (-1, 1))
     return _Anatomy(
         number=number, half_width=rng.uniform(140, 172), half_height=rng.uniform(230, 280), fat=rng.uniform(8, 24),
