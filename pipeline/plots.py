@@ -56,7 +56,7 @@ def confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> 
 
 def dataset_statistics(stats: dict, path: Path) -> None:
     """Images per split (bars) and class pixel fractions per split (stacked bars)."""
-    splits = list(stats["images"].keys())
+    splits = [s for s in ("train", "valid", "test", "mini_test") if s in stats["images"]]
     names = stats["class_names"]
     colours = [np.array(c) / 255.0 for c in stats["class_colours"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -64,13 +64,14 @@ def dataset_statistics(stats: dict, path: Path) -> None:
     bars = ax1.bar(splits, counts, color="#4c72b0")
     ax1.bar_label(bars)
     ax1.set_title(f"{stats['dataset']}: images per split", fontsize=9)
-    bottom = np.zeros(len(splits))
-    for c, name in enumerate(names):
-        frac = np.array([stats["class_fraction"][s][c] for s in splits])
-        edge = "black" if colours[c].sum() == 0 else None
-        ax2.bar(splits, frac, bottom=bottom, color=colours[c], edgecolor=edge, label=name)
-        bottom += frac
-    ax2.set_yscale("linear")
-    ax2.set_title("class pixel fraction per split", fontsize=9)
-    ax2.legend(fontsize=8, loc="lower right")
+    # Background dwarfs everything else; show the foreground classes side by side.
+    width = 0.8 / max(len(names) - 1, 1)
+    x = np.arange(len(splits))
+    for c, name in enumerate(names[1:], start=1):
+        frac = [100 * stats["class_fraction"][s][c] for s in splits]
+        ax2.bar(x + (c - 1) * width, frac, width, color=colours[c], edgecolor="black", label=name)
+    ax2.set_xticks(x + width * (len(names) - 2) / 2, splits)
+    ax2.set_ylabel("% of pixels")
+    ax2.set_title("foreground class pixel fraction per split", fontsize=9)
+    ax2.legend(fontsize=8)
     _save(fig, path)
