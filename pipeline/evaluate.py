@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import plots
-from pipeline.data.dataset import load_split, make_dataset
+from pipeline.data.dataset import find_pairs, load_split, make_dataset
 from pipeline.errors import DataError
 from pipeline.layout import Layout
 from pipeline.metrics import SMOOTH, get_loss
@@ -92,7 +92,7 @@ def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
     images, truths = load_infer_samples(layout, p.evaluate.num_panels)
     probs = model.predict(images.astype(np.float32), verbose=0, batch_size=p.evaluate.batch_size)
     colours = np.asarray(p.mask.colours, dtype=np.uint8)
-    stems = sorted(f.stem for f in (layout.data_dir / "mini_test" / "images").iterdir() if f.is_file())
+    stems = [pair.image.stem for pair in find_pairs(layout.data_dir / "mini_test")]  # the samples' order
     for stem, ids in zip(stems, probs.argmax(-1).astype(np.uint8)):
         save_palette_png(layout.predictions / f"{stem}.png", ids, p.mask.colours)
     panel = make_panel(list(images), truths, [colours[i] for i in probs.argmax(-1)])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.masks import read_mask
@@ -155,8 +154,3 @@ def augment_pair(image, ids, seed, cfg: AugmentParams):
         image = (image - mean) * factor + mean
     return tf.clip_by_value(image, 0.0, 255.0), tf.cast(tf.round(mask[..., 0]), tf.uint8)
 
-
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding pixels."""
-    with Image.open(path) as img:
-        return img.size
