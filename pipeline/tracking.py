@@ -10,7 +10,6 @@ for the same reason.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -22,8 +21,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.params import MlflowParams
-
-log = logging.getLogger(__name__)
 
 _EXPS_MARKER = (".dvc", "tmp", "exps")
 

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from pipeline.data.masks import read_mask
 from pipeline.errors import DataError
-from pipeline.layout import SPLITS  # noqa: F401  (re-exported)
 from pipeline.params import AugmentParams, MaskParams
 from serving.imageio import list_images, read_image
 
