@@ -38,6 +38,15 @@ class Layout:
         return self.models / "model.keras"
 
     @property
+    def onnx_file(self) -> Path:
+        return self.models / "model.onnx"
+
+    @property
+    def registered_file(self) -> Path:
+        """What the register stage did: model name, version, aliases (not run-cached)."""
+        return self.models / "registered.json"
+
+    @property
     def run_file(self) -> Path:
         """Hand-off from train to later stages: MLflow run id and tracking URI."""
         return self.models / "train_run.json"
@@ -57,6 +66,10 @@ class Layout:
     @property
     def predictions(self) -> Path:
         return self.root / "outputs" / "mini_test_predictions"
+
+    @property
+    def tiled_predictions(self) -> Path:
+        return self.root / "outputs" / "tiled_predictions"
 
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest.is_file():

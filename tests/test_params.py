@@ -59,6 +59,10 @@ def test_seed_key_location_gets_a_pointer(raw_params):
         ("mask", "rgb_map", {"(0,0,0)": 0, "(255,0,0)": 1, "(0,256,0)": 2}, "outside 0..255"),
         ("mask", "rgb_map", {"black": 0, "(255,0,0)": 1, "(0,255,0)": 2}, "not of the form"),
         ("dataset", "split", {"train": 0.8, "valid": 0.15, "test": 0.15}, "must be 1.0"),
+        ("predict", "overlap", 1.0, "predict.overlap"),
+        ("predict", "blend", "linear", "predict.blend"),
+        ("export", "opset", 19, "export.opset"),
+        ("train", "precision", "float16", "train.precision"),
     ],
 )
 def test_bad_values_say_which_and_why(raw_params, section, key, value, expected):
@@ -66,6 +70,20 @@ def test_bad_values_say_which_and_why(raw_params, section, key, value, expected)
     with pytest.raises(ParamsError) as err:
         params_from_dict(raw_params)
     assert expected in str(err.value)
+
+
+def test_one_learning_rate_controller(raw_params):
+    raw_params["train"].update(lr_schedule="cosine", learning_rate_reducer=True)
+    with pytest.raises(ParamsError, match="both set the learning rate; set learning_rate_reducer: false"):
+        params_from_dict(raw_params)
+    raw_params["train"]["learning_rate_reducer"] = False
+    assert params_from_dict(raw_params).train.lr_schedule == "cosine"
+
+
+def test_register_section_is_named_registry(raw_params):
+    raw_params["register"] = {"model_name": "x"}
+    with pytest.raises(ParamsError, match="unknown key 'register' .*did you mean 'registry'"):
+        params_from_dict(raw_params)
 
 
 def test_sections_must_agree(raw_params):
