@@ -44,6 +44,33 @@ class EpochChangeInference(keras.callbacks.Callback):
         self.run.log_image(panel, key=self.key, step=epoch + 1)
 
 
+class EpochChangeTiledInference(keras.callbacks.Callback):
+    """The seed's epoch_change_tiled_infer: the whole mini_test images (e.g. 1024 px
+    histology) predicted through the same tiler serving uses, every epoch, logged as
+    one panel with step=epoch. Windows are the model's own input size; overlap and
+    blending are the tiler's defaults (0.25, Gaussian), not `predict.*`, so tuning serving
+    never retrains the model."""
+
+    def __init__(self, run: RunLogger, images: list[np.ndarray], truth_rgb: list[np.ndarray], colours,
+                 *, tile_size: int, overlap: float = 0.25, blend: str = "gaussian",
+                 key: str = "epoch_change_tiled_infer"):
+        super().__init__()
+        self.run, self.images, self.truth_rgb, self.key = run, images, truth_rgb, key
+        self.colours = np.asarray(colours, dtype=np.uint8)
+        self.tiling = {"tile_size": tile_size, "overlap": overlap, "blend": blend}
+
+    def on_epoch_end(self, epoch, logs=None):
+        from serving.tiling import sliding_window_inference
+
+        def predict_fn(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(self.model.predict_on_batch(batch))
+
+        preds = [self.colours[sliding_window_inference(image, predict_fn, **self.tiling).argmax(-1)]
+                 for image in self.images]
+        panel = make_panel(self.images, self.truth_rgb, preds, titles=("input", "truth", "tiled prediction"))
+        self.run.log_image(panel, key=self.key, step=epoch + 1)
+
+
 class TimeBudget(keras.callbacks.Callback):
     """Stop after `minutes` of fitting; EarlyStopping still restores the best weights."""
 

@@ -18,13 +18,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline import plots
-from pipeline.callbacks import EpochChangeInference, MlflowEpochLogger, TimeBudget
+from pipeline.callbacks import EpochChangeInference, EpochChangeTiledInference, MlflowEpochLogger, TimeBudget
 from pipeline.data.dataset import find_pairs, load_split, make_dataset
 from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
 from pipeline.metrics import get_loss, training_metrics
-from pipeline.model import build_flexunet
-from pipeline.params import Params
+from pipeline.model import as_float32, build_flexunet
+from pipeline.params import Params, TrainParams
 from pipeline.tracking import find_project_root, standard_tags, start_run
 from serving.atomic import atomic_path, remove_on_failure, write_json
 from serving.imageio import read_image
@@ -41,10 +41,33 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def compile_model(params: Params) -> keras.Model:
-    model = build_flexunet(params.model)
+def learning_rate(t: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """A fixed rate (the seed), or a per-step cosine decay over all `epochs`: with a short
+    CPU budget the last epochs at a small rate settle the kidney borders that a constant
+    rate keeps jittering."""
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        t.learning_rate, decay_steps=t.epochs * steps_per_epoch, alpha=t.min_lr_fraction)
+
+
+def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """'auto' -> mixed_bfloat16 where the CPU has native bfloat16 (AVX512-BF16 or AMX),
+    float32 elsewhere (emulated bfloat16 is slower than float32)."""
+    if precision != "auto":
+        return precision
+    try:
+        flags = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def compile_model(params: Params, steps_per_epoch: int = 1) -> keras.Model:
+    model = build_flexunet(params.model, dtype=resolve_precision(params.train.precision))
     model.compile(
-        optimizer=keras.optimizers.Adam(params.train.learning_rate, clipvalue=params.train.clipvalue),
+        optimizer=keras.optimizers.Adam(learning_rate(params.train, steps_per_epoch),
+                                        clipvalue=params.train.clipvalue),
         loss=get_loss(params.train.loss),
         metrics=training_metrics(params.mask.class_names),
     )
@@ -70,6 +93,15 @@ def load_infer_samples(layout: Layout, count: int) -> tuple[np.ndarray, list[np.
     return np.stack(images), truths
 
 
+def load_large_samples(layout: Layout, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """First `count` mini_test pairs at their own size, for tiled inference."""
+    p = layout.params
+    pairs = find_pairs(layout.data_dir / "mini_test")[:count]
+    images = [read_image(pair.image, p.model.image_channels) for pair in pairs]
+    truths = [ids_to_rgb(read_mask(pair.mask, p.mask), p.mask.colours) for pair in pairs]
+    return images, truths
+
+
 def _callbacks(layout: Layout, run, checkpoint: Path) -> tuple[list, TimeBudget | None]:
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
@@ -88,6 +120,10 @@ def _callbacks(layout: Layout, run, checkpoint: Path) -> tuple[list, TimeBudget 
     if t.epoch_change_infer:
         images, truths = load_infer_samples(layout, t.num_infer_images)
         callbacks.append(EpochChangeInference(run, images, truths, layout.params.mask.colours, "epoch_change_infer"))
+    if t.epoch_change_tiled_infer:
+        images, truths = load_large_samples(layout, t.num_infer_images)
+        callbacks.append(EpochChangeTiledInference(run, images, truths, layout.params.mask.colours,
+                                                   tile_size=layout.params.model.image_width))
     budget = TimeBudget(t.max_minutes) if t.max_minutes else None
     if budget:
         callbacks.append(budget)
@@ -104,9 +140,9 @@ def train(layout: Layout) -> TrainResult:
     train_ds = make_dataset(train_pairs, p.mask, channels=p.model.image_channels, batch_size=p.train.batch_size,
                             augment=p.train.augment, shuffle_seed=p.train.seed)
     valid_ds = make_dataset(valid_pairs, p.mask, channels=p.model.image_channels, batch_size=p.train.batch_size)
-    model = compile_model(p)
-    log.info("FlexUNet: %s parameters, %d train / %d valid images", f"{model.count_params():,}",
-             len(train_pairs), len(valid_pairs))
+    model = compile_model(p, steps_per_epoch=-(-len(train_pairs) // p.train.batch_size))
+    log.info("FlexUNet: %s parameters, %d train / %d valid images, %s", f"{model.count_params():,}",
+             len(train_pairs), len(valid_pairs), resolve_precision(p.train.precision))
 
     project_root = find_project_root(layout.root)
     checkpoint = layout.models / ".best.weights.h5"
@@ -124,6 +160,7 @@ def train(layout: Layout) -> TrainResult:
         if checkpoint.is_file():  # absent only if val_loss was never finite
             model.load_weights(checkpoint)
             checkpoint.unlink()
+        model = as_float32(model, p.model)
         result = _finish(layout, run, model, history.history, seconds, len(train_pairs), budget)
     return result
 

@@ -7,9 +7,10 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.metrics import ClassOverlap, dice_coef_multiclass, training_metrics
-from pipeline.model import build_flexunet, dilation_schedule, kernel_schedule
-from pipeline.params import ModelParams
+from pipeline.metrics import ClassOverlap, DiceCoefMulticlass, dice_coef_multiclass, training_metrics
+from pipeline.model import as_float32, build_flexunet, dilation_schedule, kernel_schedule
+from pipeline.params import ModelParams, TrainParams
+from pipeline.train import learning_rate, resolve_precision
 
 
 def test_kernel_and_dilation_schedules():
@@ -61,6 +62,61 @@ def test_dice_coef_multiclass_by_hand():
     # per class: 2*1 / (2 + 2) = 0.5
     assert float(dice_coef_multiclass(y_true, y_pred)) == pytest.approx(0.5, abs=1e-5)
     assert float(dice_coef_multiclass(y_true, y_true)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_seed_metric_accumulates_over_the_epoch():
+    """Batches lacking a class must not drag the epoch value down: the stateful metric equals
+    the function on the whole set at once, unlike the per-batch mean Keras would take."""
+    rng = np.random.default_rng(1)
+    truth = np.eye(3, dtype=np.float32)[rng.integers(0, 3, (4, 8, 8))]
+    truth[:2, ..., 2] = 0  # class 2 absent from the first two samples
+    truth[:2, ..., 0] = 1 - truth[:2, ..., 1]
+    pred = (0.9 * truth + 0.1 * rng.dirichlet([1, 1, 1], (4, 8, 8))).astype(np.float32)  # a good model
+    metric = DiceCoefMulticlass(3)
+    for i in range(4):
+        metric.update_state(truth[i:i + 1], pred[i:i + 1])
+    whole = float(dice_coef_multiclass(truth, pred))
+    per_batch = np.mean([float(dice_coef_multiclass(truth[i:i + 1], pred[i:i + 1])) for i in range(4)])
+    assert float(metric.result()) == pytest.approx(whole, abs=1e-5)
+    assert whole - per_batch > 0.1  # what the seed's per-batch validation curve showed
+    metric.reset_state()
+    metric.update_state(truth, truth)
+    assert float(metric.result()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cosine_schedule_decays_to_the_floor():
+    t = TrainParams(lr_schedule="cosine", learning_rate_reducer=False, learning_rate=1e-3, epochs=10,
+                    min_lr_fraction=0.02)
+    schedule = learning_rate(t, steps_per_epoch=5)
+    assert float(schedule(0)) == pytest.approx(1e-3)
+    assert float(schedule(25)) == pytest.approx(0.5 * (1e-3 + 2e-5), rel=1e-4)
+    assert float(schedule(50)) == pytest.approx(2e-5, rel=1e-4)
+    assert learning_rate(TrainParams(learning_rate=3e-4), 5) == pytest.approx(3e-4)
+
+
+def test_precision_auto_follows_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t: fpu avx2 avx512f avx512_bf16\n")
+    assert resolve_precision("auto", cpuinfo) == "mixed_bfloat16"
+    cpuinfo.write_text("flags\t: fpu avx2 avx512f\n")
+    assert resolve_precision("auto", cpuinfo) == "float32"
+    assert resolve_precision("auto", tmp_path / "missing") == "float32"
+    assert resolve_precision("mixed_bfloat16", cpuinfo) == "mixed_bfloat16"
+
+
+def test_mixed_precision_model_keeps_a_float32_head_and_copies_to_float32():
+    cfg = ModelParams(image_width=32, image_height=32, base_filters=2, base_kernels=(5, 5), num_layers=3)
+    mixed = build_flexunet(cfg, dtype="mixed_bfloat16")
+    assert mixed.get_layer("enc1_conv0").compute_dtype == "bfloat16"
+    assert mixed.get_layer("dec1_conv1").compute_dtype == "bfloat16"
+    # the full-resolution level and the head stay float32
+    for name in ("input_normalize", "enc0_conv0", "dec0_conv1", "probabilities"):
+        assert mixed.get_layer(name).compute_dtype == "float32", name
+    assert all(w.dtype == "float32" for w in mixed.weights)
+    plain = as_float32(mixed, cfg)
+    assert {layer.compute_dtype for layer in plain.layers if layer.weights} == {"float32"}
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=0.02)
 
 
 def test_class_overlap_accumulates_over_batches():
