@@ -9,66 +9,16 @@ Augmentation draws its randomness from stateless ops fed by a seeded
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from pipeline.data.masks import read_mask
-from pipeline.errors import DataError
+from pipeline.data.pairs import Pair, find_pairs, load_split, validate_pairs
 from pipeline.params import AugmentParams, MaskParams
-from serving.imageio import list_images, read_image
+from serving.imageio import read_image
 
-
-
-
-@dataclass(frozen=True)
-class Pair:
-    image: Path
-    mask: Path
-
-
-def find_pairs(split_dir: Path) -> list[Pair]:
-    """Match images/<stem>.* to masks/<stem>.*; every unmatched file is an error."""
-    images_dir, masks_dir = split_dir / "images", split_dir / "masks"
-    for folder in (images_dir, masks_dir):
-        if not folder.is_dir():
-            raise DataError(f"{folder}: folder missing; expected <split>/images and <split>/masks")
-    images = {p.stem: p for p in list_images(images_dir)}
-    masks = {p.stem: p for p in list_images(masks_dir)}
-    if not images and not masks:
-        raise DataError(f"{split_dir}: split is empty (no images in {images_dir})")
-    for stem in sorted(images.keys() - masks.keys()):
-        raise DataError(f"{images[stem]}: mask missing (expected {masks_dir}/{stem}.png)")
-    for stem in sorted(masks.keys() - images.keys()):
-        raise DataError(f"{masks[stem]}: image missing (expected {images_dir}/{stem}.png)")
-    return [Pair(images[s], masks[s]) for s in sorted(images)]
-
-
-def validate_pairs(pairs: list[Pair], mask: MaskParams, size: tuple[int, int] | None = None,
-                   desc: str = "checking") -> None:
-    """Open every pair once: readable, same size (and `size` if given), known colours."""
-    for pair in tqdm(pairs, desc=desc, unit="pair", leave=False, disable=len(pairs) < 50):
-        image = read_image(pair.image)
-        ids = read_mask(pair.mask, mask)
-        if image.shape[:2] != ids.shape:
-            raise DataError(
-                f"{pair.image}: image is {image.shape[1]}x{image.shape[0]} but its mask "
-                f"{pair.mask.name} is {ids.shape[1]}x{ids.shape[0]}"
-            )
-        if size is not None and image.shape[:2] != (size[1], size[0]):
-            raise DataError(
-                f"{pair.image}: {image.shape[1]}x{image.shape[0]} differs from the model size "
-                f"{size[0]}x{size[1]}; re-run the prepare stage for this image size"
-            )
-
-
-def load_split(data_dir: Path, split: str, mask: MaskParams, size: tuple[int, int]) -> list[Pair]:
-    pairs = find_pairs(data_dir / split)
-    validate_pairs(pairs, mask, size, desc=f"checking {split}")
-    return pairs
+__all__ = ["Pair", "find_pairs", "load_split", "validate_pairs", "make_dataset"]
 
 
 def _read_pair_np(image_path: bytes, mask_path: bytes, mask: MaskParams, channels: int):
