@@ -101,6 +101,31 @@ class RunLogger:
         signature = infer_signature(input_example, model.predict(input_example, verbose=0))
         mlflow.keras.log_model(model, name=name, pip_requirements=_pip_requirements(), signature=signature)
 
+    def log_onnx_model(self, onnx_path: Path, input_example: np.ndarray, name: str = "onnx") -> str:
+        """The ONNX file with the mlflow.onnx flavour; returns its model URI."""
+        import mlflow.onnx
+        import onnx
+
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name=name, signature=onnx_signature(onnx_path),
+                                     input_example=input_example, save_as_external_data=False,
+                                     onnx_execution_providers=["CPUExecutionProvider"],
+                                     pip_requirements=_requirements("onnx", "onnxruntime", "numpy"))
+        return info.model_uri
+
+    def log_pyfunc_model(self, python_model: Any, *, name: str, artifacts: dict[str, str], code_paths: list[str],
+                         signature: Any, input_example: Any, model_config: dict[str, Any]) -> str:
+        """A custom pyfunc model (serving/pyfunc.py); returns its model URI.
+
+        Explicit requirements: inferring them would reload the model in a subprocess.
+        """
+        import mlflow.pyfunc
+
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=python_model, artifacts=artifacts, code_paths=code_paths,
+            signature=signature, input_example=input_example, model_config=model_config,
+            pip_requirements=_requirements("mlflow", "onnxruntime", "numpy", "pillow", "pandas"))
+        return info.model_uri
+
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -112,9 +137,29 @@ def _param_value(value: Any) -> str:
 
 
 def _pip_requirements() -> list[str]:
+    return _requirements("tensorflow", "keras", "numpy", "pillow")
+
+
+def _requirements(*packages: str) -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy", "pillow")]
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
+
+
+def onnx_signature(onnx_path: Path) -> Any:
+    """Tensor signature from the ONNX graph itself: names, float32, dynamic dims as -1."""
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def spec(value) -> TensorSpec:
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
+        return TensorSpec(np.dtype(np.float32), dims, value.name)
+
+    return ModelSignature(inputs=Schema([spec(v) for v in graph.input]),
+                          outputs=Schema([spec(v) for v in graph.output]))
 
 
 def _ensure_experiment(name: str, tracking_uri: str, project_root: Path) -> str:
@@ -129,23 +174,49 @@ def _ensure_experiment(name: str, tracking_uri: str, project_root: Path) -> str:
 
 
 @contextmanager
+def use_store(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` for one block.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which resolve_tracking_uri
+    reads first: left behind, it would send the next stage called in the same process
+    (tests, tuning) to this store instead of its own project's.
+    """
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@contextmanager
 def start_run(cfg: MlflowParams, project_root: Path, *, run_name: str | None = None,
               tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[RunLogger]:
     """Start a new run (or reopen `run_id`); an exception marks it FAILED and re-raises."""
+    uri = resolve_tracking_uri(cfg, project_root)
+    with use_store(uri), _active_run(cfg, project_root, uri, run_name, run_id) as handle:
+        if tags:
+            handle.set_tags(tags)
+        yield handle
+
+
+@contextmanager
+def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str | None,
+                run_id: str | None) -> Iterator[RunLogger]:
     import mlflow
 
-    uri = resolve_tracking_uri(cfg, project_root)
-    mlflow.set_tracking_uri(uri)
     if run_id is None:
         experiment_id = _ensure_experiment(cfg.experiment_name, uri, project_root)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
     else:
         run = mlflow.start_run(run_id=run_id)
-    handle = RunLogger(run.info.run_id, uri)
     try:
-        if tags:
-            handle.set_tags(tags)
-        yield handle
+        yield RunLogger(run.info.run_id, uri)
     except BaseException:
         mlflow.end_run(status="KILLED" if _interrupted() else "FAILED")
         raise
@@ -169,3 +240,68 @@ def run_status(tracking_uri: str, run_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri).get_run(run_id).info.status
+
+
+def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(tracking_uri).get_run(run_id).data.tags)
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered model version, as plain data (stages never handle MLflow entities)."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    aliases: list[str]
+
+
+@dataclass
+class Registry:
+    """Thin handle on the MLflow Model Registry of one tracking store."""
+
+    tracking_uri: str
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @staticmethod
+    def _info(mv) -> VersionInfo:
+        return VersionInfo(mv.name, str(mv.version), dict(mv.tags or {}), sorted(getattr(mv, "aliases", []) or []))
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        query = f"name = '{name}'" if "'" not in name else f'name = "{name}"'
+        found = self._client().search_model_versions(query)
+        # search results may omit aliases: fetch each version for the full record
+        return sorted((self.version(name, mv.version) for mv in found), key=lambda v: int(v.version))
+
+    def version(self, name: str, version: str) -> VersionInfo:
+        return self._info(self._client().get_model_version(name, str(version)))
+
+    def find_version(self, name: str, tag: str, value: str) -> VersionInfo | None:
+        """The newest version whose `tag` equals `value` (tags are few: filtered here, not in SQL)."""
+        matches = [v for v in self.versions(name) if v.tags.get(tag) == value]
+        return matches[-1] if matches else None
+
+    def by_alias(self, name: str, alias: str) -> VersionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._info(self._client().get_model_version_by_alias(name, alias))
+        except MlflowException:  # no such model or alias
+            return None
+
+    def create_version(self, name: str, model_uri: str, tags: dict[str, str]) -> VersionInfo:
+        import mlflow
+
+        with use_store(self.tracking_uri):
+            mv = mlflow.register_model(model_uri, name, tags={k: v for k, v in tags.items() if v is not None})
+        return self.version(name, mv.version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._client().set_registered_model_alias(name, alias, str(version))

@@ -1,0 +1,60 @@
+"""The model card an exported ONNX model carries, so serving never re-reads params.yaml.
+
+Export writes it as JSON into the ONNX file's metadata (`metadata_props`, key
+`flexunet.card`); the predictor reads it back. Input contract of every exported model:
+NHWC float32 holding 0..255 pixel values (the model rescales internally), output NHWK
+softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+METADATA_KEY = "flexunet.card"
+
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    channels: int                 # 1 or 3
+    num_classes: int
+    size_multiple: int            # 2**(num_layers-1): tile sides must be multiples of this
+    tile_size: int                # the training image size: the default tile
+    class_names: list[str]
+    colours: list[RGB]            # colour of each class id (the seed's rgb_map)
+    num_layers: int = 0
+    run_id: str | None = None     # MLflow run that trained the model
+    dataset: str | None = None
+    dataset_fingerprint: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        raw = json.loads(text)
+        raw["colours"] = [tuple(int(v) for v in c) for c in raw["colours"]]
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def read_card(path: Path | str) -> ModelCard:
+    """The card of an exported ONNX file (KeyError if it has none)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return ModelCard.from_json(meta[METADATA_KEY])
+
+
+def sha256_file(path: Path | str) -> str:
+    """The file's identity: the registry's "same model" key."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
