@@ -1,0 +1,202 @@
+"""Internals of serving.tiling: batch assembly, flip TTA, band accumulation, seam statistics.
+
+Kept apart so tiling.py reads as the documented public API; nothing here is public.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Window = tuple[int, int]
+
+
+@dataclass
+class TileBatch:
+    """One predict_fn call: windows in raster order, and which input slot each one uses."""
+
+    windows: list[Window]
+    slots: list[int]               # index into the batch's real outputs; -1 = skipped window
+    inputs: np.ndarray | None      # (batch_size * n_aug, th, tw, C) float32; None if all skipped
+    num_real: int                  # windows actually run (the rest of the batch is zero padding)
+    batch_size: int
+
+
+def make_batches(
+    padded: np.ndarray, ys: list[int], xs: list[int], tile_hw: tuple[int, int],
+    batch_size: int, n_aug: int, skip_fn: Callable[[np.ndarray], bool] | None,
+) -> Iterator[TileBatch]:
+    """Cut windows in raster order into fixed-shape float32 batches (zero-padded at the end).
+
+    Skipped windows ride along with the next batch of real ones, so the consumer still
+    sees every window in raster order.
+    """
+    th, tw = tile_hw
+    windows: list[Window] = []
+    slots: list[int] = []
+    tiles: list[np.ndarray] = []
+    for y in ys:
+        for x in xs:
+            tile = padded[y: y + th, x: x + tw]
+            skipped = skip_fn is not None and bool(skip_fn(tile))
+            windows.append((y, x))
+            slots.append(-1 if skipped else len(tiles))
+            if not skipped:
+                tiles.append(tile)
+            if len(tiles) == batch_size:
+                yield _assemble(windows, slots, tiles, batch_size, n_aug)
+                windows, slots, tiles = [], [], []
+    if windows:
+        yield _assemble(windows, slots, tiles, batch_size, n_aug)
+
+
+def _assemble(windows: list[Window], slots: list[int], tiles: list[np.ndarray],
+              batch_size: int, n_aug: int) -> TileBatch:
+    if not tiles:
+        return TileBatch(windows, slots, None, 0, batch_size)
+    th, tw, c = tiles[0].shape
+    inputs = np.zeros((batch_size * n_aug, th, tw, c), dtype=np.float32)
+    for i, tile in enumerate(tiles):
+        inputs[i] = tile  # casts to float32 tile by tile: the image is never copied whole
+    if n_aug == 4:
+        b = batch_size
+        inputs[b: 2 * b] = inputs[:b, :, ::-1]      # left-right
+        inputs[2 * b: 3 * b] = inputs[:b, ::-1]     # up-down
+        inputs[3 * b:] = inputs[:b, ::-1, ::-1]     # both
+    return TileBatch(windows, slots, inputs, len(tiles), batch_size)
+
+
+def undo_tta(out: np.ndarray, n: int, b: int) -> np.ndarray:
+    """Flip the augmented predictions back and average them (same order every time)."""
+    p = out[:n] + out[b: b + n, :, ::-1]
+    p += out[2 * b: 2 * b + n, ::-1]
+    p += out[3 * b: 3 * b + n, ::-1, ::-1]
+    p *= np.float32(0.25)
+    return p
+
+
+def check_probs(out: np.ndarray, batch: TileBatch, tile_hw: tuple[int, int]) -> None:
+    """predict_fn must return (N, th, tw, K) finite values for every real window."""
+    assert batch.inputs is not None
+    expected = batch.inputs.shape[:3]
+    if out.ndim != 4 or out.shape[:3] != expected or out.shape[3] < 1:
+        raise ValueError(
+            f"predict_fn returned shape {out.shape} for input {batch.inputs.shape}; "
+            f"expected {expected + ('K',)} (one probability map per input tile)"
+        )
+    n_aug = expected[0] // batch.batch_size
+    real = [a * batch.batch_size + i for a in range(n_aug) for i in range(batch.num_real)]
+    if np.isfinite(out).all():
+        return
+    for idx in real:
+        if not np.isfinite(out[idx]).all():
+            y, x = batch.windows[batch.slots.index(idx % batch.batch_size)]
+            raise ValueError(
+                f"predict_fn returned non-finite values (NaN/inf) for the {tile_hw[0]}x{tile_hw[1]} "
+                f"window at row {y}, column {x}; check the model and its input"
+            )
+
+
+class BandAccumulator:
+    """Weighted probability sums for the current band of window rows (tile height x width).
+
+    Windows of one window row all start at the band's first row, so the buffer never needs
+    more than tile-height rows; pop() returns the finished rows and shifts the rest up.
+    """
+
+    def __init__(self, weights: np.ndarray, padded_width: int, width: int):
+        self.weights = weights
+        self.weights3 = weights[..., None]
+        th = weights.shape[0]
+        self.width = width
+        self.row0 = 0
+        self.wsum = np.zeros((th, padded_width), dtype=np.float32)
+        self.bg = np.zeros((th, padded_width), dtype=np.float32)  # class-0 weight of skipped windows
+        self.probs: np.ndarray | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.probs is None else self.probs.shape[2]
+
+    def set_classes(self, k: int) -> None:
+        self.probs = np.zeros(self.wsum.shape + (k,), dtype=np.float32)
+
+    def add(self, y: int, x: int, p: np.ndarray | None) -> None:
+        th, tw = self.weights.shape
+        assert y == self.row0, "windows must arrive in raster order"
+        if p is None:
+            self.bg[:, x: x + tw] += self.weights
+        else:
+            if self.probs is None:
+                self.set_classes(p.shape[2])
+            assert self.probs is not None
+            self.probs[:, x: x + tw] += p * self.weights3
+        self.wsum[:, x: x + tw] += self.weights
+
+    def pop(self, upto: int) -> tuple[int, np.ndarray]:
+        """Finished rows [row0, upto) as probabilities (rows, width, K); shift the buffer."""
+        assert self.probs is not None, "set_classes() first"
+        n, w = upto - self.row0, self.width
+        num = self.probs[:n, :w].copy()
+        num[..., 0] += self.bg[:n, :w]
+        band = num / self.wsum[:n, :w, None]
+        for buf in (self.probs, self.wsum, self.bg):
+            buf[: buf.shape[0] - n] = buf[n:]   # numpy buffers overlapping copies
+            buf[buf.shape[0] - n:] = 0
+        row0, self.row0 = self.row0, upto
+        return row0, band
+
+
+@dataclass
+class SeamStats:
+    """Disagreement of neighbouring windows in their overlap (filled by iter_bands).
+
+    mean_abs_diff: mean |p_a - p_b| over overlap pixels and classes.
+    argmax_disagreement: fraction of overlap pixels whose two argmax classes differ.
+    Skipped windows are left out. NaN when no two predicted windows overlap.
+    """
+
+    abs_sum: float = 0.0
+    values: int = 0
+    disagree: int = 0
+    pixels: int = 0
+    _row_y: int = -1
+    _row: dict[int, np.ndarray | None] = field(default_factory=dict, repr=False)
+    _prev_y: int = -1
+    _prev: dict[int, np.ndarray | None] = field(default_factory=dict, repr=False)
+    _left: tuple[int, np.ndarray | None] | None = field(default=None, repr=False)
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.abs_sum / self.values if self.values else math.nan
+
+    @property
+    def argmax_disagreement(self) -> float:
+        return self.disagree / self.pixels if self.pixels else math.nan
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"seam_mean_abs_diff": self.mean_abs_diff,
+                "seam_argmax_disagreement": self.argmax_disagreement, "seam_pixels": self.pixels}
+
+    def add(self, y: int, x: int, p: np.ndarray | None, tile_hw: tuple[int, int]) -> None:
+        th, tw = tile_hw
+        if y != self._row_y:  # a new window row: the finished one becomes "above"
+            self._prev_y, self._prev, self._row_y, self._row, self._left = self._row_y, self._row, y, {}, None
+        if p is not None:
+            if self._left is not None and self._left[1] is not None and self._left[0] + tw > x:
+                xa, pa = self._left
+                self._compare(pa[:, x - xa:], p[:, : xa + tw - x])
+            above = self._prev.get(x)
+            if above is not None and self._prev_y + th > y:
+                self._compare(above[y - self._prev_y:], p[: self._prev_y + th - y])
+        self._left = (x, p)
+        self._row[x] = p
+
+    def _compare(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.abs_sum += float(np.abs(a - b).sum(dtype=np.float64))
+        self.values += a.size
+        self.disagree += int((a.argmax(-1) != b.argmax(-1)).sum())
+        self.pixels += a.shape[0] * a.shape[1]
