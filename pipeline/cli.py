@@ -89,10 +89,90 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate(layout)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    layout = _layout(args)
+    quiet_tensorflow(args.debug)
+    from pipeline.export import export
+
+    export(layout)
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from pipeline.register import register
+
+    register(_layout(args))
+
+
+def cmd_evaluate_tiled(args: argparse.Namespace) -> None:
+    from pipeline.tiled_eval import tiled_evaluation
+
+    tiled_evaluation(_layout(args))
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     layout = _layout(args)
     print(f"{args.params}: OK ({layout.params.dataset.name}, {layout.params.model.image_width}px, "
           f"{layout.params.model.num_layers} levels)")
+
+
+def _predict_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Predictor kwargs: flags over params.yaml's `predict` section (if any) over PredictParams defaults."""
+    from pydantic import ValidationError
+
+    from pipeline.params import PredictParams, load_params
+
+    base = PredictParams()
+    params_path = Path(args.params or "params.yaml")
+    if args.params or params_path.is_file():
+        try:
+            base = load_params(params_path).predict
+        except UserError as exc:
+            if args.params:  # asked for explicitly: its problem is the user's to fix
+                raise
+            log.warning("%s: ignored for predict defaults (%s)", params_path, exc)
+    names = ("tile_size", "overlap", "blend", "batch_size", "tta", "threads")
+    flags = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    try:
+        settings = PredictParams.model_validate({**base.model_dump(), **flags})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-")
+        raise UserError(f"{flag} {err.get('input')!r}: {err['msg'].lower()}") from None
+    return settings.model_dump(include=set(names))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Batch prediction through onnxruntime: serving/ only, TensorFlow is never imported."""
+    from serving.batch import predict_folder, resolve_inputs
+
+    settings = _predict_settings(args)  # flags and inputs first: a typo fails before the model loads
+    inputs = resolve_inputs(args.input)
+    from serving.predictor import load_predictor
+
+    predictor = load_predictor(args.model, **settings)
+    summary = predict_folder(predictor, inputs, Path(args.output), overwrite=args.overwrite,
+                             overlay=args.overlay, max_pixels=None if args.allow_large_images else "pillow")
+    return 1 if summary.failed else 0  # 1: some images failed, the others were written
+
+
+def add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="tiled ONNX prediction of a folder of images (no TensorFlow needed)")
+    p.add_argument("--model", required=True, help="model.onnx, or an MLflow URI such as models:/name@champion")
+    p.add_argument("--input", required=True, help="folder of images, or a quoted glob such as 'scans/*.tif'")
+    p.add_argument("--output", required=True, help="folder for <stem>.png masks and predictions.csv")
+    p.add_argument("--tile-size", type=int, help="window side in px (default: params or the model's size)")
+    p.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour, [0, 1) (0.25)")
+    p.add_argument("--blend", choices=["gaussian", "constant"], help="window weighting (gaussian)")
+    p.add_argument("--batch-size", type=int, help="windows per onnxruntime call (4)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip test-time augmentation (4x compute)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="predict again images whose mask exists")
+    p.add_argument("--overlay", action="store_true", help="also write overlays/<stem>.png")
+    p.add_argument("--allow-large-images", action="store_true",
+                   help="accept images above Pillow's decompression-bomb limit (~179 MP)")
+    p.add_argument("--params", default=None,
+                   help="take defaults from this file's predict section (default: ./params.yaml if present)")
+    p.set_defaults(func=cmd_predict)
 
 
 def preset_names() -> list[str]:
@@ -126,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare": (cmd_prepare, "generate or import the dataset into data/<name>"),
         "train": (cmd_train, "train FlexUNet, tracked in MLflow"),
         "evaluate": (cmd_evaluate, "test-split metrics, confusion matrix, mini_test panels"),
+        "export": (cmd_export, "convert the trained model to ONNX and check parity"),
+        "register": (cmd_register, "log the ONNX model to MLflow and register it (champion/challenger)"),
+        "evaluate-tiled": (cmd_evaluate_tiled, "tiled ONNX prediction of mini_test vs the seed's resized inference"),
         "check": (cmd_check, "validate params.yaml and exit"),
     }
     for name, (func, help_text) in stages.items():
@@ -139,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="one of: " + ", ".join(preset_names()))
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_preset)
+    add_predict_parser(sub)
     return parser
 
 
@@ -147,18 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow at import
-    for noisy in ("alembic", "mlflow", "absl", "h5py", "matplotlib", "PIL"):
+    for noisy in ("alembic", "mlflow", "absl", "h5py", "matplotlib", "PIL", "tf2onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Keras warns that fit(shuffle=True) is ignored for tf.data: we shuffle in the pipeline.
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     try:
-        args.func(args)
+        status = args.func(args)  # None, or a stage's own status (predict: 1 = some images failed)
     except UserError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return int(status or 0)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,19 @@ Conversion rules for input images (documented in the README, tested):
   to 0..255 (medical exports rarely use the full 16-bit range; a fixed /257 would
   leave them black). A constant image becomes all zeros.
 - RGB into a 1-channel model: ITU-R 601-2 luma (Pillow's "L").
+Decompression bombs: by default an image is refused when it has more pixels than
+Pillow's own hard limit (2 x PIL.Image.MAX_IMAGE_PIXELS, ~179 MP), exactly as before;
+`max_pixels=N` refuses above N pixels, `max_pixels=None` accepts any size (the CLI's
+--allow-large-images). The size is checked from the header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,19 +32,49 @@ RGB = tuple[int, int, int]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def open_image(path: Path | str) -> Image.Image:
-    """Open and fully decode an image, turning every failure into one clear ImageError."""
+MaxPixels = int | None | Literal["pillow"]
+# Pillow's limit is a module global; changing it for one call must not race another call.
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pillow_limit_off() -> Iterator[None]:
+    """Switch Pillow's own bomb check off for one open, under a lock (we check ourselves)."""
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _bomb_error(path: Path, reason: str) -> ImageError:
+    return ImageError(f"{path}: refused as a possible decompression bomb ({reason}); "
+                      "if you trust the file, allow it (flexunet predict --allow-large-images)")
+
+
+def open_image(path: Path | str, max_pixels: MaxPixels = "pillow") -> Image.Image:
+    """Open and fully decode an image, turning every failure into one clear ImageError.
+
+    max_pixels: "pillow" (default) keeps Pillow's own limit and leaves its global alone
+    (no lock, so parallel tf.data readers are not serialised); an int or None replaces it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty (0 bytes); re-export or remove it")
+    own_check = max_pixels != "pillow"
     try:
-        with Image.open(path) as img:
+        with _pillow_limit_off() if own_check else nullcontext(), Image.open(path) as img:
+            pixels = img.width * img.height
+            if own_check and max_pixels is not None and pixels > max_pixels:
+                raise _bomb_error(path, f"{img.width}x{img.height} = {pixels} pixels > limit {max_pixels}")
             img.load()
             return img.copy()
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({exc})") from None
+        raise _bomb_error(path, str(exc).split(", could be")[0]) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from None
 
@@ -60,9 +98,9 @@ def to_uint8_array(img: Image.Image, channels: int = 3) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def read_image(path: Path | str, channels: int = 3) -> np.ndarray:
+def read_image(path: Path | str, channels: int = 3, max_pixels: MaxPixels = "pillow") -> np.ndarray:
     """Read an image file as (H, W, channels) uint8 following the conversion rules."""
-    return to_uint8_array(open_image(path), channels)
+    return to_uint8_array(open_image(path, max_pixels), channels)
 
 
 def palette_image(class_ids: np.ndarray, colours: list[RGB]) -> Image.Image:
