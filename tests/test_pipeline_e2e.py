@@ -8,6 +8,7 @@ changing train.learning_rate reruns train and evaluate only; `dvc metrics show` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from tests.conftest import tiny_dict
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+STAGES = ("prepare", "train", "evaluate", "export", "register", "predict")
 
 
 def sh(args: list[str], cwd: Path) -> str:
@@ -55,14 +57,16 @@ def project(tmp_path_factory) -> Path:
 
 
 def _ran(output: str) -> set[str]:
-    return {s for s in ("prepare", "train", "evaluate") if f"Running stage '{s}'" in output}
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
 def test_repro_produces_every_output(project):
     for rel in ("data/kidney-t2w/manifest.json", "models/model.keras", "models/train_run.json",
                 "metrics/train.json", "metrics/eval.json", "metrics/dataset.json", "plots/train_curves.png",
                 "plots/confusion_matrix.png", "plots/mini_test_panel.png", "plots/dataset_statistics.png",
-                "dvclive/plots/metrics/train/loss.tsv", "dvc.lock"):
+                "dvclive/plots/metrics/train/loss.tsv", "dvc.lock", "models/model.onnx", "metrics/export.json",
+                "models/registered.json", "metrics/tiled.json", "plots/tiled_panel.png",
+                "outputs/tiled_predictions/predictions.csv"):
         assert (project / rel).exists(), rel
     assert list((project / "outputs" / "mini_test_predictions").glob("*.png"))
     run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
@@ -73,6 +77,12 @@ def test_repro_produces_every_output(project):
     assert status == "FINISHED"
     assert {"loss", "val_loss", "val_dice_CKD", "learning_rate", "test_mean_foreground_dice"} <= metrics
     assert len(tags["dataset.fingerprint"]) == 64 and len(tags["mlflow.source.git.commit"]) == 40
+    registered = json.loads((project / "models" / "registered.json").read_text())
+    assert registered["version"] == "1" or registered["version"] == 1
+    with sqlite3.connect(project / "mlflow.db") as db:
+        assert db.execute("select count(*) from model_versions").fetchone()[0] == 1
+        aliases = {a for (a,) in db.execute("select alias from registered_model_aliases")}
+    assert aliases == {"champion", "challenger"}
 
 
 def test_second_repro_does_nothing(project):
@@ -88,12 +98,36 @@ def test_metrics_and_plots_show(project):
     assert "loss" in html
 
 
-def test_learning_rate_change_reruns_train_and_evaluate_only(project):
+def test_learning_rate_change_reruns_everything_after_data(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["learning_rate"] = 0.002
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([str(BIN / "dvc"), "repro"], project)
-    assert _ran(out) == {"train", "evaluate"}, out
+    assert _ran(out) == set(STAGES) - {"prepare"}, out
+    with sqlite3.connect(project / "mlflow.db") as db:  # the new model is a new version
+        assert db.execute("select count(*) from model_versions").fetchone()[0] == 2
+
+
+def test_reverted_model_is_registered_not_restored_from_run_cache(project):
+    """lr back to the first value: train/export may come back from DVC's run-cache, but the
+    register stage must run (and, being idempotent, point at the version of that model)."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["learning_rate"] = tiny_dict()["train"]["learning_rate"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([str(BIN / "dvc"), "repro"], project)
+    assert "register" in _ran(out), out
+    registered = json.loads((project / "models" / "registered.json").read_text())
+    sha = hashlib.sha256((project / "models" / "model.onnx").read_bytes()).hexdigest()
+    assert registered["onnx_sha256"] == sha
+
+
+def test_overlap_change_reruns_predict_only(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["predict"]["overlap"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([str(BIN / "dvc"), "repro"], project)
+    assert _ran(out) == {"predict"}, out
+    assert json.loads((project / "metrics" / "tiled.json").read_text())["overlap"] == 0.5
 
 
 def test_exp_run_temp_logs_into_project_store(project):
