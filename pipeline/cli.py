@@ -164,7 +164,7 @@ def add_predict_parser(sub: Any) -> None:
     p.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour, [0, 1) (0.25)")
     p.add_argument("--blend", choices=["gaussian", "constant"], help="window weighting (gaussian)")
     p.add_argument("--batch-size", type=int, help="windows per onnxruntime call (4)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip test-time augmentation (4x compute)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip test-time augmentation with the model card's flips (2-4x compute)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="predict again images whose mask exists")
     p.add_argument("--overlay", action="store_true", help="also write overlays/<stem>.png")

@@ -44,13 +44,24 @@ def int8_file(layout: Layout) -> Path:
     return layout.models / "model.int8.onnx"
 
 
+def tta_flips(params: Params) -> list[str]:
+    """The flips training augmentation made the model invariant to: left-right flips, plus
+    up-down and both when 90-degree rotations were on too (histology has no up)."""
+    a = params.train.augment
+    if a.rot90 and a.flip:
+        return ["lr", "ud", "lrud"]
+    if a.rot90:
+        return ["lrud"]  # rotation by 180 degrees
+    return ["lr"] if a.flip else []
+
+
 def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> ModelCard:
     m = params.model
     return ModelCard(
         channels=m.image_channels, num_classes=m.num_classes, size_multiple=m.size_multiple,
         tile_size=m.image_width, class_names=list(params.mask.class_names),
         colours=[tuple(c) for c in params.mask.colours], num_layers=m.num_layers, run_id=run_id,
-        dataset=params.dataset.name, dataset_fingerprint=fingerprint,
+        dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
         extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax"},
     )
 

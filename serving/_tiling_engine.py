@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Window = tuple[int, int]
+# Test-time flips of an NHWC batch: each is its own inverse.
+FLIPS: dict[str, tuple[slice, ...]] = {
+    "lr": (slice(None), slice(None), slice(None, None, -1)),
+    "ud": (slice(None), slice(None, None, -1)),
+    "lrud": (slice(None), slice(None, None, -1), slice(None, None, -1)),
+}
 
 
 @dataclass
@@ -27,7 +33,7 @@ class TileBatch:
 
 def make_batches(
     padded: np.ndarray, ys: list[int], xs: list[int], tile_hw: tuple[int, int],
-    batch_size: int, n_aug: int, skip_fn: Callable[[np.ndarray], bool] | None,
+    batch_size: int, flips: tuple[str, ...], skip_fn: Callable[[np.ndarray], bool] | None,
 ) -> Iterator[TileBatch]:
     """Cut windows in raster order into fixed-shape float32 batches (zero-padded at the end).
 
@@ -47,34 +53,32 @@ def make_batches(
             if not skipped:
                 tiles.append(tile)
             if len(tiles) == batch_size:
-                yield _assemble(windows, slots, tiles, batch_size, n_aug)
+                yield _assemble(windows, slots, tiles, batch_size, flips)
                 windows, slots, tiles = [], [], []
     if windows:
-        yield _assemble(windows, slots, tiles, batch_size, n_aug)
+        yield _assemble(windows, slots, tiles, batch_size, flips)
 
 
 def _assemble(windows: list[Window], slots: list[int], tiles: list[np.ndarray],
-              batch_size: int, n_aug: int) -> TileBatch:
+              batch_size: int, flips: tuple[str, ...]) -> TileBatch:
     if not tiles:
         return TileBatch(windows, slots, None, 0, batch_size)
     th, tw, c = tiles[0].shape
-    inputs = np.zeros((batch_size * n_aug, th, tw, c), dtype=np.float32)
+    inputs = np.zeros((batch_size * (1 + len(flips)), th, tw, c), dtype=np.float32)
     for i, tile in enumerate(tiles):
         inputs[i] = tile  # casts to float32 tile by tile: the image is never copied whole
-    if n_aug == 4:
-        b = batch_size
-        inputs[b: 2 * b] = inputs[:b, :, ::-1]      # left-right
-        inputs[2 * b: 3 * b] = inputs[:b, ::-1]     # up-down
-        inputs[3 * b:] = inputs[:b, ::-1, ::-1]     # both
+    b = batch_size
+    for k, name in enumerate(flips, start=1):
+        inputs[k * b: (k + 1) * b] = inputs[:b][FLIPS[name]]
     return TileBatch(windows, slots, inputs, len(tiles), batch_size)
 
 
-def undo_tta(out: np.ndarray, n: int, b: int) -> np.ndarray:
+def undo_tta(out: np.ndarray, n: int, b: int, flips: tuple[str, ...]) -> np.ndarray:
     """Flip the augmented predictions back and average them (same order every time)."""
-    p = out[:n] + out[b: b + n, :, ::-1]
-    p += out[2 * b: 2 * b + n, ::-1]
-    p += out[3 * b: 3 * b + n, ::-1, ::-1]
-    p *= np.float32(0.25)
+    p = out[:n].copy()
+    for k, name in enumerate(flips, start=1):
+        p += out[k * b: k * b + n][FLIPS[name]]
+    p *= np.float32(1.0 / (1 + len(flips)))
     return p
 
 

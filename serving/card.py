@@ -30,6 +30,9 @@ class ModelCard:
     run_id: str | None = None     # MLflow run that trained the model
     dataset: str | None = None
     dataset_fingerprint: str | None = None
+    # Flips the model was trained to be invariant to: what flip TTA may use. The default
+    # (all) is for cards written before this field; export writes the training's own.
+    tta_flips: list[str] = field(default_factory=lambda: ["lr", "ud", "lrud"])
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -77,7 +77,7 @@ class TiledPredictor:
             raise UserError(f"batch size {batch_size}: must be >= 1")
         self.overlap, self.blend, self.batch_size = float(overlap), blend, int(batch_size)
         self.tta, self.skip_background = bool(tta), bool(skip_background)
-        _check_fixed_dims(session, self.tile_size, self.batch_size * (4 if self.tta else 1), source)
+        _check_fixed_dims(session, self.tile_size, self.batch_size * (1 + len(self._flips())), source)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -146,8 +146,12 @@ class TiledPredictor:
 
     def _tiling(self) -> dict[str, Any]:
         return {"tile_size": self.tile_size, "overlap": self.overlap, "blend": self.blend,
-                "batch_size": self.batch_size, "multiple": self.card.size_multiple, "tta": self.tta,
+                "batch_size": self.batch_size, "multiple": self.card.size_multiple, "tta": self._flips(),
                 "skip_fn": is_background if self.skip_background else None}
+
+    def _flips(self) -> tuple[str, ...]:
+        """TTA flips: those the card says the model was trained with (kidney MRI: left-right only)."""
+        return tuple(self.card.tta_flips) if self.tta else ()
 
     def __repr__(self) -> str:
         return (f"TiledPredictor({self.source!r}, tile_size={self.tile_size}, overlap={self.overlap}, "

@@ -12,7 +12,7 @@ Request: POST /invocations, `Content-Type: application/json`, a DataFrame in
   grey is replicated, 16-bit is min-max stretched).
 - `overlap` (optional float in [0, 1)): window overlap; default the served model's
   (params.yaml predict.overlap at registration).
-- `tta` (optional bool): flip test-time augmentation (4x compute); default false.
+- `tta` (optional bool): flip test-time augmentation with the flips in the model card (up to 4x compute); default false.
 
 Response: `{"predictions": [...]}`, one record per image with
 - `mask_png`: base64 palette PNG of the class ids, coloured like the training masks;

@@ -23,13 +23,13 @@ How an image is predicted
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from serving._tiling_engine import (
-    BandAccumulator, SeamStats, TileBatch, check_probs, make_batches, undo_tta,
+    FLIPS, BandAccumulator, SeamStats, TileBatch, check_probs, make_batches, undo_tta,
 )
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -38,7 +38,7 @@ BLENDS = ("gaussian", "constant")
 
 __all__ = [
     "BLENDS", "SeamStats", "importance_map", "iter_bands", "seam_disagreement",
-    "sliding_window_inference", "window_starts",
+    "sliding_window_inference", "tta_flips", "window_starts",
 ]
 
 
@@ -130,7 +130,7 @@ def iter_bands(
     blend: str = "gaussian",
     batch_size: int = 4,
     multiple: int = 1,
-    tta: bool = False,
+    tta: bool | Sequence[str] = False,
     skip_fn: SkipFn | None = None,
     seam_stats: SeamStats | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -150,13 +150,14 @@ def iter_bands(
     ys = window_starts(padded.shape[0], th, overlap)
     xs = window_starts(padded.shape[1], tw, overlap)
     acc = BandAccumulator(importance_map((th, tw), blend), padded.shape[1], width)
-    batches = make_batches(padded, ys, xs, (th, tw), batch_size, 4 if tta else 1, skip_fn)
+    flips = tta_flips(tta)
+    batches = make_batches(padded, ys, xs, (th, tw), batch_size, flips, skip_fn)
     next_row = dict(zip(ys, ys[1:] + [height]))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reader:
         pending = reader.submit(next, batches, None)
         while (batch := pending.result()) is not None:
             pending = reader.submit(next, batches, None)  # cut the next batch during compute
-            probs = _predict(batch, predict_fn, (th, tw), tta)
+            probs = _predict(batch, predict_fn, (th, tw), flips)
             for (y, x), slot in zip(batch.windows, batch.slots):
                 tile_probs = None if slot < 0 else probs[slot]
                 acc.add(y, x, tile_probs)
@@ -164,7 +165,7 @@ def iter_bands(
                     seam_stats.add(y, x, tile_probs, (th, tw))
                 if x == xs[-1]:  # window row done: rows above the next row's start are final
                     if acc.num_classes is None:  # every window so far was skipped
-                        acc.set_classes(_probe_classes(predict_fn, padded, (th, tw), batch_size * (4 if tta else 1)))
+                        acc.set_classes(_probe_classes(predict_fn, padded, (th, tw), batch_size * (1 + len(flips))))
                     yield acc.pop(min(next_row[y], height))
 
 
@@ -176,13 +177,28 @@ def _probe_classes(predict_fn: PredictFn, padded: np.ndarray, tile_hw: tuple[int
     return int(out.shape[3])
 
 
-def _predict(batch: TileBatch, predict_fn: PredictFn, tile_hw: tuple[int, int], tta: bool) -> np.ndarray:
+def tta_flips(tta: bool | Sequence[str]) -> tuple[str, ...]:
+    """The flips run besides the identity: True -> all three ("lr", "ud", "lrud"), False
+    -> none, or an explicit subset (a kidney MRI model trained with left-right flips only
+    must not be asked about upside-down kidneys)."""
+    if tta is True:
+        return tuple(FLIPS)
+    if tta is False or tta is None:
+        return ()
+    flips = tuple(tta)
+    unknown = [f for f in flips if f not in FLIPS]
+    if unknown:
+        raise ValueError(f"tta flips {unknown}: use any of {', '.join(FLIPS)}")
+    return flips
+
+
+def _predict(batch: TileBatch, predict_fn: PredictFn, tile_hw: tuple[int, int], flips: tuple[str, ...]) -> np.ndarray:
     """Run one fixed-shape batch; return the real windows' probabilities (n, th, tw, K)."""
     if batch.inputs is None:  # every window of this batch was skipped
         return np.empty((0,) + tile_hw + (0,), dtype=np.float32)
     out = np.asarray(predict_fn(batch.inputs), dtype=np.float32)
     check_probs(out, batch, tile_hw)
-    return undo_tta(out, batch.num_real, batch.batch_size) if tta else out[: batch.num_real]
+    return undo_tta(out, batch.num_real, batch.batch_size, flips) if flips else out[: batch.num_real]
 
 
 def sliding_window_inference(
@@ -194,7 +210,7 @@ def sliding_window_inference(
     blend: str = "gaussian",
     batch_size: int = 4,
     multiple: int = 1,
-    tta: bool = False,
+    tta: bool | Sequence[str] = False,
     skip_fn: SkipFn | None = None,
     seam_stats: SeamStats | None = None,
 ) -> np.ndarray:
@@ -215,7 +231,8 @@ def sliding_window_inference(
         (batch_size, or 4 x batch_size with TTA); the last batch is zero-padded.
     multiple (1): the model's size multiple (2**(levels-1)); only validates tile_size.
     tta (False): flip test-time augmentation: each window also goes through the model
-        flipped left-right, up-down and both (4x compute), flipped back and averaged.
+        flipped, the predictions flipped back and averaged. True: left-right, up-down and
+        both (4x compute); or a subset such as ("lr",) for anatomy with an up and a down.
     skip_fn (None): skip_fn(tile) -> True skips the model for that window (e.g. no tissue);
         a skipped window counts as class 0 with probability 1, blended like any other.
         It sees the raw tile (the image dtype, padded image), in raster order.
@@ -241,7 +258,7 @@ def seam_disagreement(
     overlap: float = 0.25,
     batch_size: int = 4,
     multiple: int = 1,
-    tta: bool = False,
+    tta: bool | Sequence[str] = False,
 ) -> SeamStats:
     """Seam diagnostic: how much neighbouring windows disagree where they overlap.
 

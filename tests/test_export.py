@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.data.prepare import prepare
 from pipeline.evaluate import load_model
-from pipeline.export import ExportError, card_for, export, int8_file, session, to_onnx
+from pipeline.export import ExportError, card_for, export, int8_file, session, to_onnx, tta_flips
 from pipeline.layout import Layout
 from pipeline.params import params_from_dict
 from pipeline.tracking import run_status
@@ -66,6 +66,15 @@ def test_onnx_contract_named_dynamic_input_and_card(exported):
     assert card == expected
     assert (card.channels, card.num_classes, card.size_multiple, card.tile_size) == (3, 3, 4, 32)
     assert card.colours == [(0, 0, 0), (255, 0, 0), (0, 255, 0)] and len(card.dataset_fingerprint) == 64
+    assert card.tta_flips == ["lr"]  # kidney MRI: trained with left-right flips only, no rot90
+
+
+def test_tta_flips_follow_training_augmentation():
+    raw = tiny_dict()
+    for flip, rot90, expected in ((True, False, ["lr"]), (True, True, ["lr", "ud", "lrud"]),
+                                  (False, True, ["lrud"]), (False, False, [])):
+        raw["train"]["augment"].update(flip=flip, rot90=rot90)
+        assert tta_flips(params_from_dict(raw)) == expected
 
 
 def test_parity_metrics_within_targets_and_logged(exported):

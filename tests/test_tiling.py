@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serving.tiling import (
-    importance_map, iter_bands, seam_disagreement, sliding_window_inference, window_starts,
+    importance_map, iter_bands, seam_disagreement, sliding_window_inference, tta_flips, window_starts,
 )
 
 SIZES = [1, 2, 3, 7, 31, 32, 33, 47, 63, 64, 65, 97, 101, 127, 128, 129, 131, 255, 256, 257, 521, 1009]
@@ -141,6 +141,27 @@ def test_batches_have_a_fixed_shape():
     shapes.clear()
     sliding_window_inference(_image(100, 70), spy, tile_size=32, batch_size=5, tta=True)
     assert shapes == {(20, 32, 32, 3)}
+    shapes.clear()
+    sliding_window_inference(_image(100, 70), spy, tile_size=32, batch_size=5, tta=("lr",))
+    assert shapes == {(10, 32, 32, 3)}
+
+
+def test_tta_flips_subset_undoes_only_those_flips():
+    """A model that depends on the column only: averaging it with its left-right flip gives a
+    left-right symmetric result; an up-down flip would leave it as it was."""
+    image = _image(32, 32)
+
+    def column_model(batch: np.ndarray) -> np.ndarray:
+        cols = np.broadcast_to(np.arange(batch.shape[2], dtype=np.float32), batch.shape[:3])
+        return np.stack([cols, 31 - cols], axis=-1) / 31
+
+    lr = sliding_window_inference(image, column_model, tile_size=32, tta=("lr",))
+    np.testing.assert_allclose(lr, 0.5, atol=1e-6)
+    ud = sliding_window_inference(image, column_model, tile_size=32, tta=("ud",))
+    np.testing.assert_allclose(ud, sliding_window_inference(image, column_model, tile_size=32), atol=1e-6)
+    assert tta_flips(True) == ("lr", "ud", "lrud") and tta_flips(False) == ()
+    with pytest.raises(ValueError, match="tta flips \\['diag'\\]"):
+        tta_flips(("lr", "diag"))
 
 
 def test_iter_bands_equals_whole_image_and_streams_rows():
