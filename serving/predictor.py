@@ -238,8 +238,12 @@ def _download(uri: str, dst: Path) -> Path:
     except ImportError:
         raise UserError(f"{uri}: MLflow URIs need mlflow installed (pip install mlflow); "
                         f"or pass the .onnx file itself") from None
+    # MLFLOW_TRACKING_URI, when set, names the store explicitly: in a process that also
+    # logged elsewhere (tests, a notebook), mlflow's global URI would otherwise win.
+    store = os.environ.get("MLFLOW_TRACKING_URI") or None
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store,
+                                                        registry_uri=store))
     except (MlflowException, OSError) as exc:
         where = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
