@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 MB = 1024 * 1024
+INT8_FILE = "model.int8.onnx"   # next to the fp32 model in the run's temporary folder
 
 
 # ---------------------------------------------------------------------- measuring
@@ -137,7 +138,25 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     to_onnx(model, Path(a.model), card_for(params, None, None), opset=params.export.opset, **extra)
     m = params.model
     return {"weights": weights, "tile_size": m.image_width, "num_layers": m.num_layers, "base_filters": m.base_filters,
-            "base_kernels": list(m.base_kernels), "tensorflow": tf.__version__, "onnxruntime": onnxruntime.__version__}
+            "base_kernels": list(m.base_kernels), "tensorflow": tf.__version__, "onnxruntime": onnxruntime.__version__,
+            **int8_export(model, params, Path(a.model))}
+
+
+def int8_export(model, params, fp32: Path) -> dict[str, Any]:
+    """The export stage's int8 model (static QDQ, calibrated on train images) next to the
+    fp32 one, with both models' test Dice and parity from the export stage's own compare().
+    Needs the prepared dataset (make repro); without it the int8 rows are left out."""
+    from pipeline.export import compare, quantize_int8, session
+    from pipeline.layout import Layout
+
+    layout = Layout(REPO, params)
+    if not (layout.data_dir / "train").is_dir() or not (REPO / "models" / "model.keras").is_file():
+        print(f"int8 rows skipped: no trained model or no {layout.data_dir}/train (run make repro first)")
+        return {}
+    int8 = quantize_int8(fp32, fp32.with_name(INT8_FILE), layout)
+    quality = compare(model, {"fp32": session(fp32), "int8": session(int8)}, layout)
+    return {"int8": {k: quality[k] for k in ("fp32_mean_foreground_dice", "int8_mean_foreground_dice",
+                                             "int8_max_abs_vs_tf", "int8_argmax_agreement_vs_tf")}}
 
 
 class TimedSession:
@@ -178,16 +197,20 @@ class Variants:
             session(batch)
         self.fns[name], self.windows[name] = (lambda: session(batch)), 1
 
-    def _predictor(self, overlap: float):
+    def _predictor(self, overlap: float, model: str | None = None):
         from serving.predictor import TiledPredictor
         from serving.tiling import window_starts
 
-        predictor = TiledPredictor.from_onnx(self.a.model, overlap=overlap, batch_size=self.a.batch_size,
+        predictor = TiledPredictor.from_onnx(model or self.a.model, overlap=overlap, batch_size=self.a.batch_size,
                                              threads=self.a.threads)
         return predictor, len(window_starts(self.a.size, predictor.tile_size, overlap)) ** 2
 
-    def _tiled(self, name: str) -> None:
-        predictor, self.windows[name] = self._predictor(float(name.split("_")[1]))
+    def _int8(self, name: str) -> None:
+        """Our tiler, unchanged, running the int8 model of the export stage's quantiser."""
+        self._tiled(name, str(Path(self.a.model).with_name(INT8_FILE)))
+
+    def _tiled(self, name: str, model: str | None = None) -> None:
+        predictor, self.windows[name] = self._predictor(float(name.split("_")[1]), model)
         timed = predictor.session = TimedSession(predictor.session)
         self.in_model[name] = []
 
@@ -228,15 +251,16 @@ class Variants:
         self.windows[name] = math.ceil(self.a.size / tile) ** 2
 
 
-def variant_names() -> list[str]:
+def variant_names(int8: bool = False) -> list[str]:
     overlaps = ("0", "0.25", "0.5")
-    return ["single_pass", *(f"{k}_{o}" for o in overlaps for k in ("raw", "tiled")), "seed_style"]
+    return ["single_pass", *(f"{k}_{o}" for o in overlaps for k in ("raw", "tiled")), "seed_style",
+            *(["int8_0.25"] if int8 else [])]
 
 
 def work_timing(a: argparse.Namespace) -> dict[str, Any]:
     """All variants in one process, round-robin for --repeats rounds: load from other
     processes that comes and goes hits every variant alike; the best round of each counts."""
-    v = Variants(a, variant_names())
+    v = Variants(a, variant_names(int8=(Path(a.model).with_name(INT8_FILE)).is_file()))
     times: dict[str, list[float]] = {name: [] for name in v.fns}
     for _ in range(a.repeats):
         for name, fn in v.fns.items():
@@ -302,7 +326,7 @@ def summarise(timing: dict[str, Any], memory: dict[str, int], size: int) -> dict
     out: dict[str, Any] = {}
     for name, t in timing.items():
         row = {**t, "megapixels_per_second": mp / t["seconds"], "peak_rss": memory.get(name)}
-        if name.startswith("tiled_"):
+        if name.startswith(("tiled_", "int8_")):
             raw = timing["raw_" + name.split("_")[1]]["seconds"]
             row.update(speedup_vs_seed=seed / t["seconds"], overhead=t["seconds"] / raw - 1,
                        overhead_in_run=t["seconds"] / t["in_model_seconds"] - 1,
@@ -327,15 +351,18 @@ def markdown(report: dict[str, Any]) -> str:
         "| variant | windows | seconds | MP/s | vs seed-style | tiling + blending overhead | peak RSS (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    order = ["single_pass", "tiled_0", "raw_0", "tiled_0.25", "raw_0.25", "tiled_0.5", "raw_0.5", "seed_style"]
-    for name in order:
+    order = ["single_pass", "tiled_0", "raw_0", "tiled_0.25", "raw_0.25", "tiled_0.5", "raw_0.5", "seed_style",
+             "int8_0.25"]
+    for name in (n for n in order if n in r):
         v = r[name]
         kind, _, ov = name.partition("_")
-        label = LABELS.get(name) or (f"**ours**, overlap {ov}, Gaussian" if kind == "tiled"
-                                     else f"same windows, onnxruntime only (overlap {ov})")
+        label = LABELS.get(name) or {"tiled": f"**ours**, overlap {ov}, Gaussian",
+                                     "int8": f"**ours**, overlap {ov}, Gaussian, **int8 model** (static QDQ)"}.get(
+            kind, f"same windows, onnxruntime only (overlap {ov})")
         speed = f"{v['speedup_vs_seed']:.2f}x" if "speedup_vs_seed" in v else "1x"
         over = (f"{100 * v['overhead']:+.1f} % ({100 * v['overhead_in_run']:.1f} % in-run)"
-                if "overhead" in v else "")
+                if "overhead" in v and kind == "tiled" else
+                f"({100 * v['overhead_in_run']:.1f} % in-run)" if kind == "int8" else "")
         rss = f"{v['peak_rss'] / MB:.0f}" if v.get("peak_rss") else "-"
         lines.append(f"| {label} | {v['windows']} | {v['seconds']:.1f} | {v['megapixels_per_second']:.3f} "
                      f"| {speed} | {over} | {rss} |")
@@ -346,6 +373,13 @@ def markdown(report: dict[str, Any]) -> str:
                       f"the {s['input_bytes'] / MB:.0f} MB input: {s['rss_after_input'] / MB:.0f} MB; peak "
                       f"{s['peak_rss'] / MB:.0f} MB, i.e. **{s['peak_beyond_input'] / MB:.0f} MB beyond the input** "
                       f"(incl. the {s['labels_bytes'] / MB:.0f} MB label array and the runtime; target <= 1536 MB)."]
+    if "int8" in report:
+        q = report["int8"]
+        lines += ["", f"int8 model: the export stage's quantiser (`export.quantize_int8`: static QDQ, per-channel, "
+                      f"S8S8, calibrated on 16 train images). Test mean foreground Dice {q['int8_mean_foreground_dice']:.4f} "
+                      f"vs fp32 {q['fp32_mean_foreground_dice']:.4f}; vs TF: max |dp| {q['int8_max_abs_vs_tf']:.3f}, "
+                      f"argmax agreement {100 * q['int8_argmax_agreement_vs_tf']:.2f} %. (The raw-window overhead "
+                      f"column compares to fp32 windows, so only the in-run overhead is given.)"]
     lines += ["", targets_line(report)]
     lines += ["", "Overhead = our time / the same windows through onnxruntime alone - 1 (in-run: wall time / "
                   "time inside onnxruntime - 1, in the same run). Peak RSS: each variant alone in a fresh process "
@@ -368,7 +402,9 @@ def targets_line(report: dict[str, Any]) -> str:
             f"({ours['speedup_vs_seed']:.2f}x). Per window onnxruntime takes {per_ours:.1f} ms (batched) vs "
             f"{per_seed:.1f} ms per Keras predict call ({per_seed / per_ours:.1f}x), but overlap 0.25 runs "
             f"{raw['windows']} windows where the seed's non-overlapping tiles need {seed['windows']} "
-            f"({raw['windows'] / seed['windows']:.2f}x).")
+            f"({raw['windows'] / seed['windows']:.2f}x)."
+            + (f" With the int8 model the same tiler reaches {v['int8_0.25']['speedup_vs_seed']:.2f}x "
+               f"({met(v['int8_0.25']['speedup_vs_seed'] >= 3)} in int8)." if "int8_0.25" in v else ""))
 
 
 def main() -> None:
@@ -412,13 +448,15 @@ def main() -> None:
     report: dict[str, Any] = {
         "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "seed_margin": args.margin,
         "environment": env, "command": command_line(),
-        "variants": summarise(timing, memory, args.size)}
+        "variants": summarise(timing, memory, args.size), **({"int8": model["int8"]} if "int8" in model else {})}
     if streamed:
         streamed["megapixels_per_second"] = stream**2 / 1e6 / streamed["seconds"]
         report["stream"] = streamed
     t25 = report["variants"]["tiled_0.25"]
     report["targets"] = {"overhead_le_10pct": t25["overhead"] <= 0.10,
                          "speedup_vs_seed_ge_3x": t25["speedup_vs_seed"] >= 3.0,
+                         **({"int8_speedup_vs_seed_ge_3x": report["variants"]["int8_0.25"]["speedup_vs_seed"] >= 3.0}
+                            if "int8_0.25" in report["variants"] else {}),
                          **({"stream_peak_beyond_input_le_1.5GB": streamed["peak_beyond_input"] <= 1.5 * 1024**3}
                             if streamed else {})}
     from serving.atomic import write_json, write_text

@@ -10,6 +10,7 @@ import numpy as np
 
 from pipeline.panels import make_panel
 from pipeline.tracking import RunLogger
+from serving.labels import to_labels
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,16 @@ class EpochChangeInference(keras.callbacks.Callback):
     log one input | truth | prediction panel with step=epoch, so the MLflow UI's image
     slider shows the masks forming."""
 
-    def __init__(self, run: RunLogger, images: np.ndarray, truth_rgb: list[np.ndarray], colours, key: str):
+    def __init__(self, run: RunLogger, images: np.ndarray, truth_rgb: list[np.ndarray], colours, key: str,
+                 single_foreground_class: bool = False):
         super().__init__()
         self.run, self.images, self.truth_rgb, self.key = run, images, truth_rgb, key
         self.colours = np.asarray(colours, dtype=np.uint8)
+        self.single = single_foreground_class
 
     def on_epoch_end(self, epoch, logs=None):
         probs = self.model.predict(self.images.astype(np.float32), verbose=0, batch_size=8)
-        preds = [self.colours[p] for p in probs.argmax(axis=-1)]
+        preds = [self.colours[p] for p in to_labels(probs, single_foreground_class=self.single)]
         panel = make_panel(list(self.images), self.truth_rgb, preds)
         self.run.log_image(panel, key=self.key, step=epoch + 1)
 
@@ -53,10 +56,11 @@ class EpochChangeTiledInference(keras.callbacks.Callback):
 
     def __init__(self, run: RunLogger, images: list[np.ndarray], truth_rgb: list[np.ndarray], colours,
                  *, tile_size: int, overlap: float = 0.25, blend: str = "gaussian",
-                 key: str = "epoch_change_tiled_infer"):
+                 key: str = "epoch_change_tiled_infer", single_foreground_class: bool = False):
         super().__init__()
         self.run, self.images, self.truth_rgb, self.key = run, images, truth_rgb, key
         self.colours = np.asarray(colours, dtype=np.uint8)
+        self.single = single_foreground_class
         self.tiling = {"tile_size": tile_size, "overlap": overlap, "blend": blend}
 
     def on_epoch_end(self, epoch, logs=None):
@@ -65,7 +69,8 @@ class EpochChangeTiledInference(keras.callbacks.Callback):
         def predict_fn(batch: np.ndarray) -> np.ndarray:
             return np.asarray(self.model.predict_on_batch(batch))
 
-        preds = [self.colours[sliding_window_inference(image, predict_fn, **self.tiling).argmax(-1)]
+        preds = [self.colours[to_labels(sliding_window_inference(image, predict_fn, **self.tiling),
+                                        single_foreground_class=self.single)]
                  for image in self.images]
         panel = make_panel(self.images, self.truth_rgb, preds, titles=("input", "truth", "tiled prediction"))
         self.run.log_image(panel, key=self.key, step=epoch + 1)

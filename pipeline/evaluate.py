@@ -25,22 +25,35 @@ from pipeline.tracking import find_project_root, start_run
 from pipeline.train import load_infer_samples
 from serving.atomic import remove_on_failure, write_json
 from serving.imageio import save_palette_png, save_rgb_png
+from serving.labels import to_labels
 
 log = logging.getLogger(__name__)
 
 
 class Accumulator:
-    """Confusion matrix of argmax predictions plus soft-Dice sums, over many batches."""
+    """Confusion matrix of the predicted labels plus soft-Dice sums, over many batches.
 
-    def __init__(self, num_classes: int):
-        self.n = num_classes
+    Labels come from serving.labels.to_labels, the rule serving uses. With
+    `single_foreground_class` the per-pixel argmax confusion is kept as well, so the
+    report shows what the per-image class decision adds (`pixelwise_*` keys).
+    """
+
+    def __init__(self, num_classes: int, single_foreground_class: bool = False):
+        self.n, self.single = num_classes, single_foreground_class
         self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.pixelwise = np.zeros((num_classes, num_classes), dtype=np.int64)
         self.soft = np.zeros((3, num_classes), dtype=np.float64)  # sum t*p, sum t, sum p
         self.loss_sum, self.batches = 0.0, 0
 
+    def _count(self, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        return np.bincount(truth.ravel().astype(np.int64) * self.n + pred.ravel(),
+                           minlength=self.n**2).reshape(self.n, self.n)
+
     def update(self, onehot: np.ndarray, probs: np.ndarray, loss: float) -> None:
-        truth, pred = onehot.argmax(-1).ravel(), probs.argmax(-1).ravel()
-        self.confusion += np.bincount(truth * self.n + pred, minlength=self.n**2).reshape(self.n, self.n)
+        truth = onehot.argmax(-1)
+        self.confusion += self._count(truth, to_labels(probs, single_foreground_class=self.single))
+        if self.single:
+            self.pixelwise += self._count(truth, probs.argmax(-1))
         axes = tuple(range(probs.ndim - 1))
         self.soft += [(onehot * probs).sum(axes), onehot.sum(axes), probs.sum(axes)]
         self.loss_sum, self.batches = self.loss_sum + loss, self.batches + 1
@@ -50,21 +63,32 @@ class Accumulator:
         out = {
             "loss": self.loss_sum / max(self.batches, 1),
             "dice_coef_multiclass": float(np.mean((2 * inter + SMOOTH) / (t_sum + p_sum + SMOOTH))),
+            **overlap_metrics(self.confusion, class_names),
         }
-        fg_dice = []
-        for c in range(1, self.n):
-            tp = self.confusion[c, c]
-            fp = self.confusion[:, c].sum() - tp
-            fn = self.confusion[c, :].sum() - tp
-            name = class_names[c]
-            out[f"dice_{name}"] = float(2 * tp / max(2 * tp + fp + fn, 1))
-            out[f"iou_{name}"] = float(tp / max(tp + fp + fn, 1))
-            out[f"precision_{name}"] = float(tp / max(tp + fp, 1))
-            out[f"recall_{name}"] = float(tp / max(tp + fn, 1))
-            fg_dice.append(out[f"dice_{name}"])
-        out["mean_foreground_dice"] = float(np.mean(fg_dice))
-        out["pixel_accuracy"] = float(np.trace(self.confusion) / max(self.confusion.sum(), 1))
+        if self.single:
+            pixelwise = overlap_metrics(self.pixelwise, class_names)
+            out.update({f"pixelwise_{k}": v for k, v in pixelwise.items()
+                        if k.startswith("dice_") or k == "mean_foreground_dice"})
         return out
+
+
+def overlap_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Per-class Dice / IoU / precision / recall (background excluded) from a confusion matrix."""
+    out: dict[str, float] = {}
+    fg_dice = []
+    for c in range(1, len(confusion)):
+        tp = confusion[c, c]
+        fp = confusion[:, c].sum() - tp
+        fn = confusion[c, :].sum() - tp
+        name = class_names[c]
+        out[f"dice_{name}"] = float(2 * tp / max(2 * tp + fp + fn, 1))
+        out[f"iou_{name}"] = float(tp / max(tp + fp + fn, 1))
+        out[f"precision_{name}"] = float(tp / max(tp + fp, 1))
+        out[f"recall_{name}"] = float(tp / max(tp + fn, 1))
+        fg_dice.append(out[f"dice_{name}"])
+    out["mean_foreground_dice"] = float(np.mean(fg_dice))
+    out["pixel_accuracy"] = float(np.trace(confusion) / max(confusion.sum(), 1))
+    return out
 
 
 def load_model(path: Path) -> keras.Model:
@@ -78,7 +102,7 @@ def evaluate_split(model: keras.Model, layout: Layout, split: str = "test") -> t
     pairs = load_split(layout.data_dir, split, p.mask, (p.model.image_width, p.model.image_height))
     ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
     loss_fn = get_loss(p.train.loss)
-    acc = Accumulator(p.model.num_classes)
+    acc = Accumulator(p.model.num_classes, p.mask.single_foreground_class)
     steps = -(-len(pairs) // p.evaluate.batch_size)
     for images, onehot in tqdm(ds, total=steps, desc=f"evaluating {split}", unit="batch"):
         probs = model(images, training=False)
@@ -93,9 +117,10 @@ def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
     probs = model.predict(images.astype(np.float32), verbose=0, batch_size=p.evaluate.batch_size)
     colours = np.asarray(p.mask.colours, dtype=np.uint8)
     stems = [pair.image.stem for pair in find_pairs(layout.data_dir / "mini_test")]  # the samples' order
-    for stem, ids in zip(stems, probs.argmax(-1).astype(np.uint8)):
+    labels = to_labels(probs, single_foreground_class=p.mask.single_foreground_class)
+    for stem, ids in zip(stems, labels):
         save_palette_png(layout.predictions / f"{stem}.png", ids, p.mask.colours)
-    panel = make_panel(list(images), truths, [colours[i] for i in probs.argmax(-1)])
+    panel = make_panel(list(images), truths, [colours[i] for i in labels])
     save_rgb_png(layout.plots / "mini_test_panel.png", panel)
     return panel
 

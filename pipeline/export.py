@@ -62,6 +62,7 @@ def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> Mod
         tile_size=m.image_width, class_names=list(params.mask.class_names),
         colours=[tuple(c) for c in params.mask.colours], num_layers=m.num_layers, run_id=run_id,
         dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
+        single_foreground_class=params.mask.single_foreground_class,
         extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax"},
     )
 
@@ -201,7 +202,7 @@ def compare(model: keras.Model, sessions: dict[str, Any], layout: Layout) -> dic
     p = layout.params
     pairs = load_split(layout.data_dir, "test", p.mask, (p.model.image_width, p.model.image_height))
     ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
-    acc = {name: Accumulator(p.model.num_classes) for name in sessions}
+    acc = {name: Accumulator(p.model.num_classes, p.mask.single_foreground_class) for name in sessions}
     stats = {name: {"max_abs": 0.0, "agree": 0, "seconds": 0.0} for name in sessions}
     pixels = images_seen = 0
     steps = -(-len(pairs) // p.evaluate.batch_size)

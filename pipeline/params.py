@@ -66,6 +66,9 @@ class MaskParams(_Section):
     # Max Euclidean RGB distance at which an unknown colour snaps to the nearest map
     # colour (JPEG masks); 0 = exact colours only.
     color_tolerance: float = Field(0.0, ge=0, le=255)
+    # The foreground class is a property of the whole image (kidney-t2w: the subject's
+    # diagnosis), so all foreground pixels of a prediction get one class (serving.labels).
+    single_foreground_class: bool = False
 
     @field_validator("rgb_map", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from pipeline.tracking import find_project_root, start_run
 from serving.atomic import remove_on_failure, write_json
 from serving.batch import predict_folder
 from serving.imageio import read_image, save_rgb_png
+from serving.labels import to_labels
 from serving.predictor import TiledPredictor
 from serving.tiling import window_starts
 
@@ -74,7 +75,8 @@ def resized_prediction(predictor: TiledPredictor, image: np.ndarray, size: int) 
     h, w = image.shape[:2]
     small = np.asarray(Image.fromarray(image.squeeze()).resize((size, size), Image.BILINEAR))
     small = small.reshape(size, size, -1).astype(np.float32)
-    ids = predictor.predict_fn(small[None])[0].argmax(-1).astype(np.uint8)
+    ids = to_labels(predictor.predict_fn(small[None])[0],
+                    single_foreground_class=predictor.card.single_foreground_class)
     return np.asarray(Image.fromarray(ids).resize((w, h), Image.NEAREST))
 
 

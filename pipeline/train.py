@@ -119,11 +119,13 @@ def _callbacks(layout: Layout, run, checkpoint: Path) -> tuple[list, TimeBudget 
             monitor="val_loss", factor=t.reducer_factor, patience=t.reducer_patience, min_lr=1e-7, verbose=1))
     if t.epoch_change_infer:
         images, truths = load_infer_samples(layout, t.num_infer_images)
-        callbacks.append(EpochChangeInference(run, images, truths, layout.params.mask.colours, "epoch_change_infer"))
+        callbacks.append(EpochChangeInference(run, images, truths, layout.params.mask.colours, "epoch_change_infer",
+                                              single_foreground_class=layout.params.mask.single_foreground_class))
     if t.epoch_change_tiled_infer:
         images, truths = load_large_samples(layout, t.num_infer_images)
         callbacks.append(EpochChangeTiledInference(run, images, truths, layout.params.mask.colours,
-                                                   tile_size=layout.params.model.image_width))
+                                                   tile_size=layout.params.model.image_width,
+                                                   single_foreground_class=layout.params.mask.single_foreground_class))
     budget = TimeBudget(t.max_minutes) if t.max_minutes else None
     if budget:
         callbacks.append(budget)

@@ -33,6 +33,8 @@ class ModelCard:
     # Flips the model was trained to be invariant to: what flip TTA may use. The default
     # (all) is for cards written before this field; export writes the training's own.
     tta_flips: list[str] = field(default_factory=lambda: ["lr", "ud", "lrud"])
+    # One foreground class per image, decided from summed probabilities (serving.labels).
+    single_foreground_class: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 
 from serving._onnx_session import OnnxSession, open_session
 from serving.card import ModelCard
+from serving.labels import foreground_mass, unify_foreground
 from serving.errors import UserError
 from serving.tiling import BLENDS, SeamStats, iter_bands, seam_disagreement
 
@@ -132,12 +133,18 @@ class TiledPredictor:
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class ids uint8 (H, W): argmax of the blended probabilities, band by band, so peak
-        memory is the input + labels + O(width x tile), not H x W x K floats."""
+        memory is the input + labels + O(width x tile), not H x W x K floats. If the card
+        says `single_foreground_class`, the foreground pixels then all get the class with
+        the largest summed probability over them (serving.labels)."""
         image = self.prepare(image)
         labels = np.empty(image.shape[:2], dtype=np.uint8)
+        mass = np.zeros(self.card.num_classes - 1)
         for row0, band in iter_bands(image, self.predict_fn, **self._tiling()):
-            labels[row0: row0 + band.shape[0]] = band.argmax(axis=-1)
-        return labels
+            ids = labels[row0: row0 + band.shape[0]]
+            ids[:] = band.argmax(axis=-1)
+            if self.card.single_foreground_class:
+                mass += foreground_mass(band, ids)
+        return unify_foreground(labels, mass) if self.card.single_foreground_class else labels
 
     def seam_disagreement(self, image: np.ndarray) -> SeamStats:
         """Neighbouring windows' disagreement in their overlaps (serving.tiling.seam_disagreement)."""

@@ -28,7 +28,8 @@ IR_VERSION = 8   # the IR version that goes with opset 17; every onnxruntime >= 
 
 def tiny_card(*, channels: int = 3, num_classes: int = 3, size_multiple: int = 4,
               tile_size: int = 32, class_names: list[str] | None = None,
-              colours: list[tuple[int, int, int]] | None = None) -> ModelCard:
+              colours: list[tuple[int, int, int]] | None = None,
+              single_foreground_class: bool = False) -> ModelCard:
     """The card make_tiny_onnx embeds (also handy for tests that need a card alone)."""
     names = class_names or ["background"] + [f"class{i}" for i in range(1, num_classes)]
     base = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
@@ -36,7 +37,7 @@ def tiny_card(*, channels: int = 3, num_classes: int = 3, size_multiple: int = 4
     layers = int(np.log2(size_multiple)) + 1 if size_multiple >= 1 else 1
     return ModelCard(channels=channels, num_classes=num_classes, size_multiple=size_multiple,
                      tile_size=tile_size, class_names=list(names), colours=list(cols),
-                     num_layers=layers, dataset="tiny-test")
+                     num_layers=layers, dataset="tiny-test", single_foreground_class=single_foreground_class)
 
 
 def _weights(channels: int, num_classes: int, kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +95,8 @@ def make_tiny_onnx(path: Path | str, *, channels: int = 3, num_classes: int = 3,
                    size_multiple: int = 4, tile_size: int = 32,
                    class_names: list[str] | None = None,
                    colours: list[tuple[int, int, int]] | None = None,
-                   kernel_size: int = 3, with_card: bool = True) -> Path:
+                   kernel_size: int = 3, with_card: bool = True,
+                   single_foreground_class: bool = False) -> Path:
     """Write a tiny contract-honouring ONNX model to `path` and return the path.
 
     kernel_size: 1 makes every pixel independent (tiling is then exact w.r.t. a whole-image
@@ -104,7 +106,8 @@ def make_tiny_onnx(path: Path | str, *, channels: int = 3, num_classes: int = 3,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     card = tiny_card(channels=channels, num_classes=num_classes, size_multiple=size_multiple,
-                     tile_size=tile_size, class_names=class_names, colours=colours)
+                     tile_size=tile_size, class_names=class_names, colours=colours,
+                     single_foreground_class=single_foreground_class)
     model = tiny_model_proto(channels=channels, num_classes=num_classes,
                              kernel_size=kernel_size, card=card if with_card else None)
     onnx.save_model(model, str(path))
