@@ -56,20 +56,25 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _layout(args: argparse.Namespace):
+def _layout(args: argparse.Namespace, tuned: bool = True):
+    """Params and paths of one call. tuned: apply tune/best_params.yaml when
+    train.use_tuned_params (every stage after tune sees the same effective values)."""
     from pipeline.layout import Layout
-    from pipeline.params import load_params
+    from pipeline.params import load_params, with_tuned_params
 
     params_path = Path(args.params)
     params = load_params(params_path, dict(_parse_override(s) for s in args.set or []))
-    root = Path(args.root) if args.root else params_path.resolve().parent
-    return Layout(root=root.resolve(), params=params)
+    root = (Path(args.root) if args.root else params_path.resolve().parent).resolve()
+    layout = Layout(root=root, params=params)
+    if tuned and params.train.use_tuned_params:
+        layout = Layout(root=root, params=with_tuned_params(params, layout.tuned_params_file))
+    return layout
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from pipeline.data.prepare import prepare
 
-    prepare(_layout(args))
+    prepare(_layout(args, tuned=False))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -79,6 +84,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     result = train(layout)
     log.info("MLflow run %s", result.run_id)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    layout = _layout(args, tuned=False)   # the search is around params.yaml's own values
+    quiet_tensorflow(args.debug)
+    from pipeline.tune import tune
+
+    tune(layout, worker=args.worker)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -204,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     stages: dict[str, tuple[Callable, str]] = {
         "prepare": (cmd_prepare, "generate or import the dataset into data/<name>"),
+        "tune": (cmd_tune, "Optuna study over tune.search_space (resumable; several workers may share it)"),
         "train": (cmd_train, "train FlexUNet, tracked in MLflow"),
         "evaluate": (cmd_evaluate, "test-split metrics, confusion matrix, mini_test panels"),
         "export": (cmd_export, "convert the trained model to ONNX and check parity"),
@@ -218,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE",
                        help="override a parameter for this call, e.g. -S train.epochs=2")
         p.set_defaults(func=func)
+        if name == "tune":
+            p.add_argument("--worker", type=int, default=0,
+                           help="this worker's number (0, 1, ...): offsets the sampler seed so workers "
+                                "sharing a study do not propose the same values")
     p = sub.add_parser("preset", help="replace params.yaml with a shipped preset")
     p.add_argument("name", help="one of: " + ", ".join(preset_names()))
     p.add_argument("--params", default="params.yaml")

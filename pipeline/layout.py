@@ -52,6 +52,11 @@ class Layout:
         return self.models / "train_run.json"
 
     @property
+    def tuned_params_file(self) -> Path:
+        """The tune stage's best values; train uses them if train.use_tuned_params."""
+        return self.root / "tune" / "best_params.yaml"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ParamsError
+from pipeline.search_space import TUNABLE, TuneParams, apply_values
 
 RGB = tuple[int, int, int]
 _RGB_KEY = re.compile(r"^\s*\(?\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\)?\s*$")
@@ -205,6 +206,8 @@ class TrainParams(_Section):
     # Safety net for shared CPU machines: stop (keeping the best weights) after this
     # many minutes of fitting. null = no limit.
     max_minutes: float | None = Field(None, gt=0)
+    # Train with the tune stage's best values (tune/best_params.yaml) over the ones here.
+    use_tuned_params: bool = False
     augment: AugmentParams = AugmentParams()
 
     @model_validator(mode="after")
@@ -260,6 +263,7 @@ class Params(_Section):
     registry: RegisterParams = RegisterParams()  # `register` would shadow BaseModel.register
     predict: PredictParams = PredictParams()
     mlflow: MlflowParams = MlflowParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Params:
@@ -316,6 +320,24 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return params_from_dict(raw, source=str(path))
+
+
+def with_tuned_params(params: Params, path: Path) -> Params:
+    """`params` with the tune stage's best values (path: tune/best_params.yaml) applied."""
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found, but train.use_tuned_params is true; run the tune stage "
+                          f"first (dvc repro tune) or set train.use_tuned_params: false")
+    try:
+        best = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    values = best.get("params") if isinstance(best, dict) else None
+    if not isinstance(values, dict) or not values:
+        raise ParamsError(f"{path}: no 'params' mapping; rerun the tune stage (dvc repro -f tune)")
+    unknown = sorted(set(values) - set(TUNABLE))
+    if unknown:
+        raise ParamsError(f"{path}: {unknown} cannot be tuned; tunable: {', '.join(TUNABLE)}")
+    return params_from_dict(apply_values(params.model_dump(mode="python"), values), source=f"{path} over params")
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:

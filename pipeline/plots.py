@@ -75,3 +75,26 @@ def dataset_statistics(stats: dict, path: Path) -> None:
     ax2.set_title("foreground class pixel fraction per split", fontsize=9)
     ax2.legend(fontsize=8)
     _save(fig, path)
+
+
+def tune_plots(study, history_path: Path, importance_path: Path) -> None:
+    """Optuna's own optimisation-history and parameter-importance plots (matplotlib
+    backend). Importance needs two finished trials that differ; until then the figure
+    says so instead of being left out (DVC expects the file)."""
+    import warnings
+
+    import optuna.visualization.matplotlib as ovm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the matplotlib backend is flagged experimental
+        ax = ovm.plot_optimization_history(study)
+        _save(ax.figure, history_path)
+        try:
+            ax = ovm.plot_param_importances(study)
+            fig = ax.figure
+        except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+            fig, ax = plt.subplots(figsize=(6, 2))
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"parameter importance not available yet:\n{exc}", ha="center", va="center", wrap=True)
+        _save(fig, importance_path)
+

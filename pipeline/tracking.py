@@ -196,10 +196,12 @@ def use_store(uri: str) -> Iterator[None]:
 
 @contextmanager
 def start_run(cfg: MlflowParams, project_root: Path, *, run_name: str | None = None,
-              tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[RunLogger]:
-    """Start a new run (or reopen `run_id`); an exception marks it FAILED and re-raises."""
+              tags: dict[str, str] | None = None, run_id: str | None = None,
+              parent_run_id: str | None = None) -> Iterator[RunLogger]:
+    """Start a new run (or reopen `run_id`), nested under `parent_run_id` if given (the
+    parent need not be active in this process); an exception marks it FAILED and re-raises."""
     uri = resolve_tracking_uri(cfg, project_root)
-    with use_store(uri), _active_run(cfg, project_root, uri, run_name, run_id) as handle:
+    with use_store(uri), _active_run(cfg, project_root, uri, run_name, run_id, parent_run_id) as handle:
         if tags:
             handle.set_tags(tags)
         yield handle
@@ -207,12 +209,13 @@ def start_run(cfg: MlflowParams, project_root: Path, *, run_name: str | None = N
 
 @contextmanager
 def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str | None,
-                run_id: str | None) -> Iterator[RunLogger]:
+                run_id: str | None, parent_run_id: str | None = None) -> Iterator[RunLogger]:
     import mlflow
 
     if run_id is None:
         experiment_id = _ensure_experiment(cfg.experiment_name, uri, project_root)
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
+                               nested=parent_run_id is not None)
     else:
         run = mlflow.start_run(run_id=run_id)
     try:
@@ -240,6 +243,25 @@ def run_status(tracking_uri: str, run_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri).get_run(run_id).info.status
+
+
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
+    """Close a run its dead process left RUNNING: FAILED, with the reason as a tag."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.set_tag(run_id, "fail_reason", reason[:5000])
+    client.set_terminated(run_id, status="FAILED")
 
 
 def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:

@@ -102,21 +102,27 @@ def load_large_samples(layout: Layout, count: int) -> tuple[list[np.ndarray], li
     return images, truths
 
 
-def _callbacks(layout: Layout, run, checkpoint: Path) -> tuple[list, TimeBudget | None]:
+def _callbacks(layout: Layout, run, checkpoint: Path | None) -> tuple[list, TimeBudget | None]:
+    """The training callbacks; checkpoint=None is a tuning trial: no files (checkpoint,
+    DVCLive), no panels and no time budget, only the per-epoch MLflow curves."""
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
 
-    t = layout.params.train
+    t, stage = layout.params.train, checkpoint is not None
     callbacks: list = [
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True, save_weights_only=True),
+        *([keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True,
+                                           save_weights_only=True)] if stage else []),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience, restore_best_weights=True),
         MlflowEpochLogger(run),
         # dvcyaml=None: dvc.yaml declares the plots itself; DVCLive must not rewrite it.
-        DVCLiveCallback(live=Live(str(layout.dvclive), dvcyaml=None, save_dvc_exp=False, report=None)),
+        *([DVCLiveCallback(live=Live(str(layout.dvclive), dvcyaml=None, save_dvc_exp=False, report=None))]
+          if stage else []),
     ]
     if t.learning_rate_reducer:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=t.reducer_factor, patience=t.reducer_patience, min_lr=1e-7, verbose=1))
+            monitor="val_loss", factor=t.reducer_factor, patience=t.reducer_patience, min_lr=1e-7, verbose=int(stage)))
+    if not stage:
+        return callbacks, None
     if t.epoch_change_infer:
         images, truths = load_infer_samples(layout, t.num_infer_images)
         callbacks.append(EpochChangeInference(run, images, truths, layout.params.mask.colours, "epoch_change_infer",
@@ -132,12 +138,32 @@ def _callbacks(layout: Layout, run, checkpoint: Path) -> tuple[list, TimeBudget 
     return callbacks, budget
 
 
-def train(layout: Layout) -> TrainResult:
+@dataclass
+class Fit:
+    model: keras.Model
+    history: dict[str, list[float]]
+    seconds: float
+    n_train: int
+    budget: TimeBudget | None
+
+
+def subset(pairs: list, count: int | None, seed: int) -> list:
+    """A seeded sample of `count` pairs, kept in file order (all of them if count is None)."""
+    if count is None or count >= len(pairs):
+        return pairs
+    keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=count, replace=False))
+    return [pairs[i] for i in keep]
+
+
+def fit(layout: Layout, run, *, checkpoint: Path | None, extra_callbacks: list | None = None,
+        train_subset: int | None = None) -> Fit:
+    """Build, compile and fit FlexUNet from layout.params: the one training loop, used by
+    the train stage (checkpoint = where the best weights go) and by every tuning trial
+    (checkpoint=None, a train subset, Optuna's pruning callback in extra_callbacks)."""
     p = layout.params
     keras.utils.set_random_seed(p.train.seed)
     size = (p.model.image_width, p.model.image_height)
-    manifest = layout.read_manifest()
-    train_pairs = load_split(layout.data_dir, "train", p.mask, size)
+    train_pairs = subset(load_split(layout.data_dir, "train", p.mask, size), train_subset, p.train.seed)
     valid_pairs = load_split(layout.data_dir, "valid", p.mask, size)
     train_ds = make_dataset(train_pairs, p.mask, channels=p.model.image_channels, batch_size=p.train.batch_size,
                             augment=p.train.augment, shuffle_seed=p.train.seed)
@@ -145,26 +171,35 @@ def train(layout: Layout) -> TrainResult:
     model = compile_model(p, steps_per_epoch=-(-len(train_pairs) // p.train.batch_size))
     log.info("FlexUNet: %s parameters, %d train / %d valid images, %s", f"{model.count_params():,}",
              len(train_pairs), len(valid_pairs), resolve_precision(p.train.precision))
+    callbacks, budget = _callbacks(layout, run, checkpoint)
+    start = time.monotonic()
+    stage = checkpoint is not None
+    history = model.fit(train_ds, validation_data=valid_ds, epochs=p.train.epochs,
+                        callbacks=callbacks + (extra_callbacks or []),
+                        verbose=(1 if sys.stdout.isatty() else 2) if stage else 0)
+    seconds = time.monotonic() - start
+    if checkpoint is not None and checkpoint.is_file():  # absent only if val_loss was never finite
+        model.load_weights(checkpoint)
+        checkpoint.unlink()
+    return Fit(model, history.history, seconds, len(train_pairs), budget)
 
+
+def train(layout: Layout) -> TrainResult:
+    p = layout.params
+    manifest = layout.read_manifest()
     project_root = find_project_root(layout.root)
     checkpoint = layout.models / ".best.weights.h5"
     outputs = [layout.model_file, layout.run_file, layout.metrics / "train.json",
                layout.plots / "train_curves.png", layout.dvclive, checkpoint]
     tags = standard_tags(project_root, manifest.get("fingerprint"), "train")
+    if p.train.use_tuned_params:
+        tags["flexunet.tuned_params"] = str(layout.tuned_params_file.relative_to(layout.root))
     with remove_on_failure(outputs), start_run(p.mlflow, project_root, tags=tags) as run:
         run.log_params(p.flat())
         layout.models.mkdir(parents=True, exist_ok=True)
-        callbacks, budget = _callbacks(layout, run, checkpoint)
-        start = time.monotonic()
-        history = model.fit(train_ds, validation_data=valid_ds, epochs=p.train.epochs,
-                            callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
-        seconds = time.monotonic() - start
-        if checkpoint.is_file():  # absent only if val_loss was never finite
-            model.load_weights(checkpoint)
-            checkpoint.unlink()
-        model = as_float32(model, p.model)
-        result = _finish(layout, run, model, history.history, seconds, len(train_pairs), budget)
-    return result
+        result = fit(layout, run, checkpoint=checkpoint)
+        model = as_float32(result.model, p.model)
+        return _finish(layout, run, model, result.history, result.seconds, result.n_train, result.budget)
 
 
 def _finish(layout: Layout, run, model, history: dict, seconds: float, n_train: int,

@@ -24,7 +24,11 @@ from tests.conftest import tiny_dict
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ("prepare", "train", "evaluate", "export", "register", "predict")
+STAGES = ("prepare", "tune", "train", "evaluate", "export", "register", "predict")
+TINY_TUNE = {"n_trials": 2, "epochs_per_trial": 1, "train_subset": 8, "timeout_minutes": None, "pruner": "none",
+             "search_space": {"base_filters": {"type": "categorical", "choices": [2, 4]},
+                              "base_kernels": {"type": "int", "low": 3, "high": 5, "step": 2},
+                              "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
 
 
 def sh(args: list[str], cwd: Path) -> str:
@@ -45,8 +49,9 @@ def project(tmp_path_factory) -> Path:
     shutil.copy(REPO / "dvc.yaml", root)
     raw = tiny_dict()
     raw["train"]["epochs"] = 1
+    raw["tune"] = dict(TINY_TUNE)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n__pycache__/\n")
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n__pycache__/\noptuna/\n")
     sh(["git", "init", "-q"], root)
     sh([str(BIN / "dvc"), "init", "-q"], root)
     sh([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
@@ -66,7 +71,8 @@ def test_repro_produces_every_output(project):
                 "plots/confusion_matrix.png", "plots/mini_test_panel.png", "plots/dataset_statistics.png",
                 "dvclive/plots/metrics/train/loss.tsv", "dvc.lock", "models/model.onnx", "metrics/export.json",
                 "models/registered.json", "metrics/tiled.json", "plots/tiled_panel.png",
-                "outputs/tiled_predictions/predictions.csv"):
+                "outputs/tiled_predictions/predictions.csv", "tune/best_params.yaml", "metrics/tune.json",
+                "plots/tune_history.png", "optuna/flexunet.journal"):
         assert (project / rel).exists(), rel
     assert list((project / "outputs" / "mini_test_predictions").glob("*.png"))
     run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
@@ -103,7 +109,7 @@ def test_learning_rate_change_reruns_everything_after_data(project):
     params["train"]["learning_rate"] = 0.002
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([str(BIN / "dvc"), "repro"], project)
-    assert _ran(out) == set(STAGES) - {"prepare"}, out
+    assert _ran(out) == set(STAGES) - {"prepare", "tune"}, out   # the search sets the rate itself
     with sqlite3.connect(project / "mlflow.db") as db:  # the new model is a new version
         assert db.execute("select count(*) from model_versions").fetchone()[0] == 2
 
@@ -128,6 +134,47 @@ def test_overlap_change_reruns_predict_only(project):
     out = sh([str(BIN / "dvc"), "repro"], project)
     assert _ran(out) == {"predict"}, out
     assert json.loads((project / "metrics" / "tiled.json").read_text())["overlap"] == 0.5
+
+
+def _trials(project: Path) -> int:
+    import optuna
+
+    from pipeline.study import open_storage
+
+    storage = open_storage("optuna/flexunet.journal", project, 30)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return summary.n_trials
+
+
+def test_more_trials_continue_the_study_and_rerun_only_what_depends_on_it(project):
+    before = (project / "tune" / "best_params.yaml").read_text()
+    assert _trials(project) == 2
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tune"]["n_trials"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([str(BIN / "dvc"), "repro"], project)
+    ran = _ran(out)
+    assert "tune" in ran and "prepare" not in ran, out
+    assert _trials(project) == 3   # the same study, one more trial
+    if (project / "tune" / "best_params.yaml").read_text() == before:
+        assert ran == {"tune"}, out   # the best trial stayed: nothing downstream reruns
+
+
+def test_use_tuned_params_trains_with_the_best_values(project):
+    best = yaml.safe_load((project / "tune" / "best_params.yaml").read_text())["params"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["use_tuned_params"] = True
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([str(BIN / "dvc"), "repro"], project)
+    assert "train" in _ran(out) and "tune" not in _ran(out), out
+    run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
+    with sqlite3.connect(project / "mlflow.db") as db:
+        logged = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
+        tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+    assert int(logged["model.base_filters"]) == best["base_filters"]
+    assert logged["model.base_kernels"] == str((best["base_kernels"], best["base_kernels"]))
+    assert float(logged["train.learning_rate"]) == pytest.approx(best["learning_rate"])
+    assert tags["flexunet.tuned_params"] == "tune/best_params.yaml"
 
 
 def test_exp_run_temp_logs_into_project_store(project):

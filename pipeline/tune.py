@@ -1,0 +1,266 @@
+"""Tune stage: an Optuna study over `tune.search_space`, one nested MLflow run per trial.
+
+Each trial trains through pipeline.train.fit -- the train stage's own loop -- for
+`tune.epochs_per_trial` epochs on a seeded `tune.train_subset` of the train split, and
+its value is the best validation mean foreground Dice over those epochs. The per-epoch
+value feeds the pruner. Several `flexunet tune` processes on the same storage cooperate:
+each starts a trial only while complete + pruned + running trials are fewer than
+`tune.n_trials`, so together they stop at the study's total. Storage, naming and the
+handling of dead workers: pipeline.study.
+
+Outputs (all or nothing): tune/best_params.yaml (the values train uses when
+train.use_tuned_params), metrics/tune.json, plots/tune_history.png and
+plots/tune_importance.png (also logged to the study's parent MLflow run).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import optuna
+import yaml
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from pipeline import study as studies
+from pipeline.errors import FlexUNetError
+from pipeline.layout import Layout
+from pipeline.params import Params, params_from_dict
+from pipeline.search_space import Categorical, FloatRange, IntRange, apply_values, current_values
+from pipeline.tracking import find_project_root, mark_failed, run_exists, standard_tags, start_run
+from pipeline.train import fit
+from serving.atomic import remove_on_failure, write_json, write_text
+
+log = logging.getLogger(__name__)
+PARENT_ATTR = "mlflow_parent_run_id"   # study user attr: the study's MLflow parent run
+
+
+class TuneError(FlexUNetError):
+    pass
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    study_name: str
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+    counts: dict[str, int]
+
+
+class OptunaPruning(keras.callbacks.Callback):
+    """Reports the epoch's validation mean foreground Dice to the trial; prunes on request."""
+
+    def __init__(self, trial: optuna.Trial, keys: list[str]):
+        super().__init__()
+        self.trial, self.keys = trial, keys
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = objective_value([{k: (logs or {}).get(k, np.nan) for k in self.keys}])
+        self.trial.report(value, step=epoch + 1)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"validation Dice {value:.4f} after epoch {epoch + 1}")
+
+
+def objective_value(epochs: list[dict[str, float]]) -> float:
+    """Best over epochs of the mean of the per-class validation Dice values given."""
+    means = [float(np.mean(list(e.values()))) for e in epochs]
+    finite = [m for m in means if np.isfinite(m)]
+    return max(finite) if finite else float("nan")
+
+
+def suggest(trial: optuna.Trial, name: str, dim: Any) -> Any:
+    if isinstance(dim, Categorical):
+        return trial.suggest_categorical(name, dim.choices)
+    if isinstance(dim, IntRange):
+        return trial.suggest_int(name, dim.low, dim.high, step=dim.step, log=dim.log)
+    if isinstance(dim, FloatRange):
+        return trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+    raise TypeError(f"unknown search-space entry {dim!r}")
+
+
+def trial_params(params: Params, values: dict[str, Any]) -> Params:
+    """params.yaml with the trial's values and the trial's epoch budget (validated)."""
+    raw = apply_values(params.model_dump(mode="python"), values)
+    raw["train"].update(epochs=params.tune.epochs_per_trial, max_minutes=None, epoch_change_infer=False,
+                        epoch_change_tiled_infer=False, use_tuned_params=False)
+    return params_from_dict(raw, source=f"trial values {values}")
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    t = params.tune
+    if t.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials,
+                                           n_warmup_steps=t.pruner_warmup_epochs)
+    if t.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, t.pruner_warmup_epochs),
+                                              max_resource=t.epochs_per_trial)
+    return optuna.pruners.NopPruner()
+
+
+class Objective:
+    """One trial: sample, train via pipeline.train.fit inside a nested MLflow run, score."""
+
+    def __init__(self, layout: Layout, project_root: Path, parent_run_id: str):
+        self.layout, self.root, self.parent = layout, project_root, parent_run_id
+        names = layout.params.mask.class_names[1:]
+        self.keys = [f"val_dice_{n}" for n in names]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        p = self.layout.params
+        trial.set_user_attr(studies.WORKER_ATTR, studies.this_worker())
+        values = {name: suggest(trial, name, dim) for name, dim in p.tune.search_space.items()}
+        tags = {"optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number),
+                "flexunet.stage": "tune-trial"}
+        outcome: BaseException | None = None
+        with start_run(p.mlflow, self.root, run_name=f"trial {trial.number}", tags=tags,
+                       parent_run_id=self.parent) as run:
+            trial.set_user_attr(studies.MLFLOW_RUN_ATTR, run.run_id)
+            run.log_params({**values, "epochs_per_trial": p.tune.epochs_per_trial,
+                            "train_subset": p.tune.train_subset})
+            try:
+                layout = Layout(self.layout.root, trial_params(p, values))
+                result = fit(layout, run, checkpoint=None, extra_callbacks=[OptunaPruning(trial, self.keys)],
+                             train_subset=p.tune.train_subset)
+                history = [{k: result.history[k][i] for k in self.keys} for i in range(len(result.history["loss"]))]
+                value = objective_value(history)
+                if not np.isfinite(value):
+                    raise TuneError(f"trial {trial.number}: validation Dice is not finite (diverged?)")
+                run.log_metrics({"objective": value, "trial_seconds": result.seconds})
+                run.set_tags({"optuna.state": "COMPLETE"})
+            except optuna.TrialPruned as exc:
+                run.set_tags({"optuna.state": "PRUNED", "optuna.pruned": str(exc)})
+                outcome = exc   # a pruned trial is a finished run, not a failed one
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:2000]
+                trial.set_user_attr(studies.FAIL_REASON_ATTR, reason)
+                run.set_tags({"optuna.state": "FAIL", "fail_reason": reason})
+                raise
+            finally:
+                keras.backend.clear_session()   # each trial builds a new graph: free the last one
+                gc.collect()
+        if outcome is not None:
+            raise outcome
+        return value
+
+
+def tune(layout: Layout, worker: int = 0) -> TuneResult:
+    """Run this worker's share of the study, then write the stage outputs from the whole study."""
+    p, t = layout.params, layout.params.tune
+    project_root = find_project_root(layout.root)
+    fingerprint = layout.read_manifest().get("fingerprint")
+    storage = studies.open_storage(t.storage, project_root, t.heartbeat_seconds)
+    name = studies.study_name(p, fingerprint)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=t.seed + worker), pruner=make_pruner(p))
+    log.info("study %s at %s: %s", name, studies.storage_location(t.storage, project_root), studies.counts(study))
+    outputs = [layout.tuned_params_file, layout.metrics / "tune.json",
+               layout.plots / "tune_history.png", layout.plots / "tune_importance.png"]
+    with remove_on_failure(outputs):
+        with studies.setup_lock(t.storage, project_root):
+            parent = _parent_run(study, layout, project_root, fingerprint)
+            if t.enqueue_current and not study.trials:
+                study.enqueue_trial(current_values(p.model, p.train, list(t.search_space)), skip_if_exists=True)
+        with start_run(p.mlflow, project_root, run_id=parent) as run:
+            _close_dead(study, storage, run.tracking_uri)
+            _run_trials(study, Objective(layout, project_root, parent), p, storage)
+            return _report(study, layout, run)
+
+
+def _parent_run(study: optuna.Study, layout: Layout, project_root: Path, fingerprint: str | None) -> str:
+    """The study's MLflow parent run: created by its first worker, found by the others."""
+    p = layout.params
+    parent = study.user_attrs.get(PARENT_ATTR)
+    from pipeline.tracking import resolve_tracking_uri
+
+    if parent and run_exists(resolve_tracking_uri(p.mlflow, project_root), parent):
+        return parent
+    tags = {**standard_tags(project_root, fingerprint, "tune"), "optuna.study": study.study_name}
+    with start_run(p.mlflow, project_root, run_name=f"tune {study.study_name}", tags=tags) as run:
+        run.log_params({k: v for k, v in p.flat().items() if k.startswith("tune.") and "search_space" not in k})
+        run.log_params({"tune.search_space": str(p.tune.model_dump(mode="json")["search_space"])})
+        parent = run.run_id
+    study.set_user_attr(PARENT_ATTR, parent)
+    return parent
+
+
+def _close_dead(study: optuna.Study, storage: Any, tracking_uri: str) -> None:
+    for trial in studies.fail_dead_trials(study, storage):
+        run_id = trial.user_attrs.get(studies.MLFLOW_RUN_ATTR)
+        if run_id and run_exists(tracking_uri, run_id):
+            mark_failed(tracking_uri, run_id, "worker process ended during the trial (killed or crashed)")
+
+
+def _run_trials(study: optuna.Study, objective: Objective, params: Params, storage: Any) -> None:
+    t = params.tune
+    deadline = time.monotonic() + 60 * t.timeout_minutes if t.timeout_minutes else None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)   # our own line per trial instead
+    with tqdm(total=t.n_trials, desc=f"study {study.study_name}", unit="trial") as bar:
+        while True:
+            c = studies.counts(study)
+            bar.n = min(c["complete"] + c["pruned"], t.n_trials)
+            bar.set_postfix(failed=c["fail"], running=c["running"])
+            bar.refresh()
+            if c["complete"] + c["pruned"] + c["running"] >= t.n_trials:
+                break
+            if c["fail"] >= max(3, t.n_trials):
+                log.warning("stopping: %d trials failed (see their fail_reason in MLflow / Optuna)", c["fail"])
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info("tune.timeout_minutes (%s) reached", t.timeout_minutes)
+                break
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            _log_last(study)
+
+
+def _log_last(study: optuna.Study) -> None:
+    mine = [tr for tr in study.get_trials(deepcopy=False) if tr.state.is_finished()
+            and (tr.user_attrs.get(studies.WORKER_ATTR) or {}).get("pid") == studies.this_worker()["pid"]]
+    if not mine:
+        return
+    tr = mine[-1]
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tr.params.items())
+    detail = f"{tr.value:.4f}" if tr.state == TrialState.COMPLETE else (
+        tr.user_attrs.get(studies.FAIL_REASON_ATTR, "") if tr.state == TrialState.FAIL else
+        f"last {max(tr.intermediate_values.values()) if tr.intermediate_values else float('nan'):.4f}")
+    log.info("trial %d %s (%s): %s", tr.number, tr.state.name, shown, detail)
+
+
+def _report(study: optuna.Study, layout: Layout, run) -> TuneResult:
+    from pipeline.plots import tune_plots
+
+    p, c = layout.params, studies.counts(study)
+    complete = [tr for tr in study.get_trials(deepcopy=False) if tr.state == TrialState.COMPLETE]
+    if not complete:
+        raise TuneError(f"study {study.study_name}: no trial completed ({c}); see the failed trials' "
+                        f"fail_reason in MLflow, or raise tune.timeout_minutes / tune.n_trials")
+    best = study.best_trial
+    # Only what identifies the best trial: more trials that do not beat it leave this file
+    # (train's dependency) unchanged, so DVC does not retrain. Counts go to metrics/tune.json.
+    doc = {"study": study.study_name, "storage": p.tune.storage, "best_trial": best.number,
+           "best_value": round(float(best.value), 6), "metric": "best validation mean foreground Dice within "
+           f"{p.tune.epochs_per_trial} epochs on {p.tune.train_subset or 'all'} train images",
+           "params": best.params}
+    header = ("# Written by the tune stage (flexunet tune): the best trial of the Optuna study.\n"
+              "# train uses `params` over params.yaml when train.use_tuned_params is true.\n")
+    write_text(layout.tuned_params_file, header + yaml.safe_dump(doc, sort_keys=False))
+    metrics = {"best_value": float(best.value), "best_trial": best.number, "study": study.study_name,
+               **{f"trials_{k}": v for k, v in c.items() if k in ("complete", "pruned", "fail")}}
+    write_json(layout.metrics / "tune.json", metrics)
+    history, importance = layout.plots / "tune_history.png", layout.plots / "tune_importance.png"
+    tune_plots(study, history, importance)
+    run.log_metrics({"best_value": float(best.value), "trials_complete": c["complete"],
+                     "trials_pruned": c["pruned"], "trials_failed": c["fail"]})
+    run.set_tags({"best_trial": str(best.number), **{f"best.{k}": str(v) for k, v in best.params.items()}})
+    for path in (history, importance):
+        run.log_artifact(path, "plots")
+    run.log_artifact(layout.tuned_params_file, "tune")
+    log.info("best trial %d: %.4f %s -> %s", best.number, best.value, best.params, layout.tuned_params_file)
+    return TuneResult(study.study_name, best.number, float(best.value), dict(best.params), c)
