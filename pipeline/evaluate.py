@@ -21,6 +21,7 @@ from pipeline.errors import DataError
 from pipeline.layout import Layout
 from pipeline.metrics import SMOOTH, get_loss
 from pipeline.panels import make_panel
+from pipeline.tkv import tkv_report
 from pipeline.tracking import find_project_root, start_run
 from pipeline.train import load_infer_samples
 from serving.atomic import remove_on_failure, write_json
@@ -49,14 +50,17 @@ class Accumulator:
         return np.bincount(truth.ravel().astype(np.int64) * self.n + pred.ravel(),
                            minlength=self.n**2).reshape(self.n, self.n)
 
-    def update(self, onehot: np.ndarray, probs: np.ndarray, loss: float) -> None:
+    def update(self, onehot: np.ndarray, probs: np.ndarray, loss: float) -> np.ndarray:
+        """Add one batch; return its predicted labels (the rule's) for per-image use."""
         truth = onehot.argmax(-1)
-        self.confusion += self._count(truth, to_labels(probs, single_foreground_class=self.single))
+        labels = to_labels(probs, single_foreground_class=self.single)
+        self.confusion += self._count(truth, labels)
         if self.single:
             self.pixelwise += self._count(truth, probs.argmax(-1))
         axes = tuple(range(probs.ndim - 1))
         self.soft += [(onehot * probs).sum(axes), onehot.sum(axes), probs.sum(axes)]
         self.loss_sum, self.batches = self.loss_sum + loss, self.batches + 1
+        return labels
 
     def metrics(self, class_names: list[str]) -> dict[str, float]:
         inter, t_sum, p_sum = self.soft
@@ -97,17 +101,23 @@ def load_model(path: Path) -> keras.Model:
     return keras.models.load_model(path, compile=False)
 
 
-def evaluate_split(model: keras.Model, layout: Layout, split: str = "test") -> tuple[dict[str, float], np.ndarray]:
+def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
+                   ) -> tuple[dict[str, float], np.ndarray, dict[str, tuple[int, int]]]:
+    """Metrics, confusion matrix, and per image (stem) its predicted and true foreground
+    pixel counts (what TKV sums)."""
     p = layout.params
     pairs = load_split(layout.data_dir, split, p.mask, (p.model.image_width, p.model.image_height))
     ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
     loss_fn = get_loss(p.train.loss)
     acc = Accumulator(p.model.num_classes, p.mask.single_foreground_class)
     steps = -(-len(pairs) // p.evaluate.batch_size)
+    counts: list[tuple[int, int]] = []
     for images, onehot in tqdm(ds, total=steps, desc=f"evaluating {split}", unit="batch"):
         probs = model(images, training=False)
-        acc.update(onehot.numpy(), np.asarray(probs), float(keras.ops.mean(loss_fn(onehot, probs))))
-    return acc.metrics(p.mask.class_names), acc.confusion
+        truth = onehot.numpy()
+        labels = acc.update(truth, np.asarray(probs), float(keras.ops.mean(loss_fn(onehot, probs))))
+        counts += zip((labels != 0).sum(axis=(1, 2)).tolist(), (truth.argmax(-1) != 0).sum(axis=(1, 2)).tolist())
+    return acc.metrics(p.mask.class_names), acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, counts)}
 
 
 def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
@@ -129,19 +139,28 @@ def evaluate(layout: Layout) -> dict[str, Any]:
     p = layout.params
     model = load_model(layout.model_file)
     run_info = layout.read_run()
+    tkv_json, tkv_plot = layout.metrics / "tkv.json", layout.plots / "bland_altman.png"
     outputs = [layout.metrics / "eval.json", layout.plots / "confusion_matrix.png",
-               layout.plots / "mini_test_panel.png", layout.predictions]
+               layout.plots / "mini_test_panel.png", layout.predictions, tkv_json, tkv_plot]
     project_root = find_project_root(layout.root)
     with remove_on_failure(outputs), start_run(p.mlflow, project_root, run_id=run_info["run_id"]) as run:
-        metrics, confusion = evaluate_split(model, layout)
+        metrics, confusion, counts = evaluate_split(model, layout)
         plots.confusion_matrix(confusion, p.mask.class_names, layout.plots / "confusion_matrix.png")
         save_mini_test(model, layout)
         report = {**metrics, "confusion_matrix": confusion.tolist()}
         write_json(layout.metrics / "eval.json", report)
+        tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
         run.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-        for path, folder in ((layout.plots / "confusion_matrix.png", "plots"),
-                             (layout.plots / "mini_test_panel.png", "plots"), (layout.metrics / "eval.json", "metrics")):
+        run.log_metrics({f"test_tkv_{k}": v for k, v in tkv.items() if isinstance(v, float)})
+        for path, folder in ((layout.plots / "confusion_matrix.png", "plots"), (tkv_plot, "plots"),
+                             (layout.plots / "mini_test_panel.png", "plots"), (layout.metrics / "eval.json", "metrics"),
+                             (tkv_json, "metrics")):
             run.log_artifact(path, folder)
+        if tkv.get("available"):
+            log.info("TKV on %d test scans: bias %+.1f ml, 95%% limits of agreement %+.1f .. %+.1f ml%s",
+                     tkv["scans"], tkv["bias_ml"], tkv["loa_low_ml"], tkv["loa_high_ml"],
+                     f", repeat-scan CV {tkv['repeat_cv_predicted_percent']:.1f} % (true masks "
+                     f"{tkv['repeat_cv_true_percent']:.1f} %)" if tkv.get("repeat_subjects") else "")
     log.info("test: mean foreground Dice %.4f, seed dice_coef_multiclass %.4f",
              metrics["mean_foreground_dice"], metrics["dice_coef_multiclass"])
     return report

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ParamsError
+from pipeline.raw_params import NiftiParams
 from pipeline.search_space import TUNABLE, TuneParams, apply_values
 
 RGB = tuple[int, int, int]
@@ -40,7 +41,11 @@ class SplitFractions(_Section):
 
 class DatasetParams(_Section):
     name: Literal["kidney-t2w", "glomeruli"] = "kidney-t2w"
-    source: Literal["synthetic"] = "synthetic"
+    # synthetic: the embedded generator. Real data, read from `raw`: imagemask (the seed's
+    # <raw>/{train,valid,test}/{images,masks} layout), kidney-nifti (the T2W kidney NIfTI
+    # set, see `nifti`), glomeruli-png (whole images + masks, cut into model-size tiles).
+    source: Literal["synthetic", "imagemask", "kidney-nifti", "glomeruli-png"] = "synthetic"
+    raw: str = "data/raw/kidney-t2w"   # the raw data folder (relative to the project root), for the real sources
     root: str = "data"
     image_size: int = Field(128, ge=16, le=4096)
     seed: int = 137
@@ -55,6 +60,15 @@ class DatasetParams(_Section):
     large_image_factor: int = Field(2, ge=1, le=16)
     split: SplitFractions = SplitFractions()
     num_mini_test: int = Field(6, ge=1)
+    tile_overlap: float = Field(0.0, ge=0, lt=1)   # glomeruli-png: overlap of the training tiles
+    nifti: NiftiParams = NiftiParams()
+
+    @model_validator(mode="after")
+    def _source_fits_name(self) -> DatasetParams:
+        fits = {"kidney-nifti": "kidney-t2w", "glomeruli-png": "glomeruli"}
+        if self.source in fits and self.name != fits[self.source]:
+            raise ValueError(f"source {self.source!r} makes the {fits[self.source]!r} dataset; set name: {fits[self.source]}")
+        return self
 
     @property
     def path(self) -> Path:

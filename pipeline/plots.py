@@ -98,3 +98,31 @@ def tune_plots(study, history_path: Path, importance_path: Path) -> None:
             ax.text(0.5, 0.5, f"parameter importance not available yet:\n{exc}", ha="center", va="center", wrap=True)
         _save(fig, importance_path)
 
+
+def bland_altman(rows: list[dict], stats: dict, path: Path) -> None:
+    """TKV agreement: difference (predicted - true) against the mean, bias and 95 % limits;
+    repeat scans of one subject drawn as hollow markers."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if not stats.get("available"):
+        ax.axis("off")
+        ax.text(0.5, 0.5, "TKV not available:\n" + str(stats.get("reason")), ha="center", va="center")
+        _save(fig, path)
+        return
+    repeated = {r["subject_id"] for r in rows if sum(x["subject_id"] == r["subject_id"] for x in rows) > 1}
+    for hollow in (False, True):
+        pts = [r for r in rows if (r["subject_id"] in repeated) == hollow]
+        if pts:
+            mean = [(r["predicted_ml"] + r["true_ml"]) / 2 for r in pts]
+            diff = [r["predicted_ml"] - r["true_ml"] for r in pts]
+            ax.scatter(mean, diff, s=28, facecolors="none" if hollow else "tab:blue", edgecolors="tab:blue",
+                       label="repeat-scan subject" if hollow else "single scan")
+    for value, style, name in ((stats["bias_ml"], "-", "bias"), (stats["loa_low_ml"], "--", "-1.96 SD"),
+                               (stats["loa_high_ml"], "--", "+1.96 SD")):
+        ax.axhline(value, color="tab:red", linestyle=style, linewidth=1)
+        ax.annotate(f"{name} {value:+.1f} ml", (1.0, value), xycoords=("axes fraction", "data"),
+                    ha="right", va="bottom", fontsize=8, color="tab:red")
+    ax.set_xlabel("mean of predicted and true TKV (ml)")
+    ax.set_ylabel("predicted - true TKV (ml)")
+    ax.set_title(f"TKV agreement, {stats['scans']} test scans of {stats['subjects']} subjects")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

@@ -47,6 +47,8 @@ def project(tmp_path_factory) -> Path:
     for name in ("pipeline", "serving"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root)
+    (root / "data" / "raw").mkdir(parents=True)
+    shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw")   # prepare's (empty) raw-data dep
     raw = tiny_dict()
     raw["train"]["epochs"] = 1
     raw["tune"] = dict(TINY_TUNE)
@@ -72,7 +74,7 @@ def test_repro_produces_every_output(project):
                 "dvclive/plots/metrics/train/loss.tsv", "dvc.lock", "models/model.onnx", "metrics/export.json",
                 "models/registered.json", "metrics/tiled.json", "plots/tiled_panel.png",
                 "outputs/tiled_predictions/predictions.csv", "tune/best_params.yaml", "metrics/tune.json",
-                "plots/tune_history.png", "optuna/flexunet.journal"):
+                "plots/tune_history.png", "optuna/flexunet.journal", "metrics/tkv.json", "plots/bland_altman.png"):
         assert (project / rel).exists(), rel
     assert list((project / "outputs" / "mini_test_predictions").glob("*.png"))
     run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
@@ -81,7 +83,10 @@ def test_repro_produces_every_output(project):
         metrics = {k for (k,) in db.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
         tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
     assert status == "FINISHED"
-    assert {"loss", "val_loss", "val_dice_CKD", "learning_rate", "test_mean_foreground_dice"} <= metrics
+    assert {"loss", "val_loss", "val_dice_CKD", "learning_rate", "test_mean_foreground_dice",
+            "test_tkv_bias_ml"} <= metrics
+    tkv = json.loads((project / "metrics" / "tkv.json").read_text())
+    assert tkv["available"] and tkv["scans"] == len(tkv["per_scan"]) >= 2
     assert len(tags["dataset.fingerprint"]) == 64 and len(tags["mlflow.source.git.commit"]) == 40
     registered = json.loads((project / "models" / "registered.json").read_text())
     assert registered["version"] == "1" or registered["version"] == 1

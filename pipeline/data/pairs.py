@@ -29,8 +29,7 @@ def find_pairs(split_dir: Path) -> list[Pair]:
     for folder in (images_dir, masks_dir):
         if not folder.is_dir():
             raise DataError(f"{folder}: folder missing; expected <split>/images and <split>/masks")
-    images = {p.stem: p for p in list_images(images_dir)}
-    masks = {p.stem: p for p in list_images(masks_dir)}
+    images, masks = _by_stem(list_images(images_dir)), _by_stem(list_images(masks_dir))
     if not images and not masks:
         raise DataError(f"{split_dir}: split is empty (no images in {images_dir})")
     for stem in sorted(images.keys() - masks.keys()):
@@ -38,6 +37,16 @@ def find_pairs(split_dir: Path) -> list[Pair]:
     for stem in sorted(masks.keys() - images.keys()):
         raise DataError(f"{masks[stem]}: image missing (expected {images_dir}/{stem}.png)")
     return [Pair(images[s], masks[s]) for s in sorted(images)]
+
+
+def _by_stem(paths: list[Path]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in found:
+            raise DataError(f"{path}: duplicate stem {path.stem!r} (also {found[path.stem].name}); "
+                            f"keep one file per image, the mask pairs by stem")
+        found[path.stem] = path
+    return found
 
 
 def validate_pairs(pairs: list[Pair], mask: MaskParams, size: tuple[int, int] | None = None,

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import plots
-from pipeline.data import glomeruli, kidney_t2w
+from pipeline.data import glomeruli, ingest, kidney_t2w
 from pipeline.layout import SPLITS
 from pipeline.data.masks import ids_to_rgb
 from pipeline.errors import ParamsError
@@ -86,11 +86,12 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
     splits = split_groups([s.subject_id for s in subjects], [s.group for s in subjects], cfg)
     group_class = {g: _class_id(params, g) for g in kidney_t2w.GROUPS}
     rng = np.random.default_rng([cfg.seed, 11])
-    records, mini = [], []
+    records, scans, mini = [], [], []
     for subject in tqdm(subjects, desc="kidney-t2w subjects", unit="subject"):
         split = splits[subject.subject_id]
         for scan in range(subject.n_scans):
             vol = kidney_t2w.render_scan(subject, scan, cfg.image_size, cfg.slices_per_scan, cfg.seed)
+            stems = []
             for z in range(vol.image.shape[0]):
                 has_kidney = bool(vol.kidney[z].any())
                 if not has_kidney and rng.random() >= cfg.kidney_free_fraction:
@@ -98,13 +99,17 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
                 stem = f"{subject.subject_id}_scan{scan + 1}_z{z:02d}"
                 ids = vol.kidney[z].astype(np.uint8) * group_class[subject.group]
                 writer.write(split, stem, vol.image[z], ids)
+                stems.append(stem)
                 if split == "test" and has_kidney and z == vol.image.shape[0] // 2 and scan == 0:
                     mini.append((stem, vol.image[z], ids))
+            # What the TKV evaluation needs: which slices form the scan, and a voxel's volume.
+            scans.append({"subject_id": subject.subject_id, "scan": scan + 1, "group": subject.group,
+                          "split": split, "voxel_ml": float(np.prod(vol.spacing_mm)) / 1000.0, "stems": stems})
         records.append({"subject_id": subject.subject_id, "group": subject.group, "n_scans": subject.n_scans,
                         "split": split, "spacing_mm": list(vol.spacing_mm)})
     for stem, image, ids in mini[: cfg.num_mini_test]:
         writer.write("mini_test", stem, image, ids)
-    return {"subjects": records}
+    return {"subjects": records, "scans": scans}
 
 
 def _glomeruli(params: Params, writer: Writer) -> dict[str, Any]:
@@ -127,6 +132,22 @@ def _glomeruli(params: Params, writer: Writer) -> dict[str, Any]:
     return {"images": [{"id": k, "split": splits[k], "size": large} for k in keys]}
 
 
+def _build(params: Params, writer: Writer, project_root: Path) -> dict[str, Any]:
+    cfg = params.dataset
+    if cfg.source == "synthetic":
+        return {"kidney-t2w": _kidney, "glomeruli": _glomeruli}[cfg.name](params, writer)
+    raw = ingest.raw_folder(params, project_root)
+
+    def split_of(keys: list[str], labels: list[str]) -> dict[str, str]:
+        return split_groups(keys, labels, cfg)
+
+    if cfg.source == "imagemask":
+        return ingest.import_imagemask(params, raw, writer)
+    if cfg.source == "glomeruli-png":
+        return ingest.import_glomeruli(params, raw, writer, split_of)
+    return ingest.import_kidney_nifti(params, raw, writer, split_of)
+
+
 def fingerprint(folder: Path) -> str:
     """sha256 over every image/mask file (path and bytes): equal iff the data is equal."""
     digest = hashlib.sha256()
@@ -145,8 +166,7 @@ def prepare(layout: Layout) -> dict[str, Any]:
     cfg = params.dataset
     with atomic_dir(layout.data_dir) as staging:
         writer = Writer(staging, params.mask.colours)
-        build = {"kidney-t2w": _kidney, "glomeruli": _glomeruli}[cfg.name]
-        details = build(params, writer)
+        details = _build(params, writer, layout.root)
         for split in SPLITS:
             if writer.counts[split] == 0:
                 raise ParamsError(f"dataset: split {split!r} came out empty; raise dataset.num_subjects/num_large_images")
