@@ -21,6 +21,7 @@ from pipeline.errors import DataError
 from pipeline.layout import Layout
 from pipeline.metrics import SMOOTH, get_loss
 from pipeline.panels import make_panel
+from pipeline.data.ingest import TKV_EXTRA
 from pipeline.tkv import tkv_report
 from pipeline.tracking import find_project_root, start_run
 from pipeline.train import load_infer_samples
@@ -120,6 +121,24 @@ def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
     return acc.metrics(p.mask.class_names), acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, counts)}
 
 
+def extra_counts(model: keras.Model, layout: Layout) -> dict[str, tuple[int, int]]:
+    """Predicted (and true, zero) kidney pixels of the test scans' slices kept outside the
+    test split for TKV (pipeline.data.ingest.TKV_EXTRA)."""
+    p = layout.params
+    folder = layout.data_dir / TKV_EXTRA
+    if not (folder / "images").is_dir():
+        return {}
+    pairs = find_pairs(folder)
+    ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
+    counts: list[tuple[int, int]] = []
+    for images, onehot in tqdm(ds, total=-(-len(pairs) // p.evaluate.batch_size), desc="TKV extra slices",
+                               unit="batch"):
+        labels = to_labels(np.asarray(model(images, training=False)), single_foreground_class=p.mask.single_foreground_class)
+        truth = onehot.numpy().argmax(-1)
+        counts += zip((labels != 0).sum(axis=(1, 2)).tolist(), (truth != 0).sum(axis=(1, 2)).tolist())
+    return {pair.image.stem: c for pair, c in zip(pairs, counts)}
+
+
 def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
     """Predict mini_test (plain, model size), save palette masks and one panel; return it."""
     p = layout.params
@@ -149,6 +168,7 @@ def evaluate(layout: Layout) -> dict[str, Any]:
         save_mini_test(model, layout)
         report = {**metrics, "confusion_matrix": confusion.tolist()}
         write_json(layout.metrics / "eval.json", report)
+        counts.update(extra_counts(model, layout))
         tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
         run.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         run.log_metrics({f"test_tkv_{k}": v for k, v in tkv.items() if isinstance(v, float)})

@@ -57,6 +57,12 @@ class Layout:
         return self.root / "tune" / "best_params.yaml"
 
     @property
+    def train_overrides_file(self) -> Path:
+        """What train depends on in dvc.yaml: the best values if train.use_tuned_params,
+        else empty -- so new trials retrain only when training uses them."""
+        return self.root / "tune" / "train_overrides.yaml"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 

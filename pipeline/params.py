@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import ParamsError
 from pipeline.raw_params import NiftiParams
-from pipeline.search_space import TUNABLE, TuneParams, apply_values
+from pipeline.search_space import TUNABLE, TuneParams, apply_values, extremes
 
 RGB = tuple[int, int, int]
 _RGB_KEY = re.compile(r"^\s*\(?\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\)?\s*$")
@@ -286,6 +286,7 @@ class Params(_Section):
                 f"model.num_classes is {self.model.num_classes} but mask.rgb_map has "
                 f"{len(self.mask.rgb_map)} colours"
             )
+        self._search_space_fits()
         size = self.dataset.image_size
         if (self.model.image_width, self.model.image_height) != (size, size):
             raise ValueError(
@@ -293,6 +294,22 @@ class Params(_Section):
                 f"({self.model.image_width}x{self.model.image_height})"
             )
         return self
+
+    def _search_space_fits(self) -> None:
+        """Every bound or choice of tune.search_space must make a valid model/train setting
+        (a kernel, depth or rate the model would reject is a load-time error, not a
+        failed trial an hour into a study)."""
+        sections = {"model": (ModelParams, self.model), "train": (TrainParams, self.train)}
+        for name, dim in self.tune.search_space.items():
+            cls, current = sections[TUNABLE[name]]
+            for value in extremes(dim):
+                candidate = apply_values({TUNABLE[name]: current.model_dump(mode="python")}, {name: value})
+                try:
+                    cls.model_validate(candidate[TUNABLE[name]])
+                except ValidationError as exc:
+                    why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                    raise ValueError(f"tune.search_space.{name}: value {value!r} gives an invalid "
+                                     f"{TUNABLE[name]} section: {why}") from None
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalar values, the form MLflow params and DVC -S use."""

@@ -100,22 +100,24 @@ def tune_plots(study, history_path: Path, importance_path: Path) -> None:
 
 
 def bland_altman(rows: list[dict], stats: dict, path: Path) -> None:
-    """TKV agreement: difference (predicted - true) against the mean, bias and 95 % limits;
-    repeat scans of one subject drawn as hollow markers."""
+    """TKV agreement: difference (predicted - true) against the mean, with the bias and 95 %
+    limits over subjects (first scans, filled); further repeat scans drawn hollow."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if not stats.get("available"):
         ax.axis("off")
         ax.text(0.5, 0.5, "TKV not available:\n" + str(stats.get("reason")), ha="center", va="center")
         _save(fig, path)
         return
-    repeated = {r["subject_id"] for r in rows if sum(x["subject_id"] == r["subject_id"] for x in rows) > 1}
+    first = {}
+    for r in sorted(rows, key=lambda r: r["scan"]):
+        first.setdefault(r["subject_id"], r)
     for hollow in (False, True):
-        pts = [r for r in rows if (r["subject_id"] in repeated) == hollow]
+        pts = [r for r in rows if (first[r["subject_id"]] is r) != hollow]
         if pts:
             mean = [(r["predicted_ml"] + r["true_ml"]) / 2 for r in pts]
             diff = [r["predicted_ml"] - r["true_ml"] for r in pts]
             ax.scatter(mean, diff, s=28, facecolors="none" if hollow else "tab:blue", edgecolors="tab:blue",
-                       label="repeat-scan subject" if hollow else "single scan")
+                       label="repeat scan (not in the limits)" if hollow else "subject (first scan)")
     for value, style, name in ((stats["bias_ml"], "-", "bias"), (stats["loa_low_ml"], "--", "-1.96 SD"),
                                (stats["loa_high_ml"], "--", "+1.96 SD")):
         ax.axhline(value, color="tab:red", linestyle=style, linewidth=1)
@@ -123,6 +125,6 @@ def bland_altman(rows: list[dict], stats: dict, path: Path) -> None:
                     ha="right", va="bottom", fontsize=8, color="tab:red")
     ax.set_xlabel("mean of predicted and true TKV (ml)")
     ax.set_ylabel("predicted - true TKV (ml)")
-    ax.set_title(f"TKV agreement, {stats['scans']} test scans of {stats['subjects']} subjects")
+    ax.set_title(f"TKV agreement, {stats['subjects']} test subjects ({stats['scans']} scans)")
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)

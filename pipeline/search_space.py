@@ -87,6 +87,7 @@ class TuneParams(_Entry):
     epochs_per_trial: int = Field(4, ge=1)
     train_subset: int | None = Field(96, ge=1)       # train images per trial (a seeded sample); null = all
     seed: int = 137                                  # TPE sampler seed (plus the worker number)
+    startup_trials: int = Field(4, ge=1)             # TPE: random trials before it models the space
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_startup_trials: int = Field(2, ge=0)      # median: trials before pruning starts
     pruner_warmup_epochs: int = Field(1, ge=0)       # epochs of a trial before it can be pruned
@@ -119,6 +120,24 @@ def _odd_kernels(dim: Any) -> None:
     if even:
         hint = " (use an odd low and an even step)" if isinstance(dim, IntRange) else ""
         raise ValueError(f"'base_kernels' must sample odd sizes >= 1; {even} would be sampled{hint}")
+
+
+def in_space(dim: Any, value: Any) -> bool:
+    """Whether `value` is one the dimension can sample."""
+    if isinstance(dim, Categorical):
+        return value in dim.choices
+    if isinstance(dim, IntRange):
+        return isinstance(value, int) and value in dim.values()
+    return dim.low <= value <= dim.high
+
+
+def extremes(dim: Any) -> list[Any]:
+    """The values that bound what a dimension can sample (all choices; low and high)."""
+    if isinstance(dim, Categorical):
+        return list(dim.choices)
+    if isinstance(dim, IntRange):
+        return [dim.low, dim.values()[-1]]
+    return [dim.low, dim.high]
 
 
 def apply_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

@@ -28,12 +28,14 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from pipeline.params import Params
@@ -64,11 +66,15 @@ def storage_location(storage: str, project_root: Path) -> str:
     return storage
 
 
-def open_storage(storage: str, project_root: Path, heartbeat_seconds: int) -> optuna.storages.BaseStorage:
+def open_storage(storage: str, project_root: Path, heartbeat_seconds: int,
+                 on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
+                 ) -> optuna.storages.BaseStorage:
+    """on_stale: called for each trial Optuna's heartbeat check fails (RDB storages)."""
     location = storage_location(storage, project_root)
     if is_rdb_url(location):
         return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_seconds,
-                                          grace_period=2 * heartbeat_seconds)
+                                          grace_period=2 * heartbeat_seconds,
+                                          heartbeat_stale_trial_callback=on_stale)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     Path(location).parent.mkdir(parents=True, exist_ok=True)
@@ -130,11 +136,41 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         reason = f"worker process {worker.get('pid')} on {host} ended during the trial (killed or crashed)"
-        storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
-        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
-            log.warning("trial %d: %s; recorded as failed", trial.number, reason)
-            closed.append(trial)
+        try:
+            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
+            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                log.warning("trial %d: %s; recorded as failed", trial.number, reason)
+                closed.append(trial)
+        except UpdateFinishedTrialError:
+            pass   # another worker (on another machine's lock) closed it first
     return closed
+
+
+@contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial, storage: optuna.storages.BaseStorage) -> Iterator[None]:
+    """While a trial runs, beat its heartbeat (RDB storages with heartbeat_interval), as
+    Study.optimize does; journal storages rely on the pid check instead."""
+    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    if not interval:
+        yield
+        return
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), trial.number)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from pipeline import study as studies
 from pipeline.errors import FlexUNetError
 from pipeline.layout import Layout
 from pipeline.params import Params, params_from_dict
-from pipeline.search_space import Categorical, FloatRange, IntRange, apply_values, current_values
+from pipeline.search_space import Categorical, FloatRange, IntRange, apply_values, current_values, in_space
 from pipeline.tracking import find_project_root, mark_failed, run_exists, standard_tags, start_run
 from pipeline.train import fit
 from serving.atomic import remove_on_failure, write_json, write_text
@@ -106,7 +106,10 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
 
 
 class Objective:
-    """One trial: sample, train via pipeline.train.fit inside a nested MLflow run, score."""
+    """One trial: sample, train via pipeline.train.fit inside a nested MLflow run, score.
+
+    Returns the value, or raises optuna.TrialPruned; any other failure is raised after
+    its reason is written to the trial (user attr fail_reason) and to its MLflow run."""
 
     def __init__(self, layout: Layout, project_root: Path, parent_run_id: str):
         self.layout, self.root, self.parent = layout, project_root, parent_run_id
@@ -116,16 +119,16 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         p = self.layout.params
         trial.set_user_attr(studies.WORKER_ATTR, studies.this_worker())
-        values = {name: suggest(trial, name, dim) for name, dim in p.tune.search_space.items()}
         tags = {"optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number),
                 "flexunet.stage": "tune-trial"}
         outcome: BaseException | None = None
         with start_run(p.mlflow, self.root, run_name=f"trial {trial.number}", tags=tags,
                        parent_run_id=self.parent) as run:
             trial.set_user_attr(studies.MLFLOW_RUN_ATTR, run.run_id)
-            run.log_params({**values, "epochs_per_trial": p.tune.epochs_per_trial,
-                            "train_subset": p.tune.train_subset})
             try:
+                values = {name: suggest(trial, name, dim) for name, dim in p.tune.search_space.items()}
+                run.log_params({**values, "epochs_per_trial": p.tune.epochs_per_trial,
+                                "train_subset": p.tune.train_subset})
                 layout = Layout(self.layout.root, trial_params(p, values))
                 result = fit(layout, run, checkpoint=None, extra_callbacks=[OptunaPruning(trial, self.keys)],
                              train_subset=p.tune.train_subset)
@@ -138,8 +141,9 @@ class Objective:
             except optuna.TrialPruned as exc:
                 run.set_tags({"optuna.state": "PRUNED", "optuna.pruned": str(exc)})
                 outcome = exc   # a pruned trial is a finished run, not a failed one
-            except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"[:2000]
+            except BaseException as exc:
+                reason = ("interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt)
+                          else f"{type(exc).__name__}: {exc}")[:2000]
                 trial.set_user_attr(studies.FAIL_REASON_ATTR, reason)
                 run.set_tags({"optuna.state": "FAIL", "fail_reason": reason})
                 raise
@@ -151,27 +155,52 @@ class Objective:
         return value
 
 
-def tune(layout: Layout, worker: int = 0) -> TuneResult:
-    """Run this worker's share of the study, then write the stage outputs from the whole study."""
+def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
+    """Run this worker's share of the study. Worker 0 (the DVC stage) then waits for other
+    workers' running trials and writes the stage outputs from the whole study; workers
+    1, 2, ... only run trials (returns None)."""
     p, t = layout.params, layout.params.tune
     project_root = find_project_root(layout.root)
     fingerprint = layout.read_manifest().get("fingerprint")
-    storage = studies.open_storage(t.storage, project_root, t.heartbeat_seconds)
+    storage = studies.open_storage(t.storage, project_root, t.heartbeat_seconds,
+                                   on_stale=_mlflow_closer(layout, project_root))
     name = studies.study_name(p, fingerprint)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=t.seed + worker), pruner=make_pruner(p))
+                                pruner=make_pruner(p))
+    # Seeded, but never the same stream twice: a resumed study or a second worker with the
+    # same seed would otherwise propose the very trials already run.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=int(np.random.SeedSequence([t.seed, worker, len(study.trials)]).generate_state(1)[0]),
+        n_startup_trials=t.startup_trials)
     log.info("study %s at %s: %s", name, studies.storage_location(t.storage, project_root), studies.counts(study))
-    outputs = [layout.tuned_params_file, layout.metrics / "tune.json",
-               layout.plots / "tune_history.png", layout.plots / "tune_importance.png"]
+    outputs = [layout.tuned_params_file, layout.train_overrides_file, layout.metrics / "tune.json",
+               layout.plots / "tune_history.png", layout.plots / "tune_importance.png"] if worker == 0 else []
     with remove_on_failure(outputs):
         with studies.setup_lock(t.storage, project_root):
             parent = _parent_run(study, layout, project_root, fingerprint)
             if t.enqueue_current and not study.trials:
-                study.enqueue_trial(current_values(p.model, p.train, list(t.search_space)), skip_if_exists=True)
+                current = current_values(p.model, p.train, list(t.search_space))
+                inside = {k: v for k, v in current.items() if in_space(t.search_space[k], v)}
+                if inside:
+                    study.enqueue_trial(inside, skip_if_exists=True)
         with start_run(p.mlflow, project_root, run_id=parent) as run:
-            _close_dead(study, storage, run.tracking_uri)
-            _run_trials(study, Objective(layout, project_root, parent), p, storage)
+            _run_trials(study, Objective(layout, project_root, parent), p, storage, project_root, run.tracking_uri)
+            if worker != 0:
+                return None
+            _wait_for_others(study, storage, p, project_root, run.tracking_uri)
             return _report(study, layout, run)
+
+
+def _mlflow_closer(layout: Layout, project_root: Path):
+    """Optuna's heartbeat callback (RDB storages): close the stale trial's MLflow run too."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    def close(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(studies.MLFLOW_RUN_ATTR)
+        uri = resolve_tracking_uri(layout.params.mlflow, project_root)
+        if run_id and run_exists(uri, run_id):
+            mark_failed(uri, run_id, "worker stopped sending heartbeats during the trial (killed or crashed)")
+    return close
 
 
 def _parent_run(study: optuna.Study, layout: Layout, project_root: Path, fingerprint: str | None) -> str:
@@ -198,34 +227,74 @@ def _close_dead(study: optuna.Study, storage: Any, tracking_uri: str) -> None:
             mark_failed(tracking_uri, run_id, "worker process ended during the trial (killed or crashed)")
 
 
-def _run_trials(study: optuna.Study, objective: Objective, params: Params, storage: Any) -> None:
+def _run_trials(study: optuna.Study, objective: Objective, params: Params, storage: Any,
+                project_root: Path, tracking_uri: str) -> None:
+    """Start trials while the study's complete + pruned + running trials are fewer than
+    n_trials. The count and the new trial are taken under the study's lock, so workers on
+    this machine never overshoot; ask/tell instead of optimize() for that reason (the
+    heartbeat optimize() would run is kept by studies.heartbeat)."""
     t = params.tune
     deadline = time.monotonic() + 60 * t.timeout_minutes if t.timeout_minutes else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # our own line per trial instead
+    failures = 0
     with tqdm(total=t.n_trials, desc=f"study {study.study_name}", unit="trial") as bar:
         while True:
-            c = studies.counts(study)
-            bar.n = min(c["complete"] + c["pruned"], t.n_trials)
-            bar.set_postfix(failed=c["fail"], running=c["running"])
-            bar.refresh()
-            if c["complete"] + c["pruned"] + c["running"] >= t.n_trials:
-                break
-            if c["fail"] >= max(3, t.n_trials):
-                log.warning("stopping: %d trials failed (see their fail_reason in MLflow / Optuna)", c["fail"])
-                break
             if deadline is not None and time.monotonic() >= deadline:
                 log.info("tune.timeout_minutes (%s) reached", t.timeout_minutes)
                 break
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-            _log_last(study)
+            if failures >= 3:
+                log.warning("stopping this worker: its last %d trials failed (see their fail_reason)", failures)
+                break
+            with studies.setup_lock(t.storage, project_root):
+                _close_dead(study, storage, tracking_uri)
+                c = studies.counts(study)
+                bar.n = min(c["complete"] + c["pruned"], t.n_trials)
+                bar.set_postfix(failed=c["fail"], running=c["running"])
+                bar.refresh()
+                if c["complete"] + c["pruned"] + c["running"] >= t.n_trials:
+                    break
+                trial = study.ask()
+            state = _run_one(study, trial, objective, storage)
+            failures = failures + 1 if state == TrialState.FAIL else 0
+            _log_trial(study.trials[trial.number])
 
 
-def _log_last(study: optuna.Study) -> None:
-    mine = [tr for tr in study.get_trials(deepcopy=False) if tr.state.is_finished()
-            and (tr.user_attrs.get(studies.WORKER_ATTR) or {}).get("pid") == studies.this_worker()["pid"]]
-    if not mine:
-        return
-    tr = mine[-1]
+def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective, storage: Any) -> TrialState:
+    with studies.heartbeat(study, trial, storage):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return TrialState.PRUNED
+        except Exception:
+            log.debug("trial %d failed", trial.number, exc_info=True)
+            study.tell(trial, state=TrialState.FAIL)
+            return TrialState.FAIL
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)   # Ctrl-C: the trial is failed, not left running
+            raise
+    study.tell(trial, value)
+    return TrialState.COMPLETE
+
+
+def _wait_for_others(study: optuna.Study, storage: Any, params: Params, project_root: Path, tracking_uri: str,
+                     poll_seconds: float = 2.0) -> None:
+    """The stage's outputs describe the whole study: wait for other workers' running trials
+    (trials of dead workers are failed meanwhile, so this ends)."""
+    waited = False
+    while True:
+        with studies.setup_lock(params.tune.storage, project_root):
+            _close_dead(study, storage, tracking_uri)
+        running = studies.counts(study)["running"]
+        if not running:
+            return
+        if not waited:
+            log.info("waiting for %d trial(s) of other workers to finish", running)
+            waited = True
+        time.sleep(poll_seconds)
+
+
+def _log_trial(tr: optuna.trial.FrozenTrial) -> None:
     shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tr.params.items())
     detail = f"{tr.value:.4f}" if tr.state == TrialState.COMPLETE else (
         tr.user_attrs.get(studies.FAIL_REASON_ATTR, "") if tr.state == TrialState.FAIL else
@@ -251,6 +320,9 @@ def _report(study: optuna.Study, layout: Layout, run) -> TuneResult:
     header = ("# Written by the tune stage (flexunet tune): the best trial of the Optuna study.\n"
               "# train uses `params` over params.yaml when train.use_tuned_params is true.\n")
     write_text(layout.tuned_params_file, header + yaml.safe_dump(doc, sort_keys=False))
+    used = {"params": best.params} if p.train.use_tuned_params else {}
+    write_text(layout.train_overrides_file, "# train's DVC dependency: the tuned values when train.use_tuned_params, "
+               "else nothing\n" + yaml.safe_dump(used, sort_keys=False))
     metrics = {"best_value": float(best.value), "best_trial": best.number, "study": study.study_name,
                **{f"trials_{k}": v for k, v in c.items() if k in ("complete", "pruned", "fail")}}
     write_json(layout.metrics / "tune.json", metrics)

@@ -102,6 +102,23 @@ def test_kidney_free_slices_are_kept_by_fraction(tmp_path):
     every = prepare(_layout(tmp_path / "b", raw=str(raw), kidney_free_fraction=1.0))
     assert sum(len(s["stems"]) for s in none["scans"]) == 2 * 10
     assert sum(len(s["stems"]) for s in every["scans"]) == 6 * 10
+    for scan in none["scans"]:   # test scans keep their dropped slices for TKV, outside the test split
+        assert len(scan["tkv_extra_stems"]) == (4 if scan["split"] == "test" else 0)
+        for stem in scan["tkv_extra_stems"]:
+            assert (tmp_path / "a" / "data" / "kidney-t2w" / "tkv_extra" / "images" / f"{stem}.png").is_file()
+    half = prepare(_layout(tmp_path / "c", raw=str(raw), kidney_free_fraction=0.5))
+    kept = {(s["subject_id"], s["scan"]): s["stems"] for s in half["scans"]}
+    assert 2 * 10 < sum(map(len, kept.values())) < 6 * 10
+    # one more subject changes no other scan's slices (each scan draws from its own generator)
+    image, mask = _volume(99, small=True)
+    _save(raw / "images" / "S09_1.nii.gz", image)
+    _save(raw / "masks" / "S09_1.nii.gz", mask * (np.arange(6)[None, :, None] % 5 == 2))
+    with open(raw / "subjects.csv", "a", newline="") as fh:
+        csv.writer(fh).writerow(["S09", "CKD", 60])
+    again = prepare(_layout(tmp_path / "d", raw=str(raw), kidney_free_fraction=0.5))
+    for s in again["scans"]:
+        if s["subject_id"] != "S09":
+            assert s["stems"] == kept[(s["subject_id"], s["scan"])]
 
 
 def test_orientation_is_respected(tmp_path):
@@ -336,3 +353,51 @@ def test_nifti_data_trains_and_evaluates_with_tkv(tmp_path):
                      for stem in scan["stems"])
         assert row["true_ml"] == pytest.approx(pixels * scan["voxel_ml"], abs=1e-3)
     assert (layout.plots / "bland_altman.png").stat().st_size > 5000
+
+
+def test_slices_are_displayed_superior_up_patient_right_on_the_left(tmp_path):
+    """A kidney voxel at the superior-right corner of coronal slice 3 lands top-left (the
+    radiological view), also when the volume is stored with its axes in another order."""
+    raw = make_raw(tmp_path / "a", subjects={f"S0{i}": g for i, g in enumerate(["CKD"] * 3 + ["Healthy"] * 3)})
+    for path in (raw / "masks").glob("*.nii.gz"):
+        data = np.asarray(nib.load(str(path)).dataobj).copy()
+        data[22, 3, 28] = 1   # x high = patient's right (RAS), z high = superior
+        _save(path, data)
+    moved = make_raw(tmp_path / "b", subjects={f"S0{i}": g for i, g in enumerate(["CKD"] * 3 + ["Healthy"] * 3)})
+    for kind in ("images", "masks"):   # stored as (X, Z, Y): same world, other axis order
+        for src in (raw / kind).glob("*.nii.gz"):
+            data = np.asarray(nib.load(str(src)).dataobj)
+            affine = np.diag([*SPACING, 1.0])[:, [0, 2, 1, 3]]
+            _save(moved / kind / src.name, np.ascontiguousarray(data.transpose(0, 2, 1)), affine)
+    a, b = _layout(tmp_path / "a"), _layout(tmp_path / "b")
+    ma, mb = prepare(a), prepare(b)
+    assert [s["spacing_mm"] for s in ma["scans"]] == [s["spacing_mm"] for s in mb["scans"]]
+    assert mb["scans"][0]["slice_thickness_mm"] == 5.0 and mb["scans"][0]["voxel_ml"] == ma["scans"][0]["voxel_ml"]
+    for scan in ma["scans"]:
+        stem = f"{scan['subject_id']}_scan1_cor003"
+        ids = read_mask(a.data_dir / scan["split"] / "masks" / f"{stem}.png", a.params.mask)
+        assert ids[:3, 2:7].any(), "corner voxel not at the top left"
+        assert not ids[:3, -7:].any() and not ids[-3:, :].any()
+        other = read_mask(b.data_dir / scan["split"] / "masks" / f"{stem}.png", b.params.mask)
+        assert np.array_equal(ids, other)
+
+
+def test_more_bad_kidney_input(tmp_path):
+    raw = make_raw(tmp_path)
+    mask = raw / "masks" / "S03_1.nii.gz"
+    _save(mask, np.zeros((24, 6, 30), np.uint8))
+    with pytest.raises(DataError, match=r"S03_1.nii.gz: no kidney voxels"):
+        prepare(_layout(tmp_path))
+    make_raw(tmp_path)
+    (raw / "subjects.csv").write_text((raw / "subjects.csv").read_text().replace("S03,CKD", "S03,background"))
+    with pytest.raises(DataError, match=r"subject 'S03' has unknown group 'background'"):
+        prepare(_layout(tmp_path, nifti={"groups": {"background": "background", "ckd": "CKD",
+                                                     "healthy control": "healthy"}}))
+
+
+def test_imagemask_image_in_two_splits_is_an_error(tmp_path):
+    raw = _seed_layout(tmp_path)
+    for kind in ("images", "masks"):
+        (raw / "test" / kind / "test0.png").rename(raw / "test" / kind / "train1.png")
+    with pytest.raises(DataError, match=r"train1.png: duplicate stem 'train1'.*one split only"):
+        prepare(_layout(tmp_path, "imagemask"))

@@ -35,14 +35,26 @@ def test_agreement_bias_limits_and_repeat_cv():
     true = np.array([100.0, 100.0, 95.0])
     diff = pred - true
     assert stats["scans"] == 3 and stats["subjects"] == 2
-    assert stats["bias_ml"] == pytest.approx(diff.mean())
-    assert stats["sd_ml"] == pytest.approx(diff.std(ddof=1))
-    assert stats["loa_high_ml"] - stats["loa_low_ml"] == pytest.approx(2 * 1.96 * diff.std(ddof=1))
+    per_subject = diff[[0, 2]]   # A's first scan and B: one point per subject
+    assert stats["bias_ml"] == pytest.approx(per_subject.mean())
+    assert stats["sd_ml"] == pytest.approx(per_subject.std(ddof=1))
+    assert stats["loa_high_ml"] - stats["loa_low_ml"] == pytest.approx(2 * 1.96 * per_subject.std(ddof=1))
+    assert stats["scan_bias_ml"] == pytest.approx(diff.mean())
+    assert stats["scan_sd_ml"] == pytest.approx(diff.std(ddof=1))
     assert stats["repeat_subjects"] == 1
     a_pred, a_true = pred[:2], true[:2]
     assert stats["repeat_cv_predicted_percent"] == pytest.approx(a_pred.std(ddof=1) / a_pred.mean() * 100)
     assert stats["repeat_cv_true_percent"] == pytest.approx(0.0)
     assert agreement([])["available"] is False
+    single = agreement([r for r in rows if r["subject_id"] == "B"] + rows[:1])
+    assert single["repeat_subjects"] == 0 and single["repeat_cv_reason"] == "no test subject has repeat scans"
+
+
+def test_dropped_slices_of_a_test_scan_count_towards_its_tkv():
+    manifest = {"scans": [{**MANIFEST["scans"][2], "tkv_extra_stems": ["b1_x"]}]}
+    rows = scan_volumes(manifest, {**COUNTS, "b1_x": (40, 0)})
+    assert rows[0]["predicted_ml"] == pytest.approx((400 + 40) * 0.25)
+    assert rows[0]["true_ml"] == pytest.approx(380 * 0.25)
 
 
 def test_report_writes_json_and_plot(tmp_path):

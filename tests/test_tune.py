@@ -77,6 +77,8 @@ def _client(layout: Layout) -> MlflowClient:
     ({"learning_rate": {"type": "float", "low": 0.0, "high": 1e-3, "log": True}}, "log scale needs low > 0"),
     ({"base_filter": {"type": "categorical", "choices": [4]}}, "'base_filter' cannot be tuned"),
     ({}, "is empty"),
+    ({"num_layers": {"type": "categorical", "choices": [2, 7]}}, "value 7 gives an invalid model section"),
+    ({"learning_rate": {"type": "float", "low": 1e-3, "high": 2.0}}, "value 2.0 gives an invalid train section"),
 ])
 def test_invalid_search_spaces_are_clear_errors(tmp_path, space, message):
     with pytest.raises(ParamsError) as err:
@@ -169,32 +171,62 @@ def test_study_runs_logs_nested_runs_and_resumes(tmp_path, data_root):
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2   # per-epoch curve
         assert int(run.data.params["base_filters"]) == study.trials[number].params["base_filters"]
 
-    # Same objective, larger budget: the same study continues (no trial is redone).
-    more = _layout(data_root, _raw(tmp_path, n_trials=4))
+    # Same objective, larger budget: the same study continues, and the resumed sampler
+    # does not replay the first proposals.
+    more = _layout(data_root, _raw(tmp_path, n_trials=5))
     tune(more)
     study = _load(more)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5
+    assert len({t.params["learning_rate"] for t in study.trials}) == 5
     assert study.user_attrs["mlflow_parent_run_id"] == parent_id
-    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")) == 4
+    assert len(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")) == 5
 
 
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, data_root):
-    # num_layers 7 is impossible at 32 px (not divisible by 2^6): such trials raise. The
-    # seeded sampler proposes 7 between its first completions (trials 1 and 2).
-    raw = _raw(tmp_path, n_trials=2, enqueue_current=False, seed=144,
-               search_space={"num_layers": {"type": "categorical", "choices": [7, 2]}})
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, data_root, monkeypatch):
+    """A configuration that runs out of memory (simulated: base_filters 4 raises MemoryError
+    in training) is a failed trial with its reason; the study still reaches n_trials."""
+    import pipeline.tune as tune_module
+
+    real_fit = tune_module.fit
+
+    def fit(layout, run, **kw):
+        if layout.params.model.base_filters == 4:
+            raise MemoryError("simulated: out of memory for 4 base filters")
+        return real_fit(layout, run, **kw)
+
+    monkeypatch.setattr(tune_module, "fit", fit)
+    raw = _raw(tmp_path, n_trials=2, enqueue_current=True)   # trial 0 = params.yaml: base_filters 4
     layout = _layout(data_root, raw)
     tune(layout)
     study = _load(layout)
-    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert study.trials[0].state == TrialState.FAIL and study.trials[0].params["base_filters"] == 4
+    assert "MemoryError: simulated" in study.trials[0].user_attrs["fail_reason"]
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
-    assert failed and all(t.params == {"num_layers": 7} for t in failed)
-    assert study.trials[-1].state == TrialState.COMPLETE   # the study went on after the failures
-    assert all("not divisible" in t.user_attrs["fail_reason"] for t in failed)
-    client = _client(layout)
-    for t in failed:
-        run = client.get_run(t.user_attrs["mlflow_run_id"])
-        assert run.info.status == "FAILED" and "not divisible" in run.data.tags["fail_reason"]
+    assert all(t.params["base_filters"] == 2 for t in study.trials if t.state == TrialState.COMPLETE)
+    run = _client(layout).get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "out of memory" in run.data.tags["fail_reason"]
+    assert run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_a_pruned_trial_is_a_finished_run_marked_pruned(tmp_path, data_root):
+    """The pruning callback inside fit(): a pruner that prunes every reported value."""
+    from pipeline.tracking import start_run
+    from pipeline.tune import Objective, _run_one
+
+    layout = _layout(data_root, _raw(tmp_path, epochs_per_trial=3))
+    storage = studies.open_storage(layout.params.tune.storage, layout.root, 30)
+    study = optuna.create_study(study_name="prune-test", storage=storage, direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=1.1))   # Dice < 1.1: always
+    with start_run(layout.params.mlflow, layout.root, run_name="parent") as parent:
+        pass
+    trial = study.ask()
+    state = _run_one(study, trial, Objective(layout, layout.root, parent.run_id), storage)
+    assert state == TrialState.PRUNED == study.trials[0].state
+    assert list(study.trials[0].intermediate_values) == [1]   # reported epoch 1, pruned there
+    run = _client(layout).get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert len(_client(layout).get_metric_history(run.info.run_id, "val_loss")) == 1
 
 
 def _cli(root: Path, *args: str, **popen) -> subprocess.Popen:
@@ -213,7 +245,7 @@ def _project(tmp_path: Path, data_root: Path, raw: dict) -> Layout:
 
 
 def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_the_study_resumes(tmp_path, data_root):
-    raw = _raw(tmp_path, n_trials=2, epochs_per_trial=25, enqueue_current=False)
+    raw = _raw(tmp_path, n_trials=1, epochs_per_trial=15, enqueue_current=False)
     layout = _project(tmp_path, data_root, raw)
     worker = _cli(layout.root)
     storage = studies.open_storage(raw["tune"]["storage"], layout.root, 30)
@@ -238,7 +270,7 @@ def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_the_study_resumes(t
     assert killed.state == TrialState.FAIL
     assert f"worker process {worker.pid}" in killed.user_attrs["fail_reason"]
     assert "ended during the trial" in killed.user_attrs["fail_reason"]
-    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]   # failed, not lost
     run = _client(layout).get_run(killed.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "killed" in run.data.tags["fail_reason"]
 

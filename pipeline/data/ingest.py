@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ from serving.tiling import window_starts
 
 log = logging.getLogger(__name__)
 SPLIT_FOLDERS = ("train", "valid", "test")
+# Slices of test scans that the split leaves out (kidney-free ones beyond
+# kidney_free_fraction): not evaluated for Dice, but predicted for TKV, so a false
+# kidney on them still counts against the scan's volume.
+TKV_EXTRA = "tkv_extra"
 
 
 def raw_folder(params: Params, project_root: Path) -> Path:
@@ -58,6 +63,13 @@ def import_imagemask(params: Params, raw: Path, writer) -> dict[str, Any]:
     if missing:
         raise DataError(f"{raw}: split folder(s) {missing} missing; expected {raw}/<split>/images and /masks "
                         f"for train, valid and test (mini_test optional)")
+    seen: dict[str, Path] = {}
+    for folder in SPLIT_FOLDERS:   # one image in two splits would leak test data into training
+        for pair in find_pairs(raw / folder):
+            if pair.image.stem in seen:
+                raise DataError(f"{pair.image}: duplicate stem {pair.image.stem!r} (also {seen[pair.image.stem]}); "
+                                f"an image may be in one split only")
+            seen[pair.image.stem] = pair.image
     for folder in folders:
         pairs = find_pairs(raw / folder)
         validate_pairs(pairs, params.mask, desc=f"checking {folder}")
@@ -101,23 +113,34 @@ def import_kidney_nifti(params: Params, raw: Path, writer, split_of) -> dict[str
         if s.subject not in groups:
             raise DataError(f"{s.image}: subject {s.subject!r} is not in {raw / ncfg.subjects_csv}")
     subjects = sorted({s.subject for s in scans})
-    splits = split_of(subjects, [groups[s] for s in subjects])
+    n_scans = {subj: sum(1 for x in scans if x.subject == subj) for subj in subjects}
+    # Stratified by group and by "has repeat scans", so the test split gets repeat-scan
+    # subjects for the TKV precision (CV) whenever there are enough (3) to spread.
+    labels = [f"{groups[s]}+repeats" if n_scans[s] > 1 else groups[s] for s in subjects]
+    labels = [lab if labels.count(lab) >= 3 else lab.removesuffix("+repeats") for lab in labels]
+    splits = split_of(subjects, labels)
     axis = nifti.PLANE_AXIS[ncfg.slice_axis]
-    rng = np.random.default_rng([cfg.seed, 11])
     scan_records, mini = [], []
     for s in tqdm(scans, desc="kidney-nifti scans", unit="scan"):
         vol = nifti.load_scan(s, ncfg)
         image = nifti.normalise(vol.image, ncfg.intensity_percentiles, s.image)
         class_id = params.mask.class_names.index(groups[s.subject])
-        split, stems, area = splits[s.subject], [], 0.0
+        split, stems, extra, area = splits[s.subject], [], [], 0.0
+        # Per scan: adding or changing one subject leaves every other scan's slices as they were.
+        rng = np.random.default_rng([cfg.seed, 11, zlib.crc32(s.subject.encode()), s.scan])
         middle = max(range(vol.mask.shape[axis]), key=lambda k: np.take(vol.mask, k, axis=axis).sum())
         for k in range(vol.mask.shape[axis]):
             mask2d = nifti.plane(vol.mask, axis, k)
-            if not mask2d.any() and rng.random() >= cfg.kidney_free_fraction:
+            keep = mask2d.any() or rng.random() < cfg.kidney_free_fraction
+            if not keep and split != "test":
                 continue
             spacing = nifti.in_plane_spacing(vol.zooms, axis)
             small, small_mask, area = nifti.to_model_size(nifti.plane(image, axis, k), mask2d, size, spacing)
             stem = f"{s.subject}_scan{s.scan}_{ncfg.slice_axis[:3]}{k:03d}"
+            if not keep:   # a test scan's dropped slice still counts towards its predicted TKV
+                writer.write(TKV_EXTRA, stem, small, small_mask)
+                extra.append(stem)
+                continue
             writer.write(split, stem, small, small_mask * class_id)
             stems.append(stem)
             if split == "test" and k == middle and s.scan == min(x.scan for x in scans if x.subject == s.subject):
@@ -127,6 +150,7 @@ def import_kidney_nifti(params: Params, raw: Path, writer, split_of) -> dict[str
             "subject_id": s.subject, "scan": s.scan, "group": groups[s.subject], "split": split,
             "image_file": s.image.name, "shape": list(vol.image.shape), "spacing_mm": list(vol.zooms),
             "slice_thickness_mm": thickness, "voxel_ml": area * thickness / 1000.0, "stems": stems,
+            "tkv_extra_stems": extra,
             "true_tkv_ml_native": float(vol.mask.sum() * np.prod(vol.zooms) / 1000.0)})
     for stem, image, ids in mini[: cfg.num_mini_test]:
         writer.write("mini_test", stem, image, ids)

@@ -109,7 +109,7 @@ def read_subjects(path: Path, cfg: NiftiParams, class_names: list[str]) -> dict[
         for line, row in enumerate(reader, start=2):
             subject, text = (row[cfg.id_column] or "").strip(), (row[cfg.group_column] or "").strip()
             name = cfg.groups.get(text.lower())
-            if name is None or name not in class_names:
+            if name is None or name not in class_names[1:]:
                 raise DataError(f"{path}, line {line}: subject {subject!r} has unknown group {text!r}; known: "
                                 f"{sorted(cfg.groups)} (dataset.nifti.groups maps them to {class_names[1:]})")
             if groups.get(subject, name) != name:
@@ -152,8 +152,18 @@ def load_scan(files: ScanFiles, cfg: NiftiParams) -> Volume:
     if bad:
         raise DataError(f"{files.mask}: label(s) outside dataset.nifti.mask_labels {cfg.mask_labels}: "
                         + ", ".join(f"{v} x {n} voxels" for v, n in bad))
-    zooms = tuple(float(z) for z in image_img.header.get_zooms()[:3])
+    if not mask.any():
+        raise DataError(f"{files.mask}: no kidney voxels (all zero); not a kidney mask")
+    # Voxel sizes from the affine, not the header's pixdim (they can disagree; the affine
+    # is what places the voxels).
+    zooms = tuple(float(z) for z in nib_voxel_sizes(image_img.affine))
     return Volume(image, (mask != 0).astype(np.uint8), zooms)  # type: ignore[arg-type]
+
+
+def nib_voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.affines.voxel_sizes(affine)[:3]
 
 
 def normalise(volume: np.ndarray, percentiles: tuple[float, float], source: Path) -> np.ndarray:

@@ -47,6 +47,10 @@ class Writer:
             self.pixels[split] = np.zeros(len(self.colours), dtype=np.int64)
 
     def write(self, split: str, stem: str, image: np.ndarray, ids: np.ndarray) -> None:
+        if split not in self.counts:   # an extra folder (ingest.TKV_EXTRA), made on first use
+            for kind in ("images", "masks"):
+                (self.root / split / kind).mkdir(parents=True, exist_ok=True)
+            self.counts[split], self.pixels[split] = 0, np.zeros(len(self.colours), dtype=np.int64)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         save_rgb_png(self.root / split / "images" / f"{stem}.png", image)
@@ -91,12 +95,15 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
         split = splits[subject.subject_id]
         for scan in range(subject.n_scans):
             vol = kidney_t2w.render_scan(subject, scan, cfg.image_size, cfg.slices_per_scan, cfg.seed)
-            stems = []
+            stems, extra = [], []
             for z in range(vol.image.shape[0]):
                 has_kidney = bool(vol.kidney[z].any())
-                if not has_kidney and rng.random() >= cfg.kidney_free_fraction:
-                    continue
                 stem = f"{subject.subject_id}_scan{scan + 1}_z{z:02d}"
+                if not has_kidney and rng.random() >= cfg.kidney_free_fraction:
+                    if split == "test":   # not a Dice test image, but part of the scan's TKV
+                        writer.write(ingest.TKV_EXTRA, stem, vol.image[z], np.zeros_like(vol.kidney[z], np.uint8))
+                        extra.append(stem)
+                    continue
                 ids = vol.kidney[z].astype(np.uint8) * group_class[subject.group]
                 writer.write(split, stem, vol.image[z], ids)
                 stems.append(stem)
@@ -104,7 +111,8 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
                     mini.append((stem, vol.image[z], ids))
             # What the TKV evaluation needs: which slices form the scan, and a voxel's volume.
             scans.append({"subject_id": subject.subject_id, "scan": scan + 1, "group": subject.group,
-                          "split": split, "voxel_ml": float(np.prod(vol.spacing_mm)) / 1000.0, "stems": stems})
+                          "split": split, "voxel_ml": float(np.prod(vol.spacing_mm)) / 1000.0, "stems": stems,
+                          "tkv_extra_stems": extra})
         records.append({"subject_id": subject.subject_id, "group": subject.group, "n_scans": subject.n_scans,
                         "split": split, "spacing_mm": list(vol.spacing_mm)})
     for stem, image, ids in mini[: cfg.num_mini_test]:
@@ -151,7 +159,7 @@ def _build(params: Params, writer: Writer, project_root: Path) -> dict[str, Any]
 def fingerprint(folder: Path) -> str:
     """sha256 over every image/mask file (path and bytes): equal iff the data is equal."""
     digest = hashlib.sha256()
-    for split in FOLDERS:
+    for split in (*FOLDERS, ingest.TKV_EXTRA):
         for kind in ("images", "masks"):
             sub = folder / split / kind
             for path in list_images(sub) if sub.is_dir() else []:
@@ -185,6 +193,7 @@ def prepare(layout: Layout) -> dict[str, Any]:
 
 
 def _statistics(params: Params, writer: Writer) -> dict[str, Any]:
-    fractions = {s: (px / max(px.sum(), 1)).round(6).tolist() for s, px in writer.pixels.items()}
-    return {"dataset": params.dataset.name, "images": dict(writer.counts), "class_fraction": fractions,
+    fractions = {s: (px / max(px.sum(), 1)).round(6).tolist() for s, px in writer.pixels.items() if s in FOLDERS}
+    return {"dataset": params.dataset.name, "images": {s: n for s, n in writer.counts.items() if s in FOLDERS},
+            "class_fraction": fractions,
             "class_names": params.mask.class_names, "class_colours": [list(c) for c in params.mask.colours]}
