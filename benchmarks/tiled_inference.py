@@ -14,6 +14,9 @@ its peak RSS is its own (VmHWM from /proc/self/status):
   onnxruntime - 1 (immune to load from other processes drifting between runs);
 - seed_style: a reimplementation of the seed's tiler (below): Keras model.predict per
   tile, one at a time, fixed margins, crop, resize to the model size, argmax, paste;
+- int8_0.25: our tiler at overlap 0.25 running the export stage's int8 model (static QDQ,
+  calibrated on train images; needs the prepared dataset and models/model.keras), with
+  that model's test Dice next to fp32's from the export stage's own compare();
 - stream: predict() of a STREAM x STREAM image (default 16384) generated in the process:
   RSS after creating the input and the peak (target: peak - input <= 1.5 GB).
 
