@@ -83,14 +83,14 @@ class TuneParams(_Entry):
     # several machines, where heartbeats mark a dead worker's trial failed.
     storage: str = "optuna/flexunet.journal"
     n_trials: int = Field(8, ge=1)                   # the study's total (complete + pruned), over all workers
-    timeout_minutes: float | None = Field(4.0, gt=0)  # per worker process; null = no limit
-    epochs_per_trial: int = Field(4, ge=1)
-    train_subset: int | None = Field(96, ge=1)       # train images per trial (a seeded sample); null = all
+    timeout_minutes: float | None = Field(4.5, gt=0)  # per worker; no trial starts that would not end by then
+    epochs_per_trial: int = Field(6, ge=1)
+    train_subset: int | None = Field(128, ge=1)      # train images per trial (a seeded sample); null = all
     seed: int = 137                                  # TPE sampler seed (plus the worker number)
     startup_trials: int = Field(4, ge=1)             # TPE: random trials before it models the space
     pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_startup_trials: int = Field(2, ge=0)      # median: trials before pruning starts
-    pruner_warmup_epochs: int = Field(1, ge=0)       # epochs of a trial before it can be pruned
+    pruner_warmup_epochs: int = Field(3, ge=0)       # epochs of a trial before it can be pruned
     heartbeat_seconds: int = Field(30, ge=1)         # RDB storages: liveness signal of a running trial
     enqueue_current: bool = True                     # trial 0 = the current params.yaml values
     search_space: dict[str, Dimension] = Field(default_factory=lambda: {

@@ -236,11 +236,15 @@ def _run_trials(study: optuna.Study, objective: Objective, params: Params, stora
     t = params.tune
     deadline = time.monotonic() + 60 * t.timeout_minutes if t.timeout_minutes else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # our own line per trial instead
-    failures = 0
+    failures, durations = 0, []
     with tqdm(total=t.n_trials, desc=f"study {study.study_name}", unit="trial") as bar:
         while True:
-            if deadline is not None and time.monotonic() >= deadline:
-                log.info("tune.timeout_minutes (%s) reached", t.timeout_minutes)
+            # A trial is not started unless one of average length still fits the timeout,
+            # so the timeout bounds the stage, not just the start of its last trial.
+            expected = float(np.mean(durations)) if durations else 0.0
+            if deadline is not None and time.monotonic() + expected >= deadline:
+                log.info("tune.timeout_minutes (%s): no time left for another trial (~%.0f s)",
+                         t.timeout_minutes, expected)
                 break
             if failures >= 3:
                 log.warning("stopping this worker: its last %d trials failed (see their fail_reason)", failures)
@@ -254,7 +258,9 @@ def _run_trials(study: optuna.Study, objective: Objective, params: Params, stora
                 if c["complete"] + c["pruned"] + c["running"] >= t.n_trials:
                     break
                 trial = study.ask()
+            started = time.monotonic()
             state = _run_one(study, trial, objective, storage)
+            durations.append(time.monotonic() - started)
             failures = failures + 1 if state == TrialState.FAIL else 0
             _log_trial(study.trials[trial.number])
 

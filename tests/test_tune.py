@@ -297,3 +297,16 @@ def test_study_name_ignores_base_values_the_search_overrides(tmp_path):
     assert studies.study_name(params_from_dict(raw), "fp") == name
     raw["model"]["dropout_rate"] = 0.1      # not searched: a different objective
     assert studies.study_name(params_from_dict(raw), "fp") != name
+
+
+def test_an_rdb_storage_works_unchanged_with_heartbeats(tmp_path, data_root):
+    """sqlite:/// here stands for any SQLAlchemy URL (PostgreSQL for several machines)."""
+    raw = _raw(tmp_path, n_trials=2, storage="sqlite:///optuna-rdb.db", heartbeat_seconds=1)
+    raw["dataset"]["root"] = str(data_root / raw["dataset"]["root"])   # project root: tmp_path
+    result = tune(Layout(tmp_path, params_from_dict(raw)))
+    assert (tmp_path / "optuna-rdb.db").is_file()    # relative to the project root
+    storage = studies.open_storage("sqlite:///optuna-rdb.db", tmp_path, 1)
+    assert isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() == 1
+    study = optuna.load_study(study_name=result.study_name, storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert (tmp_path / "tune" / "best_params.yaml").is_file()
