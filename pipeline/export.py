@@ -28,7 +28,7 @@ from pipeline.layout import Layout
 from pipeline.params import Params
 from pipeline.tracking import find_project_root, start_run
 from serving.atomic import atomic_path, remove_on_failure, write_json
-from serving.card import METADATA_KEY, ModelCard, read_card, sha256_file
+from serving.card import METADATA_KEY, ModelCard, sha256_file
 
 log = logging.getLogger(__name__)
 

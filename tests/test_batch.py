@@ -17,7 +17,6 @@ from PIL import Image
 from pipeline.cli import main
 from serving.batch import CSV_NAME, predict_folder, resolve_inputs
 from serving.errors import UserError
-from serving.imageio import read_image
 from serving.predictor import load_predictor
 from tests.conftest import tiny_dict
 from tests.onnx_models import make_tiny_onnx

@@ -42,7 +42,7 @@ def test_agreement_bias_limits_and_repeat_cv():
     assert stats["scan_bias_ml"] == pytest.approx(diff.mean())
     assert stats["scan_sd_ml"] == pytest.approx(diff.std(ddof=1))
     assert stats["repeat_subjects"] == 1
-    a_pred, a_true = pred[:2], true[:2]
+    a_pred = pred[:2]
     assert stats["repeat_cv_predicted_percent"] == pytest.approx(a_pred.std(ddof=1) / a_pred.mean() * 100)
     assert stats["repeat_cv_true_percent"] == pytest.approx(0.0)
     assert agreement([])["available"] is False
