@@ -379,7 +379,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "int8" in report:
         q = report["int8"]
         lines += ["", f"int8 model: the export stage's quantiser (`export.quantize_int8`: static QDQ, per-channel, "
-                      f"S8S8, calibrated on 16 train images). Test mean foreground Dice {q['int8_mean_foreground_dice']:.4f} "
+                      f"U8S8, calibrated on 16 train images). Test mean foreground Dice {q['int8_mean_foreground_dice']:.4f} "
                       f"vs fp32 {q['fp32_mean_foreground_dice']:.4f}; vs TF: max |dp| {q['int8_max_abs_vs_tf']:.3f}, "
                       f"argmax agreement {100 * q['int8_argmax_agreement_vs_tf']:.2f} %. (The raw-window overhead "
                       f"column compares to fp32 windows, so only the in-run overhead is given.)"]

@@ -160,9 +160,11 @@ def quantize_int8(fp32: Path, target: Path, layout: Layout) -> Path:
     """Static QDQ int8 (per-channel weights), calibrated on a few train images.
 
     Static beats dynamic for a conv net: dynamic quantisation turns Conv into ConvInteger,
-    which onnxruntime runs slower than fp32 on CPU. Signed activations (S8S8, the
-    quantiser's default). In benchmarks/tiled_inference.py the default model runs 1.3x
-    faster than fp32 through the tiler (AVX512-VNNI), losing ~0.9 Dice points.
+    which onnxruntime runs slower than fp32 on CPU. Unsigned activations with signed
+    weights (U8S8): on this AVX512-VNNI CPU the default model ran 2.0x faster than fp32
+    with U8S8 but only 1.3x with S8S8 (the quantiser's default), at the same test Dice
+    (0.898 vs 0.907 fp32). Percentile or entropy calibration, 64 calibration images, or
+    keeping the head/first convolutions in fp32 all stayed within 0.2 points of that.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -184,7 +186,7 @@ def quantize_int8(fp32: Path, target: Path, layout: Layout) -> Path:
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         # The quantiser does not promise to keep metadata_props: re-embed the card.
         model = onnx.load(str(tmp))
         del model.metadata_props[:]
