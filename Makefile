@@ -24,8 +24,10 @@ repro: install
 test: install
 	$(BIN)/python -m pytest
 
-benchmark: install
+benchmark: install  # needs `make repro` first for the tiled and int8 ones (a trained model, data)
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/tiled_inference.py
+	$(BIN)/python benchmarks/int8_variants.py
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
