@@ -117,8 +117,13 @@ def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
         probs = model(images, training=False)
         truth = onehot.numpy()
         labels = acc.update(truth, np.asarray(probs), float(keras.ops.mean(loss_fn(onehot, probs))))
-        counts += zip((labels != 0).sum(axis=(1, 2)).tolist(), (truth.argmax(-1) != 0).sum(axis=(1, 2)).tolist())
+        counts += _foreground_pixels(labels, truth.argmax(-1))
     return acc.metrics(p.mask.class_names), acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, counts)}
+
+
+def _foreground_pixels(labels: np.ndarray, truth: np.ndarray) -> list[tuple[int, int]]:
+    """Per image of a batch: (predicted, true) foreground pixel counts."""
+    return list(zip((labels != 0).sum(axis=(1, 2)).tolist(), (truth != 0).sum(axis=(1, 2)).tolist()))
 
 
 def extra_counts(model: keras.Model, layout: Layout) -> dict[str, tuple[int, int]]:
@@ -134,8 +139,7 @@ def extra_counts(model: keras.Model, layout: Layout) -> dict[str, tuple[int, int
     for images, onehot in tqdm(ds, total=-(-len(pairs) // p.evaluate.batch_size), desc="TKV extra slices",
                                unit="batch"):
         labels = to_labels(np.asarray(model(images, training=False)), single_foreground_class=p.mask.single_foreground_class)
-        truth = onehot.numpy().argmax(-1)
-        counts += zip((labels != 0).sum(axis=(1, 2)).tolist(), (truth != 0).sum(axis=(1, 2)).tolist())
+        counts += _foreground_pixels(labels, onehot.numpy().argmax(-1))
     return {pair.image.stem: c for pair, c in zip(pairs, counts)}
 
 
