@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import FlexUNetError
 from pipeline.params import MlflowParams
 
 _EXPS_MARKER = (".dvc", "tmp", "exps")
@@ -217,6 +218,7 @@ def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str |
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
                                nested=parent_run_id is not None)
     else:
+        _require_run(run_id, uri)
         run = mlflow.start_run(run_id=run_id)
     try:
         yield RunLogger(run.info.run_id, uri)
@@ -225,6 +227,23 @@ def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str |
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _require_run(run_id: str, uri: str) -> None:
+    """A stage reopening the training run fails in one line when the store lacks it: DVC's
+    run-cache or `dvc pull` can restore models/train_run.json next to another store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise FlexUNetError(
+            f"models/train_run.json: MLflow run {run_id} is not in the tracking store {uri}; set "
+            f"MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to the store it was trained in, or retrain "
+            f"with `dvc repro -f train`") from None
 
 
 def _interrupted() -> bool:

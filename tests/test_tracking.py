@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.errors import FlexUNetError
 from pipeline.params import MlflowParams
 from pipeline.tracking import find_project_root, resolve_tracking_uri, run_status, start_run
 
@@ -38,3 +39,15 @@ def test_failed_block_marks_run_failed_and_success_finished(tmp_path):
         run.log_metrics({"loss": 0.5, "nan": float("nan")}, step=1)
     assert run_status(run.tracking_uri, run.run_id) == "FINISHED"
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_reopening_a_run_the_store_lacks_is_one_clear_error(tmp_path):
+    cfg = MlflowParams(experiment_name="t")
+    with start_run(cfg, tmp_path) as run:  # creates the store, with one run
+        pass
+    with start_run(cfg, tmp_path, run_id=run.run_id):  # the same store: reopens fine
+        pass
+    with pytest.raises(FlexUNetError, match=r"models/train_run.json: MLflow run 0+ is not in the tracking "
+                                            r"store sqlite:///.*mlflow.db; .* `dvc repro -f train`"):
+        with start_run(cfg, tmp_path, run_id="0" * 32):
+            pass
