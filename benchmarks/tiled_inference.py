@@ -29,7 +29,6 @@ and .md (the README table). Timings are the best of --repeats runs after a warm-
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -124,7 +123,7 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime
     import tensorflow as tf
 
-    from pipeline.export import card_for, to_onnx
+    from pipeline.export import card_for, space_to_depth, to_onnx
     from pipeline.model import build_flexunet
     from pipeline.params import load_params
 
@@ -136,11 +135,11 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
         keras.utils.set_random_seed(params.train.seed)
         model, weights = build_flexunet(params.model), f"random init (seed {params.train.seed})"
     model.save(a.keras)
-    # pipeline.export.to_onnx opens H/W itself (older drafts took params_model to rebuild the graph)
-    extra = {"params_model": params.model} if "params_model" in inspect.signature(to_onnx).parameters else {}
-    to_onnx(model, Path(a.model), card_for(params, None, None), opset=params.export.opset, **extra)
+    to_onnx(model, Path(a.model), card_for(params, None, None), opset=params.export.opset,
+            space_to_depth=space_to_depth(params))
     m = params.model
     return {"weights": weights, "tile_size": m.image_width, "num_layers": m.num_layers, "base_filters": m.base_filters,
+            "space_to_depth": space_to_depth(params),
             "base_kernels": list(m.base_kernels), "tensorflow": tf.__version__, "onnxruntime": onnxruntime.__version__,
             **int8_export(model, params, Path(a.model))}
 
@@ -450,7 +449,9 @@ def main() -> None:
                   for name in ("single_pass", "tiled_0", "tiled_0.25", "tiled_0.5", "seed_style")}
         streamed = run_worker("stream", tmp, args, size=stream) | {"size": stream} if stream else None
     env.update(model=f"{model['tile_size']} px, {model['num_layers']} levels, base_filters {model['base_filters']}, "
-                     f"{model['base_kernels'][0]}x{model['base_kernels'][1]}, weights: {model['weights']}",
+                     f"{model['base_kernels'][0]}x{model['base_kernels'][1]}, weights: {model['weights']}"
+                     + (", exported with its full-resolution level on 2x2 phases (export.space_to_depth)"
+                        if model.get("space_to_depth") else ""),
                onnxruntime=model["onnxruntime"], tensorflow=model["tensorflow"], cpu=_cpu_name() or platform.machine(),
                loadavg_end=" ".join(f"{v:.1f}" for v in os.getloadavg()))
     report: dict[str, Any] = {

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 CALIBRATION_IMAGES = 16  # train images for int8 static calibration: enough for stable min/max
+SIMD_CHANNEL_BLOCK = 16  # onnxruntime's NCHWc convolutions on AVX-512 compute output channels in blocks of 16
 
 
 class ExportError(FlexUNetError):
@@ -55,6 +56,14 @@ def tta_flips(params: Params) -> list[str]:
     return ["lr"] if a.flip else []
 
 
+def space_to_depth(params: Params) -> bool:
+    """Whether export rewrites the full-resolution level onto 2x2 phases. auto: when that
+    level has fewer filters than an AVX-512 channel block (16), i.e. when the rewrite removes
+    padded work instead of adding multiply-adds."""
+    choice = params.export.space_to_depth
+    return params.model.base_filters < SIMD_CHANNEL_BLOCK if choice == "auto" else bool(choice)
+
+
 def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> ModelCard:
     m = params.model
     return ModelCard(
@@ -63,7 +72,8 @@ def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> Mod
         colours=[tuple(c) for c in params.mask.colours], num_layers=m.num_layers, run_id=run_id,
         dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
         single_foreground_class=params.mask.single_foreground_class,
-        extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax"},
+        extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax",
+               "space_to_depth": str(space_to_depth(params)).lower()},
     )
 
 
@@ -126,12 +136,22 @@ def _canonical_names(proto: onnx.ModelProto) -> None:
     g.initializer.extend(tensors)
 
 
-def to_onnx(model: keras.Model, path: Path, card: ModelCard, *, opset: int = 17) -> Path:
-    """Convert with tf2onnx (dynamic N/H/W, input `image`), embed the card, check, write atomically."""
+def to_onnx(model: keras.Model, path: Path, card: ModelCard, *, opset: int = 17,
+            space_to_depth: bool = False) -> Path:
+    """Convert with tf2onnx (dynamic N/H/W, input `image`), embed the card, check, write atomically.
+    space_to_depth: convert the same function with its full-resolution level on 2x2 phases."""
     import tensorflow as tf
     import tf2onnx
 
+    from pipeline.space_to_depth import Unsupported, rewrite
+
     model = _open_size(model)
+    if space_to_depth:
+        try:
+            model = rewrite(model)
+        except Unsupported as exc:
+            raise ExportError(f"{path}: cannot compute the full-resolution level on 2x2 phases ({exc}); "
+                              "set export.space_to_depth: false") from None
     spec = (tf.TensorSpec((None, None, None, card.channels), tf.float32, name=INPUT_NAME),)
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
@@ -257,12 +277,12 @@ def export(layout: Layout) -> dict[str, Any]:
     metrics_file, int8 = layout.metrics / "export.json", int8_file(layout)
     with remove_on_failure([layout.onnx_file, int8, metrics_file]):
         int8.unlink(missing_ok=True)  # a stale int8 model must not outlive a new fp32 one
-        to_onnx(model, layout.onnx_file, card, opset=p.export.opset)
+        to_onnx(model, layout.onnx_file, card, opset=p.export.opset, space_to_depth=space_to_depth(p))
         sessions = {"fp32": session(layout.onnx_file)}
         if p.export.quantize_int8:
             sessions["int8"] = session(quantize_int8(layout.onnx_file, int8, layout))
         report: dict[str, Any] = {
-            "opset": p.export.opset, "onnx_bytes": layout.onnx_file.stat().st_size,
+            "opset": p.export.opset, "space_to_depth": space_to_depth(p), "onnx_bytes": layout.onnx_file.stat().st_size,
             "onnx_sha256": sha256_file(layout.onnx_file),
             "target_max_abs": p.export.parity_max_abs, "target_min_agreement": p.export.parity_min_agreement,
             **compare(model, sessions, layout),

@@ -242,6 +242,9 @@ class ExportParams(_Section):
     parity_max_abs: float = Field(1e-4, gt=0)     # max |p_tf - p_onnx| on the test images
     parity_min_agreement: float = Field(0.9999, gt=0, le=1)  # argmax agreement
     quantize_int8: bool = False                   # also write an int8 model and compare it
+    # Compute the full-resolution level on 2x2 space-to-depth phases (pipeline/space_to_depth.py):
+    # exact, and faster on CPUs when that level has fewer filters than the SIMD channel block.
+    space_to_depth: bool | Literal["auto"] = "auto"   # auto: when base_filters < 16
 
 
 class RegisterParams(_Section):
