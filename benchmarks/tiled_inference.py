@@ -123,7 +123,7 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime
     import tensorflow as tf
 
-    from pipeline.export import card_for, space_to_depth, to_onnx
+    from pipeline.export import card_for, space_to_depth_levels, to_onnx
     from pipeline.model import build_flexunet
     from pipeline.params import load_params
 
@@ -136,10 +136,10 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
         model, weights = build_flexunet(params.model), f"random init (seed {params.train.seed})"
     model.save(a.keras)
     to_onnx(model, Path(a.model), card_for(params, None, None), opset=params.export.opset,
-            space_to_depth=space_to_depth(params))
+            phase_levels=space_to_depth_levels(params))
     m = params.model
     return {"weights": weights, "tile_size": m.image_width, "num_layers": m.num_layers, "base_filters": m.base_filters,
-            "space_to_depth": space_to_depth(params),
+            "space_to_depth_levels": space_to_depth_levels(params),
             "base_kernels": list(m.base_kernels), "tensorflow": tf.__version__, "onnxruntime": onnxruntime.__version__,
             **int8_export(model, params, Path(a.model))}
 
@@ -450,8 +450,8 @@ def main() -> None:
         streamed = run_worker("stream", tmp, args, size=stream) | {"size": stream} if stream else None
     env.update(model=f"{model['tile_size']} px, {model['num_layers']} levels, base_filters {model['base_filters']}, "
                      f"{model['base_kernels'][0]}x{model['base_kernels'][1]}, weights: {model['weights']}"
-                     + (", exported with its full-resolution level on 2x2 phases (export.space_to_depth)"
-                        if model.get("space_to_depth") else ""),
+                     + (f", exported with {model['space_to_depth_levels']} level(s) on 2x2 phases "
+                        f"(export.space_to_depth)" if model.get("space_to_depth_levels") else ""),
                onnxruntime=model["onnxruntime"], tensorflow=model["tensorflow"], cpu=_cpu_name() or platform.machine(),
                loadavg_end=" ".join(f"{v:.1f}" for v in os.getloadavg()))
     report: dict[str, Any] = {

@@ -56,12 +56,20 @@ def tta_flips(params: Params) -> list[str]:
     return ["lr"] if a.flip else []
 
 
-def space_to_depth(params: Params) -> bool:
-    """Whether export rewrites the full-resolution level onto 2x2 phases. auto: when that
-    level has fewer filters than an AVX-512 channel block (16), i.e. when the rewrite removes
-    padded work instead of adding multiply-adds."""
-    choice = params.export.space_to_depth
-    return params.model.base_filters < SIMD_CHANNEL_BLOCK if choice == "auto" else bool(choice)
+def space_to_depth_levels(params: Params) -> int:
+    """How many top levels export computes on 2x2 phases. auto: the space_to_depth cost
+    model for AVX-512's 16-channel blocks. Fixed to AVX-512 rather than probed, so that the
+    same params give the same ONNX bytes on every machine."""
+    from pipeline.model import dilation_schedule, kernel_schedule
+    from pipeline.space_to_depth import levels_that_pay_off
+
+    choice, m = params.export.space_to_depth, params.model
+    if choice != "auto":
+        return choice
+    levels = levels_that_pay_off(kernel_schedule(m.base_kernels, m.num_layers),
+                                 dilation_schedule(m.dilation, m.num_layers),
+                                 [m.base_filters * 2**i for i in range(m.num_layers)], SIMD_CHANNEL_BLOCK)
+    return min(levels, m.num_layers - 1)  # the bottom level's sides need not be even
 
 
 def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> ModelCard:
@@ -73,7 +81,7 @@ def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> Mod
         dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
         single_foreground_class=params.mask.single_foreground_class,
         extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax",
-               "space_to_depth": str(space_to_depth(params)).lower()},
+               "space_to_depth_levels": str(space_to_depth_levels(params))},
     )
 
 
@@ -137,21 +145,21 @@ def _canonical_names(proto: onnx.ModelProto) -> None:
 
 
 def to_onnx(model: keras.Model, path: Path, card: ModelCard, *, opset: int = 17,
-            space_to_depth: bool = False) -> Path:
+            phase_levels: int = 0) -> Path:
     """Convert with tf2onnx (dynamic N/H/W, input `image`), embed the card, check, write atomically.
-    space_to_depth: convert the same function with its full-resolution level on 2x2 phases."""
+    phase_levels: convert the same function with that many top levels on 2x2 phases."""
     import tensorflow as tf
     import tf2onnx
 
-    from pipeline.space_to_depth import Unsupported, rewrite
+    from pipeline.space_to_depth import rewrite
 
     model = _open_size(model)
-    if space_to_depth:
+    if phase_levels:
         try:
-            model = rewrite(model)
-        except Unsupported as exc:
-            raise ExportError(f"{path}: cannot compute the full-resolution level on 2x2 phases ({exc}); "
-                              "set export.space_to_depth: false") from None
+            model = rewrite(model, phase_levels)
+        except Exception as exc:  # Unsupported, or Keras refusing the rebuilt graph
+            raise ExportError(f"{path}: cannot compute {phase_levels} level(s) on 2x2 phases ({exc}); "
+                              "set export.space_to_depth: 0") from exc
     spec = (tf.TensorSpec((None, None, None, card.channels), tf.float32, name=INPUT_NAME),)
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
@@ -277,12 +285,13 @@ def export(layout: Layout) -> dict[str, Any]:
     metrics_file, int8 = layout.metrics / "export.json", int8_file(layout)
     with remove_on_failure([layout.onnx_file, int8, metrics_file]):
         int8.unlink(missing_ok=True)  # a stale int8 model must not outlive a new fp32 one
-        to_onnx(model, layout.onnx_file, card, opset=p.export.opset, space_to_depth=space_to_depth(p))
+        to_onnx(model, layout.onnx_file, card, opset=p.export.opset, phase_levels=space_to_depth_levels(p))
         sessions = {"fp32": session(layout.onnx_file)}
         if p.export.quantize_int8:
             sessions["int8"] = session(quantize_int8(layout.onnx_file, int8, layout))
         report: dict[str, Any] = {
-            "opset": p.export.opset, "space_to_depth": space_to_depth(p), "onnx_bytes": layout.onnx_file.stat().st_size,
+            "opset": p.export.opset, "space_to_depth_levels": space_to_depth_levels(p),
+            "onnx_bytes": layout.onnx_file.stat().st_size,
             "onnx_sha256": sha256_file(layout.onnx_file),
             "target_max_abs": p.export.parity_max_abs, "target_min_agreement": p.export.parity_min_agreement,
             **compare(model, sessions, layout),

@@ -242,9 +242,10 @@ class ExportParams(_Section):
     parity_max_abs: float = Field(1e-4, gt=0)     # max |p_tf - p_onnx| on the test images
     parity_min_agreement: float = Field(0.9999, gt=0, le=1)  # argmax agreement
     quantize_int8: bool = False                   # also write an int8 model and compare it
-    # Compute the full-resolution level on 2x2 space-to-depth phases (pipeline/space_to_depth.py):
-    # exact, and faster on CPUs when that level has fewer filters than the SIMD channel block.
-    space_to_depth: bool | Literal["auto"] = "auto"   # auto: when base_filters < 16
+    # How many top levels run on 2x2 space-to-depth phases (pipeline/space_to_depth.py): the
+    # same function, faster when those levels are too narrow for onnxruntime's channel blocks.
+    # auto: as many as its cost model says pay off (2 for the CPU default); 0: off.
+    space_to_depth: int | Literal["auto"] = Field("auto", union_mode="left_to_right")
 
 
 class RegisterParams(_Section):
@@ -290,6 +291,10 @@ class Params(_Section):
                 f"{len(self.mask.rgb_map)} colours"
             )
         self._search_space_fits()
+        phased = self.export.space_to_depth
+        if phased != "auto" and not 0 <= phased < self.model.num_layers:
+            raise ValueError(f"export.space_to_depth {phased}: levels on phases must be 0..num_layers-1 "
+                             f"({self.model.num_layers - 1}), or auto")
         size = self.dataset.image_size
         if (self.model.image_width, self.model.image_height) != (size, size):
             raise ValueError(

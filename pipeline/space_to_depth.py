@@ -19,7 +19,6 @@ major, i.e. channel p * C + c. A concatenation of phase tensors is a list of suc
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +26,6 @@ from typing import Any
 import keras
 import numpy as np
 from keras import layers
-
-log = logging.getLogger(__name__)
 
 PHASES = 4  # 2x2
 
@@ -105,16 +102,56 @@ def tile_per_channel(values: np.ndarray, segments: Sequence[int]) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- when it pays
+def multiply_add_ratio(kernel: tuple[int, int], dilation: tuple[int, int]) -> float:
+    """Multiply-adds of a convolution on phases / of the direct one (>= 1: the phase kernel
+    covers every output phase's taps, so some of its taps are zeros for some phases)."""
+    (hmin, hmax, _), (wmin, wmax, _) = axis_taps(kernel[0], dilation[0]), axis_taps(kernel[1], dilation[1])
+    return (hmax - hmin + 1) * (wmax - wmin + 1) * PHASES / (kernel[0] * kernel[1])
+
+
+# onnxruntime's NCHWc convolutions (MLAS) pad output channels to whole blocks (16 on
+# AVX-512) and reuse each input load across up to 4 blocks: with one block they ran at 64 %
+# of the speed of two or more on this CPU (130 vs 204 GMAC/s, 9x9 and 7x7 kernels at batch
+# 4-8), the reason a 16-filter level also gains from 4x the channels.
+ONE_BLOCK_SPEED = 0.64
+
+
+def relative_conv_time(multiply_adds: float, filters: int, channel_block: int = 16) -> float:
+    """Time of a convolution with `filters` outputs, per unit of its real multiply-adds."""
+    blocks = -(-filters // channel_block)
+    return multiply_adds * blocks * channel_block / filters / (ONE_BLOCK_SPEED if blocks == 1 else 1.0)
+
+
+def levels_that_pay_off(kernels: Sequence[tuple[int, int]], dilations: Sequence[tuple[int, int]],
+                        filters: Sequence[int], channel_block: int = 16) -> int:
+    """How many levels from the top run faster on phases (by `relative_conv_time`). Default
+    model (8 filters, 11x11 then 9x9, 7x7 ...): 2 levels; 3x3 kernels (4x the multiply-adds)
+    or 32+ filters (nothing padded, full speed already) stop it."""
+    count = 0
+    for kernel, dilation, width in zip(kernels, dilations, filters):
+        direct = relative_conv_time(1.0, width, channel_block)
+        phases = relative_conv_time(multiply_add_ratio(kernel, dilation), PHASES * width, channel_block)
+        if phases >= direct:
+            break
+        count += 1
+    return count
+
+
 # --------------------------------------------------------------------------- layers
 class SpaceToDepth(layers.Layer):
-    def call(self, x):
+    """(N, H, W, C) -> (N, H/2, W/2, 4C), channel (2 * row + column) * C + c."""
+
+    def call(self, x: Any) -> Any:
         import tensorflow as tf
 
         return tf.nn.space_to_depth(x, 2)
 
 
 class DepthToSpace(layers.Layer):
-    def call(self, x):
+    """The inverse of SpaceToDepth."""
+
+    def call(self, x: Any) -> Any:
         import tensorflow as tf
 
         return tf.nn.depth_to_space(x, 2)
@@ -123,7 +160,7 @@ class DepthToSpace(layers.Layer):
 class PhaseMax(layers.Layer):
     """2x2 max pooling of a one-segment phase tensor: the maximum over its phases."""
 
-    def call(self, x):
+    def call(self, x: Any) -> Any:
         import tensorflow as tf
 
         a, b, c, d = tf.split(x, PHASES, axis=-1)
@@ -131,6 +168,13 @@ class PhaseMax(layers.Layer):
 
 
 # --------------------------------------------------------------------------- graph walk
+# Activations that act on each value alone, so on each phase alone; softmax-like ones mix
+# channels and are applied after the phases are put back together.
+ELEMENTWISE = {"linear", "relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu", "swish", "sigmoid",
+               "hard_sigmoid", "hard_silu", "hard_swish", "tanh", "softplus", "softsign", "exponential", "mish"}
+ACROSS_CHANNELS = {"softmax", "log_softmax"}
+
+
 @dataclass
 class _Value:
     tensor: Any
@@ -161,46 +205,63 @@ def _inbound(layer_config: dict[str, Any]) -> list[str]:
     return names
 
 
+def _numpy(variable: Any) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(variable))
+
+
+def _channels_last(layer: layers.Layer, cfg: dict[str, Any]) -> None:
+    if cfg.get("data_format", "channels_last") != "channels_last":
+        raise Unsupported(f"{layer.name}: data_format {cfg['data_format']}")
+
+
 class _Rewriter:
-    def __init__(self, model: keras.Model):
+    def __init__(self, model: keras.Model, levels: int):
         self.model = model
-        self.new: list[str] = []  # names of the layers this rewrite created
+        self.scales = {2**i for i in range(levels)}  # the resolutions computed on phases
 
     def to_phases(self, v: _Value, name: str) -> _Value:
         if v.segments is not None:
             return v
         channels = int(v.tensor.shape[-1])
-        return _Value(SpaceToDepth(name=f"{name}_space_to_depth")(v.tensor), 1, (channels,))
+        return _Value(SpaceToDepth(name=f"{name}_space_to_depth")(v.tensor), v.scale, (channels,))
 
     def to_image(self, v: _Value, name: str) -> _Value:
         if v.segments is None:
             return v
         if len(v.segments) != 1:
             raise Unsupported(f"{name}: a concatenation of phase tensors cannot be turned back into an image")
-        return _Value(DepthToSpace(name=f"{name}_depth_to_space")(v.tensor), 1, None)
+        return _Value(DepthToSpace(name=f"{name}_depth_to_space")(v.tensor), v.scale, None)
 
-    def conv(self, layer: layers.Conv2D, v: _Value) -> _Value:
-        cfg = layer.get_config()
-        same = cfg["padding"] == "same" or tuple(cfg["kernel_size"]) == (1, 1)  # 1x1: 'valid' is 'same'
-        if tuple(cfg["strides"]) != (1, 1) or not same or cfg.get("groups", 1) != 1:
-            raise Unsupported(f"{layer.name}: only stride-1 'same' ungrouped convolutions are rewritten")
-        v = self.to_phases(v, layer.name)
-        weights = layer.get_weights()
-        kernel, pads = phase_kernel(weights[0], tuple(cfg["dilation_rate"]), v.segments)
-        activation = cfg["activation"]
-        softmax = activation == "softmax"
+    def phase_conv(self, layer: layers.Layer, v: _Value, kernel: np.ndarray, pads: Any, activation: str,
+                   scale: int | None = None) -> _Value:
+        """A 'valid' Conv2D holding `kernel` and `layer`'s bias tiled over the phases."""
         x = v.tensor
         if any(sum(p) for p in pads):
             x = layers.ZeroPadding2D(pads, name=f"{layer.name}_phase_pad")(x)
-        new = layers.Conv2D(kernel.shape[-1], kernel.shape[:2], padding="valid", use_bias=cfg["use_bias"],
-                            activation="linear" if softmax else activation, name=f"{layer.name}_phases")
-        x = new(x)
-        cout = weights[0].shape[-1]
-        new.set_weights([kernel] + ([tile_per_channel(weights[1], (cout,))] if cfg["use_bias"] else []))
-        out = _Value(x, 1, (cout,))
-        if softmax:  # softmax mixes channels: back to the image first, then normalise
+        new = layers.Conv2D(kernel.shape[-1], kernel.shape[:2], padding="valid", use_bias=layer.use_bias,
+                            activation=activation, name=f"{layer.name}_phases")
+        out = new(x)
+        cout = kernel.shape[-1] // PHASES
+        new.set_weights([kernel] + ([tile_per_channel(_numpy(layer.bias), (cout,))] if layer.use_bias else []))
+        return _Value(out, v.scale if scale is None else scale, (cout,))
+
+    def conv(self, layer: layers.Conv2D, v: _Value) -> _Value:
+        cfg = layer.get_config()
+        _channels_last(layer, cfg)
+        same = cfg["padding"] == "same" or tuple(cfg["kernel_size"]) == (1, 1)  # 1x1: 'valid' is 'same'
+        if tuple(cfg["strides"]) != (1, 1) or not same or cfg.get("groups", 1) != 1:
+            raise Unsupported(f"{layer.name}: only stride-1 'same' ungrouped convolutions are rewritten")
+        activation = cfg["activation"]
+        if activation not in ELEMENTWISE | ACROSS_CHANNELS:
+            raise Unsupported(f"{layer.name}: activation {activation!r}")
+        v = self.to_phases(v, layer.name)
+        # layer.kernel, not get_weights()[0]: with LoRA enabled it is the merged kernel
+        kernel, pads = phase_kernel(_numpy(layer.kernel), tuple(cfg["dilation_rate"]), v.segments)
+        across = activation in ACROSS_CHANNELS
+        out = self.phase_conv(layer, v, kernel, pads, "linear" if across else activation)
+        if across:  # normalises over the channels: back to the image first
             out = self.to_image(out, layer.name)
-            out = _Value(layers.Softmax(name=f"{layer.name}_softmax")(out.tensor), 1, None)
+            out = _Value(layers.Activation(activation, name=f"{layer.name}_{activation}")(out.tensor), out.scale, None)
         return out
 
     def batchnorm(self, layer: layers.BatchNormalization, v: _Value) -> _Value:
@@ -211,54 +272,50 @@ class _Rewriter:
                                         name=f"{layer.name}_phases")
         x = new(v.tensor)
         new.set_weights([tile_per_channel(w, v.segments) for w in layer.get_weights()])
-        return _Value(x, 1, v.segments)
+        return _Value(x, v.scale, v.segments)
 
     def maxpool(self, layer: layers.MaxPooling2D, v: _Value) -> _Value:
         cfg = layer.get_config()
+        _channels_last(layer, cfg)
         if tuple(cfg["pool_size"]) != (2, 2) or tuple(cfg["strides"] or (2, 2)) != (2, 2) or len(v.segments) != 1:
             raise Unsupported(f"{layer.name}: only 2x2/2 max pooling of one phase tensor is rewritten")
-        return _Value(PhaseMax(name=f"{layer.name}_phases")(v.tensor), 2, None)
+        return _Value(PhaseMax(name=f"{layer.name}_phases")(v.tensor), v.scale * 2, None)
 
     def upconv(self, layer: layers.Conv2DTranspose, v: _Value) -> _Value:
         cfg = layer.get_config()
-        if tuple(cfg["kernel_size"]) != (2, 2) or tuple(cfg["strides"]) != (2, 2) or cfg.get("output_padding"):
+        _channels_last(layer, cfg)
+        if tuple(cfg["kernel_size"]) != (2, 2) or tuple(cfg["strides"]) != (2, 2) or cfg.get("output_padding") \
+                or tuple(cfg["dilation_rate"]) != (1, 1):
             raise Unsupported(f"{layer.name}: only 2x2 stride-2 transposed convolutions are rewritten")
-        weights = layer.get_weights()
-        kernel = transpose_kernel(weights[0])
-        new = layers.Conv2D(kernel.shape[-1], 1, use_bias=cfg["use_bias"], activation=cfg["activation"],
-                            name=f"{layer.name}_phases")
-        x = new(v.tensor)
-        cout = weights[0].shape[2]
-        new.set_weights([kernel] + ([tile_per_channel(weights[1], (cout,))] if cfg["use_bias"] else []))
-        return _Value(x, 1, (cout,))
+        if cfg["activation"] not in ELEMENTWISE:
+            raise Unsupported(f"{layer.name}: activation {cfg['activation']!r} on a transposed convolution")
+        v = self.to_image(v, layer.name)  # the input's own phases (a deeper level on phases)
+        return self.phase_conv(layer, v, transpose_kernel(_numpy(layer.kernel)), ((0, 0), (0, 0)),
+                               cfg["activation"], scale=v.scale // 2)
 
     def apply(self, layer: layers.Layer, args: list[_Value]) -> _Value:
-        full = [a for a in args if a.scale == 1]
-        if isinstance(layer, layers.InputLayer):
-            raise AssertionError("inputs are seeded")
-        if isinstance(layer, layers.Dropout):
-            return args[0]  # inference-only graph
-        if isinstance(layer, layers.Concatenate):
-            if len(full) == len(args) and any(a.segments for a in args):
+        kind = type(layer)  # exact types: a subclass may compute something else
+        if kind is layers.Dropout:
+            return args[0]  # an inference-only graph
+        if kind is layers.Concatenate and layer.axis in (-1, 3):
+            if len({a.scale for a in args}) == 1 and any(a.segments for a in args):
                 values = [self.to_phases(a, f"{layer.name}_{i}") for i, a in enumerate(args)]
                 x = layers.Concatenate(name=f"{layer.name}_phases")([a.tensor for a in values])
-                return _Value(x, 1, tuple(s for a in values for s in a.segments))
+                return _Value(x, args[0].scale, tuple(s for a in values for s in a.segments))
         elif len(args) == 1:
             (v,) = args
-            if isinstance(layer, layers.Conv2D) and not isinstance(layer, layers.Conv2DTranspose) and v.scale == 1:
+            if kind is layers.Conv2D and v.scale in self.scales:
                 return self.conv(layer, v)
-            if isinstance(layer, layers.BatchNormalization) and v.segments is not None:
+            if kind is layers.BatchNormalization and v.segments is not None:
                 return self.batchnorm(layer, v)
-            if isinstance(layer, layers.MaxPooling2D) and v.segments is not None:
-                return self.maxpool(layer, v)
-            if isinstance(layer, layers.Conv2DTranspose) and v.scale == 2:
-                return self.upconv(layer, v)
-            if isinstance(layer, layers.MaxPooling2D):
-                return _Value(layer(v.tensor), v.scale * 2, None)
-            if isinstance(layer, layers.Conv2DTranspose):
-                return _Value(layer(v.tensor), v.scale // 2, None)
+            if kind is layers.MaxPooling2D:
+                return self.maxpool(layer, v) if v.segments is not None else _Value(layer(v.tensor), v.scale * 2, None)
+            if kind is layers.Conv2DTranspose:
+                if v.scale // 2 in self.scales:
+                    return self.upconv(layer, v)
+                return _Value(layer(self.to_image(v, layer.name).tensor), v.scale // 2, None)
         if any(a.segments is not None for a in args):
-            raise Unsupported(f"{layer.name} ({type(layer).__name__}) on a phase tensor")
+            raise Unsupported(f"{layer.name} ({kind.__name__}) on a phase tensor")
         out = layer(args[0].tensor if len(args) == 1 else [a.tensor for a in args])
         return _Value(out, args[0].scale, None)
 
@@ -281,8 +338,13 @@ class _Rewriter:
         return keras.Model(inp, out.tensor, name=f"{model.name}_space_to_depth")
 
 
-def rewrite(model: keras.Model) -> keras.Model:
-    """The same function as `model` (a functional U-Net with even input sizes), with its
-    full-resolution level computed on 2x2 phases. Raises Unsupported for other graphs."""
-    return _Rewriter(model).build()
+def rewrite(model: keras.Model, levels: int = 1) -> keras.Model:
+    """The same function as `model` (a functional U-Net whose input sides are multiples of
+    2**levels), with its `levels` top resolutions computed on 2x2 phases. Raises
+    Unsupported for other graphs.
 
+    The levels below full resolution call layers of a clone of `model` (same weights):
+    calling the caller's own layers would add nodes to its graph."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return _Rewriter(clone, levels).build()

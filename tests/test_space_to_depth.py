@@ -7,10 +7,12 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.export import ExportError, card_for, session, space_to_depth, to_onnx
+from pipeline.export import ExportError, card_for, session, space_to_depth_levels, to_onnx
 from pipeline.model import build_flexunet
+from pipeline.errors import ParamsError
 from pipeline.params import ModelParams, params_from_dict
-from pipeline.space_to_depth import Unsupported, channel_index, phase_kernel, rewrite, transpose_kernel
+from pipeline.space_to_depth import (Unsupported, channel_index, levels_that_pay_off, multiply_add_ratio,
+                                     phase_kernel, relative_conv_time, rewrite, transpose_kernel)
 from tests.conftest import tiny_dict
 
 
@@ -90,33 +92,94 @@ def test_transpose_kernel_matches_keras_conv2d_transpose():
     np.testing.assert_allclose(from_phases(x[0] @ as_1x1), expected, atol=1e-5)
 
 
+def test_multiply_add_ratio_and_how_many_levels_pay_off():
+    assert multiply_add_ratio((11, 11), (1, 1)) == pytest.approx(7 * 7 * 4 / 121)  # 1.62
+    assert multiply_add_ratio((9, 9), (1, 1)) == pytest.approx(5 * 5 * 4 / 81)     # 1.23
+    assert multiply_add_ratio((3, 3), (1, 1)) == pytest.approx(4.0)
+    assert multiply_add_ratio((5, 5), (2, 2)) == pytest.approx(4.0)  # dilation 2: phases do not mix
+    # 8 filters pad to one 16-block (2x the work) at one block's speed; 32 fill two blocks
+    assert relative_conv_time(1.0, 8) == pytest.approx(2 / 0.64)
+    assert relative_conv_time(1.0, 32) == pytest.approx(1.0)
+    assert relative_conv_time(1.0, 40) == pytest.approx(48 / 40)
+
+    def levels(kernel, filters, layers=6, dilation=1, block=16):
+        kernels = [(max(3, kernel - 2 * i),) * 2 for i in range(layers)]
+        dilations = [(max(1, dilation - i),) * 2 for i in range(layers)]
+        return levels_that_pay_off(kernels, dilations, [filters * 2**i for i in range(layers)], block)
+
+    assert levels(11, 8) == 2     # the CPU default: 11x11 and 9x9 on phases, 7x7 at 32 filters not
+    assert levels(11, 16) == 0    # the seed's 16 filters: 1.62x the work vs 1.56x the time
+    assert levels(3, 8) == 0      # 3x3: 4x the work
+    assert levels(5, 4, layers=3) == 1  # the tests' tiny model
+    assert levels(11, 8, dilation=2) == 0
+    assert levels(11, 8, block=8) == 0  # AVX2: 8 filters fill a block (1.62x the work vs 1.56x the time)
+
+
 # ------------------------------------------------------------------ whole models
 def _randomised(model: keras.Model, seed: int) -> keras.Model:
-    """Random weights everywhere, BatchNorm statistics included (variance kept positive)."""
+    """Random weights of He scale (so logits stay moderate and a small error shows in the
+    probabilities), BatchNorm statistics included (variance kept positive)."""
     rng = np.random.default_rng(seed)
-    weights = [rng.uniform(0.5, 1.5, w.shape) if "variance" in v.path else rng.normal(0, 0.3, w.shape)
-               for w, v in zip(model.get_weights(), model.weights)]
+    weights = []
+    for w, v in zip(model.get_weights(), model.weights):
+        fan_in = int(np.prod(w.shape[:-1])) if w.ndim > 1 else 1
+        weights.append(rng.uniform(0.5, 1.5, w.shape) if "variance" in v.path
+                       else rng.normal(0, (2 / fan_in) ** 0.5 if w.ndim > 1 else 0.1, w.shape))
     model.set_weights([w.astype(np.float32) for w in weights])
     return model
 
 
-@pytest.mark.parametrize("cfg,shape", [
+@pytest.mark.parametrize("cfg,shape,levels", [
     (dict(base_filters=4, base_kernels=(7, 5), num_layers=3, dilation=(2, 1), normalization=True, dropout_rate=0.1),
-     (2, 32, 48, 3)),
-    (dict(base_filters=2, base_kernels=(3, 3), num_layers=2, image_channels=1, num_classes=2), (1, 6, 10, 1)),
-    (dict(base_filters=8, base_kernels=(11, 11), num_layers=3, input_normalize=True), (1, 64, 64, 3)),
+     (2, 32, 48, 3), 1),
+    (dict(base_filters=2, base_kernels=(3, 3), num_layers=2, image_channels=1, num_classes=2), (1, 6, 10, 1), 1),
+    (dict(base_filters=8, base_kernels=(11, 11), num_layers=3, input_normalize=False), (1, 64, 64, 3), 1),
+    (dict(base_filters=4, base_kernels=(9, 7), num_layers=4, dilation=(2, 2), normalization=True, dropout_rate=0.1),
+     (1, 32, 24, 3), 2),  # the two top levels on phases: level 1's dropout and pooling too
 ])
-def test_rewritten_model_computes_the_same_probabilities(cfg, shape):
+def test_rewritten_model_computes_the_same_probabilities(cfg, shape, levels):
     params = ModelParams(**{"num_classes": 3, "image_width": 32, "image_height": 32, **cfg})  # H/W left open
     keras.utils.set_random_seed(0)
     model = _randomised(build_flexunet(params, dynamic_size=True), seed=3)
-    fast = rewrite(model)
+    nodes_before = len(model.get_layer("enc1_conv0")._inbound_nodes)
+    fast = rewrite(model, levels)
     x = np.random.default_rng(4).uniform(0, 255 if params.input_normalize else 1, shape).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(fast(x)), np.asarray(model(x, training=False)), atol=2e-5)
+    expected = np.asarray(model(x, training=False))
+    assert 0.05 < expected.max(-1).mean() < 0.99  # not saturated: probabilities carry the error
+    np.testing.assert_allclose(np.asarray(fast(x)), expected, atol=2e-6)
     names = [layer.name for layer in fast.layers]
     assert "enc0_conv0_phases" in names and "enc0_pool_phases" in names and "dec0_up_phases" in names
-    # the levels below full resolution are the trained layers themselves, not copies
-    assert fast.get_layer("enc1_conv0") is model.get_layer("enc1_conv0")
+    # the levels below full resolution hold the trained weights; the caller's model is untouched
+    below = f"enc{levels}_conv0"
+    np.testing.assert_array_equal(fast.get_layer(below).get_weights()[0], model.get_layer(below).get_weights()[0])
+    assert len(model.get_layer("enc1_conv0")._inbound_nodes) == nodes_before
+    assert (f"enc{levels - 1}_conv1_phases" in names) and (f"enc{levels}_conv0_phases" not in names)
+
+
+def test_rewrite_of_layers_the_flexunet_does_not_use():
+    """No bias, tanh, BatchNorm without centre, a concatenation with the image itself, a
+    log-softmax head: still the same function."""
+    inp = keras.Input((None, None, 2))
+    x = keras.layers.Conv2D(3, 5, padding="same", use_bias=False, activation="tanh")(inp)
+    x = keras.layers.BatchNormalization(center=False)(x)
+    x = keras.layers.Concatenate()([inp, x])
+    out = keras.layers.Conv2D(4, 1, activation="log_softmax")(x)
+    model = _randomised(keras.Model(inp, out), seed=7)
+    x = np.random.default_rng(8).normal(size=(2, 12, 8, 2)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(rewrite(model)(x)), np.asarray(model(x, training=False)), atol=2e-5)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda x: keras.layers.Conv2D(4, 3, strides=2, padding="same", name="strided")(x), "strided: only stride-1"),
+    (lambda x: keras.layers.Conv2D(4, 3, padding="same", activation="sparsemax", name="odd")(x),  # mixes channels
+     "odd: activation"),
+    (lambda x: keras.layers.ReLU(name="relu_layer")(keras.layers.Conv2D(4, 3, padding="same")(x)),
+     "relu_layer \\(ReLU\\) on a phase tensor"),
+])
+def test_unsupported_layers_are_refused(make, message):
+    inp = keras.Input((None, None, 3))
+    with pytest.raises(Unsupported, match=message):
+        rewrite(keras.Model(inp, make(inp)))
 
 
 def test_unsupported_graph_is_refused_and_export_names_the_switch(tmp_path):
@@ -127,20 +190,21 @@ def test_unsupported_graph_is_refused_and_export_names_the_switch(tmp_path):
     with pytest.raises(Unsupported, match="strided: only stride-1"):
         rewrite(model)
     card = card_for(params_from_dict(tiny_dict()), None, None)
-    with pytest.raises(ExportError, match=r"m.onnx: cannot compute .* set export.space_to_depth: false"):
-        to_onnx(model, tmp_path / "m.onnx", card, space_to_depth=True)
+    with pytest.raises(ExportError, match=r"m.onnx: cannot compute 1 level\(s\) on 2x2 phases .* "
+                                          r"set export.space_to_depth: 0"):
+        to_onnx(model, tmp_path / "m.onnx", card, phase_levels=1)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_onnx_with_phases_matches_keras_and_says_so_in_its_card(tmp_path):
     raw = tiny_dict()
     params = params_from_dict(raw)
-    assert params.model.base_filters < 16 and space_to_depth(params)  # auto picks it for narrow models
+    assert space_to_depth_levels(params) == 1  # auto: 4 filters of 5x5 on phases, 8 of 3x3 not
     keras.utils.set_random_seed(0)
     model = _randomised(build_flexunet(params.model, dynamic_size=True), seed=5)
     card = card_for(params, None, None)
-    assert card.extra["space_to_depth"] == "true"
-    path = to_onnx(model, tmp_path / "m.onnx", card, space_to_depth=True)
+    assert card.extra["space_to_depth_levels"] == "1"
+    path = to_onnx(model, tmp_path / "m.onnx", card, phase_levels=2)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"SpaceToDepth", "DepthToSpace"} <= ops
     x = np.random.default_rng(6).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
@@ -148,8 +212,11 @@ def test_onnx_with_phases_matches_keras_and_says_so_in_its_card(tmp_path):
     # random weights give large logits, so float32 rounding shows: the export's parity target
     np.testing.assert_allclose(probs, np.asarray(model(x, training=False)), atol=1e-4)
 
-    raw["export"]["space_to_depth"] = "auto"
-    raw["model"]["base_filters"] = 16
-    assert not space_to_depth(params_from_dict(raw))  # no padded work to remove: plain graph
-    raw["export"]["space_to_depth"] = True
-    assert space_to_depth(params_from_dict(raw))
+    raw["model"]["base_kernels"] = [3, 3]
+    assert space_to_depth_levels(params_from_dict(raw)) == 0  # 4x the work: the plain graph
+    raw["export"]["space_to_depth"] = 2
+    assert space_to_depth_levels(params_from_dict(raw)) == 2
+    for bad in ("sometimes", 3, -1):  # 3 levels of a 3-level model: its bottom is not halved
+        raw["export"]["space_to_depth"] = bad
+        with pytest.raises(ParamsError, match="space_to_depth"):
+            params_from_dict(raw)
