@@ -27,6 +27,7 @@ test: install
 benchmark: install  # needs `make repro` first for the tiled and int8 ones (a trained model, data)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/tiled_inference.py
+	$(BIN)/python benchmarks/space_to_depth.py
 	$(BIN)/python benchmarks/int8_variants.py
 
 mlflow-ui: install
