@@ -5,8 +5,9 @@ architecture randomly initialised: speed does not depend on the weights) is expo
 0 (plain), 1, 2, ... top levels on 2x2 phases. Each export is timed alone in a fresh
 process (one onnxruntime session per process: the idle threads of another session would
 compete) through serving's own session options, on batches of model-size windows:
-warm-up, then the median of RUNS runs; ROUNDS rounds alternate the models and the best
-round counts. The outputs of every variant are compared with the plain export's.
+warm-up, then the median of RUNS runs; --rounds rounds alternate the models and each
+model's best round counts. Every variant's probabilities on two random windows are
+compared with the plain export's.
 
     python benchmarks/space_to_depth.py [--batch-size 4] [--rounds 3]
 
@@ -76,8 +77,8 @@ def export_all(params_path: Path, out: Path) -> dict[str, Any]:
     x = windows(2, m.image_width, m.image_channels)
     models, plain = {}, None
     for levels in range(m.num_layers):
-        path = to_onnx(model, out / f"levels{levels}.onnx", card_for(params, None, None), opset=params.export.opset,
-                       phase_levels=levels)
+        path = to_onnx(model, out / f"levels{levels}.onnx", card_for(params, None, None),
+                       opset=params.export.opset, phase_levels=levels)
         probs = session(path).run(None, {"image": x})[0]
         plain = probs if plain is None else plain
         models[levels] = {"path": str(path), "max_abs_vs_plain": float(np.abs(probs - plain).max())}

@@ -11,6 +11,7 @@ training MLflow run (also when the check fails, so the run shows why).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 CALIBRATION_IMAGES = 16  # train images for int8 static calibration: enough for stable min/max
-SIMD_CHANNEL_BLOCK = 16  # onnxruntime's NCHWc convolutions on AVX-512 compute output channels in blocks of 16
 
 
 class ExportError(FlexUNetError):
@@ -64,12 +64,13 @@ def space_to_depth_levels(params: Params) -> int:
     from pipeline.space_to_depth import levels_that_pay_off
 
     choice, m = params.export.space_to_depth, params.model
-    if choice != "auto":
-        return choice
-    levels = levels_that_pay_off(kernel_schedule(m.base_kernels, m.num_layers),
-                                 dilation_schedule(m.dilation, m.num_layers),
-                                 [m.base_filters * 2**i for i in range(m.num_layers)], SIMD_CHANNEL_BLOCK)
-    return min(levels, m.num_layers - 1)  # the bottom level's sides need not be even
+    if choice == "auto":
+        choice = levels_that_pay_off(kernel_schedule(m.base_kernels, m.num_layers),
+                                     dilation_schedule(m.dilation, m.num_layers),
+                                     [m.base_filters * 2**i for i in range(m.num_layers)])
+    elif choice > m.num_layers - 1:  # e.g. a tuned, shallower model
+        log.warning("export.space_to_depth %d > num_layers - 1: %d level(s) on phases", choice, m.num_layers - 1)
+    return min(choice, m.num_layers - 1)  # the bottom level's sides need not be even
 
 
 def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> ModelCard:
@@ -80,8 +81,7 @@ def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> Mod
         colours=[tuple(c) for c in params.mask.colours], num_layers=m.num_layers, run_id=run_id,
         dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
         single_foreground_class=params.mask.single_foreground_class,
-        extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax",
-               "space_to_depth_levels": str(space_to_depth_levels(params))},
+        extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax"},
     )
 
 
@@ -153,6 +153,8 @@ def to_onnx(model: keras.Model, path: Path, card: ModelCard, *, opset: int = 17,
 
     from pipeline.space_to_depth import rewrite
 
+    # the card says what this file computes, whoever chose the levels
+    card = dataclasses.replace(card, extra={**card.extra, "space_to_depth_levels": str(phase_levels)})
     model = _open_size(model)
     if phase_levels:
         try:
@@ -282,15 +284,16 @@ def export(layout: Layout) -> dict[str, Any]:
     model = load_model(layout.model_file)
     run_id = layout.read_run()["run_id"]
     card = card_for(p, run_id, layout.read_manifest().get("fingerprint"))
+    levels = space_to_depth_levels(p)
     metrics_file, int8 = layout.metrics / "export.json", int8_file(layout)
     with remove_on_failure([layout.onnx_file, int8, metrics_file]):
         int8.unlink(missing_ok=True)  # a stale int8 model must not outlive a new fp32 one
-        to_onnx(model, layout.onnx_file, card, opset=p.export.opset, phase_levels=space_to_depth_levels(p))
+        to_onnx(model, layout.onnx_file, card, opset=p.export.opset, phase_levels=levels)
         sessions = {"fp32": session(layout.onnx_file)}
         if p.export.quantize_int8:
             sessions["int8"] = session(quantize_int8(layout.onnx_file, int8, layout))
         report: dict[str, Any] = {
-            "opset": p.export.opset, "space_to_depth_levels": space_to_depth_levels(p),
+            "opset": p.export.opset, "space_to_depth_levels": levels,
             "onnx_bytes": layout.onnx_file.stat().st_size,
             "onnx_sha256": sha256_file(layout.onnx_file),
             "target_max_abs": p.export.parity_max_abs, "target_min_agreement": p.export.parity_min_agreement,

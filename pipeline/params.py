@@ -245,7 +245,15 @@ class ExportParams(_Section):
     # How many top levels run on 2x2 space-to-depth phases (pipeline/space_to_depth.py): the
     # same function, faster when those levels are too narrow for onnxruntime's channel blocks.
     # auto: as many as its cost model says pay off (2 for the CPU default); 0: off.
-    space_to_depth: int | Literal["auto"] = Field("auto", union_mode="left_to_right")
+    space_to_depth: int | Literal["auto"] = "auto"
+
+    @field_validator("space_to_depth", mode="before")
+    @classmethod
+    def _levels_or_auto(cls, value: Any) -> Any:
+        # YAML true/false would pass as 1/0: say what the key takes instead
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError(f"{value!r}: a number of levels (0 = off, 1, 2, ...) or auto")
 
 
 class RegisterParams(_Section):
@@ -291,10 +299,6 @@ class Params(_Section):
                 f"{len(self.mask.rgb_map)} colours"
             )
         self._search_space_fits()
-        phased = self.export.space_to_depth
-        if phased != "auto" and not 0 <= phased < self.model.num_layers:
-            raise ValueError(f"export.space_to_depth {phased}: levels on phases must be 0..num_layers-1 "
-                             f"({self.model.num_layers - 1}), or auto")
         size = self.dataset.image_size
         if (self.model.image_width, self.model.image_height) != (size, size):
             raise ValueError(

@@ -1,10 +1,12 @@
-"""Export-time rewrite of a U-Net's full-resolution level onto 2x2 space-to-depth phases.
+"""Export-time rewrite of a U-Net's top levels onto 2x2 space-to-depth phases.
 
 Why: onnxruntime's CPU convolutions (its NCHWc kernels) compute output channels in
-blocks of 16 on AVX-512 CPUs (8 on AVX2). The CPU default FlexUNet has 8 filters at full
-resolution, so half of the work of its most expensive convolutions -- 11x11 over the
-whole image -- is padding. On the four 2x2 phases of the image (half the height and
-width, 4x the channels) the same level has 32 channels and nothing is padded.
+blocks of 16 on AVX-512 CPUs (8 on AVX2), and run one block slower than several. The CPU
+default FlexUNet has 8 filters at full resolution, so half of the work of its most
+expensive convolutions -- 11x11 over the whole image -- is padding, and 16 at half
+resolution. On the four 2x2 phases of a level's input (half the height and width, 4x the
+channels) those levels have 32 and 64 channels. `levels_that_pay_off` weighs that against
+the extra multiply-adds of phase kernels.
 
 The rewrite is exact in real arithmetic: a stride-1 convolution of the image is a
 convolution of its phases with a rearranged kernel; 2x2 max pooling is the maximum over
@@ -252,7 +254,7 @@ class _Rewriter:
         if tuple(cfg["strides"]) != (1, 1) or not same or cfg.get("groups", 1) != 1:
             raise Unsupported(f"{layer.name}: only stride-1 'same' ungrouped convolutions are rewritten")
         activation = cfg["activation"]
-        if activation not in ELEMENTWISE | ACROSS_CHANNELS:
+        if not isinstance(activation, str) or activation not in ELEMENTWISE | ACROSS_CHANNELS:  # dict: custom
             raise Unsupported(f"{layer.name}: activation {activation!r}")
         v = self.to_phases(v, layer.name)
         # layer.kernel, not get_weights()[0]: with LoRA enabled it is the merged kernel
@@ -287,7 +289,7 @@ class _Rewriter:
         if tuple(cfg["kernel_size"]) != (2, 2) or tuple(cfg["strides"]) != (2, 2) or cfg.get("output_padding") \
                 or tuple(cfg["dilation_rate"]) != (1, 1):
             raise Unsupported(f"{layer.name}: only 2x2 stride-2 transposed convolutions are rewritten")
-        if cfg["activation"] not in ELEMENTWISE:
+        if not isinstance(cfg["activation"], str) or cfg["activation"] not in ELEMENTWISE:
             raise Unsupported(f"{layer.name}: activation {cfg['activation']!r} on a transposed convolution")
         v = self.to_image(v, layer.name)  # the input's own phases (a deeper level on phases)
         return self.phase_conv(layer, v, transpose_kernel(_numpy(layer.kernel)), ((0, 0), (0, 0)),
@@ -343,8 +345,8 @@ def rewrite(model: keras.Model, levels: int = 1) -> keras.Model:
     2**levels), with its `levels` top resolutions computed on 2x2 phases. Raises
     Unsupported for other graphs.
 
-    The levels below full resolution call layers of a clone of `model` (same weights):
-    calling the caller's own layers would add nodes to its graph."""
+    The unchanged levels call layers of a clone of `model` (same weights): calling the
+    caller's own layers would add nodes to its graph."""
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return _Rewriter(clone, levels).build()

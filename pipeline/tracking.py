@@ -230,20 +230,13 @@ def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str |
 
 
 def _require_run(run_id: str, uri: str) -> None:
-    """A stage reopening the training run fails in one line when the store lacks it: DVC's
-    run-cache or `dvc pull` can restore models/train_run.json next to another store."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(uri).get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
+    """Reopening a run the store lacks fails in one line: DVC's run-cache or `dvc pull` can
+    restore models/train_run.json next to another store."""
+    if not run_exists(uri, run_id):
         raise FlexUNetError(
-            f"models/train_run.json: MLflow run {run_id} is not in the tracking store {uri}; set "
-            f"MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to the store it was trained in, or retrain "
-            f"with `dvc repro -f train`") from None
+            f"MLflow run {run_id} is missing or deleted in the tracking store {uri}; if "
+            f"models/train_run.json names it, set MLFLOW_TRACKING_URI (or mlflow.tracking_uri) to the "
+            f"store it was trained in, or retrain with `dvc repro -f train`")
 
 
 def _interrupted() -> bool:

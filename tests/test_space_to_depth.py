@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from pipeline.export import ExportError, card_for, session, space_to_depth_levels, to_onnx
+from serving.card import read_card
 from pipeline.model import build_flexunet
 from pipeline.errors import ParamsError
 from pipeline.params import ModelParams, params_from_dict
@@ -202,9 +203,8 @@ def test_onnx_with_phases_matches_keras_and_says_so_in_its_card(tmp_path):
     assert space_to_depth_levels(params) == 1  # auto: 4 filters of 5x5 on phases, 8 of 3x3 not
     keras.utils.set_random_seed(0)
     model = _randomised(build_flexunet(params.model, dynamic_size=True), seed=5)
-    card = card_for(params, None, None)
-    assert card.extra["space_to_depth_levels"] == "1"
-    path = to_onnx(model, tmp_path / "m.onnx", card, phase_levels=2)
+    path = to_onnx(model, tmp_path / "m.onnx", card_for(params, None, None), phase_levels=2)
+    assert read_card(path).extra["space_to_depth_levels"] == "2"  # what the file computes
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"SpaceToDepth", "DepthToSpace"} <= ops
     x = np.random.default_rng(6).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
@@ -216,7 +216,9 @@ def test_onnx_with_phases_matches_keras_and_says_so_in_its_card(tmp_path):
     assert space_to_depth_levels(params_from_dict(raw)) == 0  # 4x the work: the plain graph
     raw["export"]["space_to_depth"] = 2
     assert space_to_depth_levels(params_from_dict(raw)) == 2
-    for bad in ("sometimes", 3, -1):  # 3 levels of a 3-level model: its bottom is not halved
+    raw["export"]["space_to_depth"] = 3  # of a 3-level model (e.g. tuned shallower): its bottom stays
+    assert space_to_depth_levels(params_from_dict(raw)) == 2
+    for bad in ("sometimes", -1, True):  # YAML true would otherwise pass as 1
         raw["export"]["space_to_depth"] = bad
-        with pytest.raises(ParamsError, match="space_to_depth"):
+        with pytest.raises(ParamsError, match=r"'export.space_to_depth': .*a number of levels \(0 = off"):
             params_from_dict(raw)

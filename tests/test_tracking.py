@@ -47,7 +47,13 @@ def test_reopening_a_run_the_store_lacks_is_one_clear_error(tmp_path):
         pass
     with start_run(cfg, tmp_path, run_id=run.run_id):  # the same store: reopens fine
         pass
-    with pytest.raises(FlexUNetError, match=r"models/train_run.json: MLflow run 0+ is not in the tracking "
-                                            r"store sqlite:///.*mlflow.db; .* `dvc repro -f train`"):
+    with pytest.raises(FlexUNetError, match=r"MLflow run 0+ is missing or deleted in the tracking store "
+                                            r"sqlite:///.*mlflow.db; if models/train_run.json .* `dvc repro -f train`"):
         with start_run(cfg, tmp_path, run_id="0" * 32):
+            pass
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(run.tracking_uri).delete_run(run.run_id)
+    with pytest.raises(FlexUNetError, match=f"MLflow run {run.run_id} is missing or deleted"):
+        with start_run(cfg, tmp_path, run_id=run.run_id):
             pass
