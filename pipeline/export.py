@@ -191,10 +191,10 @@ def quantize_int8(fp32: Path, target: Path, layout: Layout) -> Path:
 
     Static beats dynamic for a conv net: dynamic quantisation turns Conv into ConvInteger,
     which onnxruntime runs slower than fp32 on CPU. Unsigned activations with signed
-    weights (U8S8): on this AVX512-VNNI CPU the default model ran 2.0x faster than fp32
-    with U8S8 but only 1.3x with S8S8 (the quantiser's default), at the same test Dice
-    (0.898 vs 0.907 fp32). Percentile or entropy calibration, 64 calibration images, or
-    keeping the head/first convolutions in fp32 all stayed within 0.2 points of that.
+    weights (U8S8): on this AVX512-VNNI CPU the default model ran 3.0x faster than fp32
+    with U8S8 but only 1.5x with S8S8 (the quantiser's default), at the same test Dice
+    (0.899 vs 0.907 fp32; benchmarks/int8_variants.py). Percentile or entropy calibration,
+    64 calibration images, or keeping the head in fp32 changed it by at most 0.05 points.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
