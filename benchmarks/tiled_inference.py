@@ -119,21 +119,15 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cli import quiet_tensorflow
 
     quiet_tensorflow(debug=False)
-    import keras
     import onnxruntime
     import tensorflow as tf
 
+    from benchmarks.common import default_model
     from pipeline.export import card_for, space_to_depth_levels, to_onnx
-    from pipeline.model import build_flexunet
     from pipeline.params import load_params
 
     params = load_params(a.params)
-    trained = REPO / "models" / "model.keras"
-    if trained.is_file():
-        model, weights = keras.models.load_model(trained, compile=False), "models/model.keras"
-    else:
-        keras.utils.set_random_seed(params.train.seed)
-        model, weights = build_flexunet(params.model), f"random init (seed {params.train.seed})"
+    model, weights = default_model(params)
     model.save(a.keras)
     to_onnx(model, Path(a.model), card_for(params, None, None), opset=params.export.opset,
             phase_levels=space_to_depth_levels(params))

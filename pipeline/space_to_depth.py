@@ -113,9 +113,9 @@ def multiply_add_ratio(kernel: tuple[int, int], dilation: tuple[int, int]) -> fl
 
 
 # onnxruntime's NCHWc convolutions (MLAS) pad output channels to whole blocks (16 on
-# AVX-512) and reuse each input load across up to 4 blocks: with one block they ran at 64 %
-# of the speed of two or more on this CPU (130 vs 204 GMAC/s, 9x9 and 7x7 kernels at batch
-# 4-8), the reason a 16-filter level also gains from 4x the channels.
+# AVX-512) and reuse each input load across up to 4 blocks: with one block they ran at 64-66 %
+# of the speed of two on this CPU (benchmarks/space_to_depth.py: 9x9 and 7x7 kernels), the
+# reason a 16-filter level also gains from 4x the channels.
 ONE_BLOCK_SPEED = 0.64
 
 

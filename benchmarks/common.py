@@ -1,0 +1,22 @@
+"""What the benchmarks share: the model they time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_model(params: Any) -> tuple[Any, str]:
+    """models/model.keras if `make repro` trained one, else the same architecture randomly
+    initialised (speed does not depend on the weights); and a label saying which."""
+    import keras
+
+    from pipeline.model import build_flexunet
+
+    trained = REPO / "models" / "model.keras"
+    if trained.is_file():
+        return keras.models.load_model(trained, compile=False), "models/model.keras"
+    keras.utils.set_random_seed(params.train.seed)
+    return build_flexunet(params.model), f"random init (seed {params.train.seed})"
