@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,19 +54,25 @@ def windows(batch: int, size: int, channels: int) -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 255, (batch, size, size, channels)).astype(np.float32)
 
 
+def run_times(run: Callable[[], Any]) -> list[float]:
+    """Seconds of RUNS calls after 3 warm-up calls (the first plans onnxruntime's memory)."""
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def time_model(path: str, batch: int) -> dict[str, float]:
     """Median and best ms per window of one exported model (run in its own process)."""
     from serving._onnx_session import open_session
 
     session, card = open_session(Path(path))
     x = windows(batch, card.tile_size, card.channels)
-    for _ in range(3):
-        session(x)
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        session(x)
-        times.append(time.perf_counter() - start)
+    times = run_times(lambda: session(x))
     return {"median_ms": 1000 * float(np.median(times)) / batch, "best_ms": 1000 * min(times) / batch}
 
 
@@ -89,13 +96,7 @@ def conv_speed(channels_out: int, kernel: int, batch: int = 4, size: int = 64, c
     session = ort.InferenceSession(model.SerializeToString(), session_options(None),
                                    providers=["CPUExecutionProvider"])
     x = rng.uniform(size=(batch, channels_in, size, size)).astype(np.float32)
-    for _ in range(3):
-        session.run(None, {"x": x})
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        session.run(None, {"x": x})
-        times.append(time.perf_counter() - start)
+    times = run_times(lambda: session.run(None, {"x": x}))
     return batch * size * size * channels_in * channels_out * kernel * kernel / float(np.median(times)) / 1e9
 
 
