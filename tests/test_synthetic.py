@@ -198,3 +198,84 @@ def test_glomerulus_is_larger_than_a_tubule() -> None:
     assert n >= 1
     # Largest glomerulus at least ~15 % of the tile across (tubules are ~5 %).
     assert 2 * np.sqrt(sizes.max() / np.pi) > 0.12 * 512
+
+
+# ---------------------------------------------------------------- the same bits on every CPU
+
+_RENDER = """
+import hashlib, sys
+import numpy as np
+sys.path.insert(0, {repo!r})
+from pipeline.data import detmath
+from pipeline.data.glomeruli import render_glomeruli
+from pipeline.data.kidney_t2w import make_subjects, render_scan
+x = np.random.default_rng(0).uniform(-50, 50, 200_000)
+print(hashlib.sha256(np.cos(x).tobytes() + np.arctan2(x, x[::-1]).tobytes() + np.exp(x / 10).tobytes()).hexdigest())
+print(hashlib.sha256(detmath.cos(x).tobytes() + detmath.arctan2(x, x[::-1]).tobytes()
+                     + detmath.exp(x / 10).tobytes() + detmath.power(np.abs(x), 2.8).tobytes()).hexdigest())
+h = hashlib.sha256()
+for subject in make_subjects(4, 0.25, 2, 137)[:2]:
+    scan = render_scan(subject, 0, 64, 3, 137)
+    h.update(scan.image.tobytes()); h.update(scan.kidney.tobytes())
+for index in range(24):   # 24 tiles: enough for NumPy's own power() to have moved a pixel
+    image, mask = render_glomeruli(256, index, 137)
+    h.update(image.tobytes()); h.update(mask.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_generators_give_the_same_bits_with_any_numpy_simd_path():
+    """NumPy picks its SIMD kernels at run time (AVX-512, AVX2 or the SSE baseline here), and
+    its cos, arctan2, exp and power differ between them in the last bit. NPY_DISABLE_CPU_FEATURES
+    makes this machine take the paths an older CPU would: the generators' images and masks,
+    which feed the dataset fingerprint, must not change."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__
+
+    code = _RENDER.format(repo=str(Path(__file__).resolve().parents[1]))
+    targets = [t for t in ("X86_V3", "X86_V4", "AVX512_ICL", "AVX512_SPR") if t in __cpu_dispatch__]
+    if not targets:
+        pytest.skip("not an x86 NumPy build")
+    runs = []
+    for disabled in ("", " ".join(t for t in targets if t != "X86_V3"), " ".join(targets)):
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        runs.append(out.stdout.split())
+    numpy_own, ours, rendered = zip(*runs)
+    assert len(set(ours)) == 1 and len(set(rendered)) == 1
+    if len(set(numpy_own)) == 1:
+        pytest.skip("this CPU's NumPy paths happen to agree; the check above still ran")
+
+
+def test_generators_call_no_cpu_dependent_numpy_function():
+    """The rule the test above samples, checked on the source: transcendental functions and
+    non-square powers in the generators go through pipeline.data.detmath."""
+    import re
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "pipeline" / "data"
+    banned = re.compile(r"\bnp\.(cos|sin|tan|arctan2?|arcsin|arccos|exp|expm1|log|log1p|log2|log10|power|hypot|"
+                        r"sinh|cosh|tanh|cbrt)\(|\*\*\s*(?!2\b)[\d(.]")
+    for name in ("kidney_t2w.py", "glomeruli.py"):
+        for number, line in enumerate((data / name).read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            assert not banned.search(code.replace("2**64", "").replace("2**20", "")), f"{name}:{number}: {line.strip()}"
+
+
+def test_deterministic_math_matches_numpy():
+    from pipeline.data import detmath
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-60, 60, 20000), rng.uniform(-60, 60, 20000)
+    np.testing.assert_allclose(detmath.cos(x), np.cos(x), atol=1e-13)
+    np.testing.assert_allclose(detmath.sin(x), np.sin(x), atol=1e-13)
+    np.testing.assert_allclose(detmath.arctan2(y, x), np.arctan2(y, x), atol=1e-14)
+    np.testing.assert_allclose(detmath.exp(x / 10), np.exp(x / 10), rtol=1e-14)
+    np.testing.assert_allclose(detmath.log(np.abs(x) + 1e-3), np.log(np.abs(x) + 1e-3), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(detmath.power(np.abs(x), 2.8), np.abs(x) ** 2.8, rtol=1e-13)
+    assert detmath.power(0.0, 2.8) == 0.0 and detmath.arctan2(0.0, -0.0) == np.pi
+    assert detmath.cos(np.float32(1.0)).dtype == np.float32 and isinstance(detmath.cos(1.0), np.float64)

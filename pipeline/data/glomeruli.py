@@ -8,10 +8,13 @@ same test that decides where the tuft and Bowman's space are drawn.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from pipeline.data import detmath
 
 _REF = 1024.0  # lengths below are pixels of a 1024 px tile; they scale with size
 
@@ -40,11 +43,7 @@ class _Glomerulus:
 
 def _taps(size: int, step: float, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Cubic B-spline taps (indices (size, 4), weights (size, 4)) from grid nodes (k - 1) * step."""
-    g = (np.arange(size) + 0.5) / step + 1
-    i = np.floor(g).astype(np.int64)
-    t = (g - i)[:, None].astype(np.float32)
-    w = np.concatenate([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4, -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3], 1) / 6
-    return np.clip(i[:, None] + np.arange(-1, 3), 0, n - 1), w
+    return detmath.bspline_taps((np.arange(size) + 0.5) / step + 1, n)
 
 
 def _smooth(rng: np.random.Generator, size: int, step: float) -> np.ndarray:
@@ -126,7 +125,7 @@ def _place(rng: np.random.Generator, size: int) -> list[_Glomerulus]:
             aspect=rng.uniform(0.82, 1.0), angle=rng.uniform(0, np.pi), tuft=rng.uniform(0.84, 0.95),
             lobes=_lobes(rng), capsule=rng.uniform(0.025, 0.045))
         # Room for both capsules plus a thin strip of interstitium between them.
-        if all(np.hypot(g.cy - o.cy, g.cx - o.cx) > 1.15 * (g.radius + o.radius) + 4 for o in placed):
+        if all(math.hypot(g.cy - o.cy, g.cx - o.cx) > 1.15 * (g.radius + o.radius) + 4 for o in placed):
             placed.append(g)
     return placed
 
@@ -137,9 +136,9 @@ def _polar(g: _Glomerulus, size: int, reach: float) -> tuple[tuple[slice, slice]
     box = tuple(slice(int(max(0, np.floor(c - r))), int(min(size, np.ceil(c + r)))) for c in (g.cy, g.cx))
     dy = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None] + 0.5 - g.cy
     dx = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :] + 0.5 - g.cx
-    u = dx * np.cos(g.angle) + dy * np.sin(g.angle)
-    v = (-dx * np.sin(g.angle) + dy * np.cos(g.angle)) / g.aspect
-    return box, np.hypot(u, v) / g.radius, np.arctan2(v, u)
+    u = dx * detmath.cos(g.angle) + dy * detmath.sin(g.angle)
+    v = (-dx * detmath.sin(g.angle) + dy * detmath.cos(g.angle)) / g.aspect
+    return box, np.sqrt(u * u + v * v) / g.radius, detmath.arctan2(v, u)
 
 
 def _paint_glomerulus(cls: np.ndarray, mask: np.ndarray, g: _Glomerulus, size: int,
@@ -150,10 +149,10 @@ def _paint_glomerulus(cls: np.ndarray, mask: np.ndarray, g: _Glomerulus, size: i
     if rho.size == 0:
         return
     # The tuft is a union of lobules (discs) around a core, which scallops its outline.
-    u, v = rho * np.cos(theta), rho * np.sin(theta)
+    u, v = rho * detmath.cos(theta), rho * detmath.sin(theta)
     tuft = rho < 0.55 * g.tuft
     for angle, scale in g.lobes:
-        lu, lv = 0.5 * g.tuft * np.cos(angle), 0.5 * g.tuft * np.sin(angle)
+        lu, lv = 0.5 * g.tuft * detmath.cos(angle), 0.5 * g.tuft * detmath.sin(angle)
         tuft |= (u - lu) ** 2 + (v - lv) ** 2 < (0.45 * g.tuft * scale) ** 2
     inside = rho < 1
     tuft &= inside
@@ -198,7 +197,7 @@ def _colour(rng: np.random.Generator, cls: np.ndarray, f: float) -> np.ndarray:
     """Per-image stain palette, smooth stain-amount variation, grain, slight optical blur."""
     size = cls.shape[0]
     # Stain strength varies per slide: raise each channel's transmission to its own power.
-    palette = 255 * (np.asarray(_PALETTE, np.float32) / 255) ** rng.uniform(0.85, 1.2, 3).astype(np.float32)
+    palette = 255 * detmath.power(np.asarray(_PALETTE, np.float32) / 255, rng.uniform(0.85, 1.2, 3).astype(np.float32))
     stain = 1 + 0.12 * _smooth(rng, size, 200 * f) + 0.08 * _smooth(rng, size, 25 * f)
     absorb = (255 - palette[cls]) * stain[..., None]
     sigma = max(0.5, 0.9 * f)

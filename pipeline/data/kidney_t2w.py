@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pipeline.data import detmath
+
 GROUPS: tuple[str, str] = ("CKD", "healthy")
 FOV_MM = 384.0  # 256 px x 1.5 mm, kept constant so physical size never depends on image_size
 SLICE_MM = 5.0
@@ -131,11 +133,7 @@ def _anatomy(subject: SubjectSpec, seed: int) -> _Anatomy:
 
 def _taps(coords: np.ndarray, start: float, step: float, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Cubic B-spline taps (indices (N, 4), weights (N, 4)) from grid nodes start + k*step."""
-    g = (np.asarray(coords, np.float64) - start) / step
-    i = np.floor(g).astype(np.int64)
-    t = (g - i)[:, None].astype(np.float32)
-    w = np.concatenate([(1 - t) ** 3, 3 * t ** 3 - 6 * t ** 2 + 4, -3 * t ** 3 + 3 * t ** 2 + 3 * t + 1, t ** 3], 1) / 6
-    return np.clip(i[:, None] + np.arange(-1, 3), 0, n - 1), w
+    return detmath.bspline_taps((np.asarray(coords, np.float64) - start) / step, n)
 
 
 def _resample(grid: np.ndarray, taps: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
@@ -169,9 +167,10 @@ def _textures(seed: int, number: int, z: np.ndarray, y: np.ndarray, x: np.ndarra
 def _body(a: _Anatomy, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signal of skin fat / wall muscle / abdomen, and the inside-the-wall mask."""
     X, Y = x[None, :], y[:, None]
-    theta = np.arctan2(Y / a.half_height, X / a.half_width)
-    wobble = 1 + sum(amp * np.cos(k * theta + ph) for k, (amp, ph) in enumerate(a.outline, 2))
-    rho = ((np.abs(X) / a.half_width) ** 2.8 + (np.abs(Y) / a.half_height) ** 2.8) ** (1 / 2.8) * wobble
+    theta = detmath.arctan2(Y / a.half_height, X / a.half_width)
+    wobble = 1 + sum(amp * detmath.cos(k * theta + ph) for k, (amp, ph) in enumerate(a.outline, 2))
+    rho = detmath.power(detmath.power(np.abs(X) / a.half_width, 2.8)
+                        + detmath.power(np.abs(Y) / a.half_height, 2.8), 1 / 2.8) * wobble
     s = np.sqrt(np.clip(1 - (z / _BODY_DEPTH_MM) ** 2, 0.05, 1))[:, None, None]
     depth = (s - rho[None].astype(np.float32)) * a.half_width  # mm below the skin
     inner = depth >= a.fat + 9
@@ -230,10 +229,10 @@ def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, 
         return
     dy, dx = y[ys, None] - cy, x[None, xs] - cx
     m = -np.sign(cx) or 1.0  # +1: the spine (medial side) is towards +x
-    q = (dx * -m * np.sin(k.tilt) + dy * np.cos(k.tilt)) / length
-    p = (dx * m * np.cos(k.tilt) + dy * np.sin(k.tilt)) / width + k.bend * (1 - q ** 2)
-    theta = np.arctan2(q, p)
-    rb = 1 + sum(amp * np.cos(j * theta + ph) for j, (amp, ph) in enumerate(k.outline, 2))
+    q = (dx * -m * detmath.sin(k.tilt) + dy * detmath.cos(k.tilt)) / length
+    p = (dx * m * detmath.cos(k.tilt) + dy * detmath.sin(k.tilt)) / width + k.bend * (1 - q ** 2)
+    theta = detmath.arctan2(q, p)
+    rb = 1 + sum(amp * detmath.cos(j * theta + ph) for j, (amp, ph) in enumerate(k.outline, 2))
     w2 = (((z - cz) / depth) ** 2)[:, None, None]
     r = np.sqrt(((p ** 2 + q ** 2) / rb ** 2)[None] + w2).astype(np.float32)
     notch = (((p - 0.95) / 0.42) ** 2 + (q / 0.3) ** 2)[None] + w2 / 0.75 ** 2 < 1
@@ -242,7 +241,7 @@ def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, 
     box = sig[:, ys, xs]
     np.copyto(box, 0.4, where=(r < 1.2) & ~inside)
     np.copyto(box, 0.12, where=vessel)
-    outer = (r > 1 - k.cortex) | ((np.cos(k.pyramids * theta + k.phase) > 0.75) & (r > 0.35))
+    outer = (r > 1 - k.cortex) | ((detmath.cos(k.pyramids * theta + k.phase) > 0.75) & (r > 0.35))
     level = np.where(outer, k.level, k.level * (1 - k.contrast)) * (1 + k.patchiness * tex[:, ys, xs])
     np.copyto(box, level, where=inside)
     mask[:, ys, xs] |= inside
@@ -279,7 +278,7 @@ def _acquire(sig: np.ndarray, rng: np.random.Generator, z: np.ndarray, xy: np.nd
     grid = rng.standard_normal((3, n, n)).astype(np.float32)
     field = _resample(grid, _taps(z, -200.0, 200.0, 3), 0)
     taps = _taps(xy, -step * (n / 2 - 1), step, n)
-    sig *= np.exp(0.35 * _resample(_resample(field, taps, 1), taps, 2))
+    sig *= detmath.exp(0.35 * _resample(_resample(field, taps, 1), taps, 2))
     sigma = np.float32(rng.uniform(0.02, 0.035))
     noise = rng.standard_normal((2, *sig.shape), dtype=np.float32) * sigma
     mag = np.sqrt((sig + noise[0]) ** 2 + noise[1] ** 2)
