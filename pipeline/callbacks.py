@@ -76,20 +76,46 @@ class EpochChangeTiledInference(keras.callbacks.Callback):
         self.run.log_image(panel, key=self.key, step=epoch + 1)
 
 
-class TimeBudget(keras.callbacks.Callback):
-    """Stop after `minutes` of fitting; EarlyStopping still restores the best weights."""
+class TimeGuard(keras.callbacks.Callback):
+    """Opt-in (train.max_minutes): stop after `minutes` of fitting, counting the minutes of
+    the epochs a resumed run already completed (`elapsed`). `fired_after_epoch` tells."""
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, elapsed: float = 0.0):
         super().__init__()
-        self.seconds = minutes * 60.0
+        self.seconds, self.elapsed = minutes * 60.0, elapsed
         self.start = 0.0
-        self.stopped_epoch: int | None = None
+        self.fired_after_epoch: int | None = None
 
     def on_train_begin(self, logs=None):
-        self.start = time.monotonic()
+        self.start = time.monotonic() - self.elapsed
+
+    def seconds_used(self) -> float:
+        return time.monotonic() - self.start
 
     def on_epoch_end(self, epoch, logs=None):
-        if time.monotonic() - self.start > self.seconds:
-            log.warning("time budget of %.1f min reached after epoch %d: stopping", self.seconds / 60, epoch + 1)
-            self.stopped_epoch = epoch + 1
+        if self.seconds_used() > self.seconds:
+            log.warning("train.max_minutes (%.1f) reached after epoch %d of %d: stopping", self.seconds / 60,
+                        epoch + 1, self.params.get("epochs", 0))
+            self.fired_after_epoch = epoch + 1
             self.model.stop_training = True
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """Sets every random layer's seed state (dropout) from (seed, epoch, layer) when an
+    epoch begins, so the masks an epoch draws do not depend on how many epochs ran before
+    in this process: a training resumed at epoch k draws what an uninterrupted one would."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for i, generator in enumerate(seed_generators(self.model)):
+            value = np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0] % 2**31
+            generator.state.assign(np.array([value, 0], dtype=generator.state.dtype))
+
+
+def seed_generators(model: keras.Model) -> list:
+    """The model's SeedGenerators (one per dropout layer), in layer order."""
+    found = (getattr(layer, "seed_generator", None) for layer in model.layers)
+    return [g for g in found if isinstance(g, keras.random.SeedGenerator)]

@@ -24,12 +24,23 @@ from serving.errors import UserError
 log = logging.getLogger("flexunet")
 
 
-def quiet_tensorflow(debug: bool) -> None:
-    """Keep TensorFlow's C++ start-up chatter from burying the project's own messages.
+def quiet_tensorflow(debug: bool, onednn: bool | None = None) -> None:
+    """Import TensorFlow with the kernels params.yaml asks for (train.onednn; None: TF's
+    own default), and keep its C++ start-up chatter from burying the project's messages.
 
-    TF_CPP_MIN_LOG_LEVEL silences TF's logger, but TF >= 2.16 prints absl lines before
-    that logger exists, so stderr is muted at the file-descriptor level for the import.
+    TF reads TF_ENABLE_ONEDNN_OPTS once, at import: params.yaml decides it, not an
+    environment left over in the shell. TF_CPP_MIN_LOG_LEVEL silences TF's logger, but
+    TF >= 2.16 prints absl lines before that logger exists, so stderr is muted at the
+    file-descriptor level for the import.
     """
+    if onednn is not None:
+        wanted = "1" if onednn else "0"
+        if "tensorflow" in sys.modules and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != wanted:
+            log.warning("TensorFlow is already imported; train.onednn (%s) cannot take effect", onednn)
+        elif os.environ.get("TF_ENABLE_ONEDNN_OPTS", wanted) != wanted:
+            log.warning("TF_ENABLE_ONEDNN_OPTS=%s ignored: params.yaml's train.onednn is %s",
+                        os.environ["TF_ENABLE_ONEDNN_OPTS"], str(onednn).lower())
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = wanted
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if debug or "tensorflow" in sys.modules:
@@ -79,7 +90,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     layout = _layout(args)
-    quiet_tensorflow(args.debug)
+    quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.train import train
 
     result = train(layout)
@@ -88,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     layout = _layout(args, tuned=False)   # the search is around params.yaml's own values
-    quiet_tensorflow(args.debug)
+    quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.tune import tune
 
     tune(layout, worker=args.worker)
@@ -96,7 +107,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     layout = _layout(args)
-    quiet_tensorflow(args.debug)
+    quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.evaluate import evaluate
 
     evaluate(layout)
@@ -104,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     layout = _layout(args)
-    quiet_tensorflow(args.debug)
+    quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.export import export
 
     export(layout)

@@ -60,7 +60,7 @@ def space_to_depth_levels(params: Params) -> int:
     """How many top levels export computes on 2x2 phases. auto: the space_to_depth cost
     model for AVX-512's 16-channel blocks. Fixed to AVX-512 rather than probed, so that the
     same params give the same ONNX bytes on every machine."""
-    from pipeline.model import dilation_schedule, kernel_schedule
+    from pipeline.architecture import dilation_schedule, kernel_schedule
     from pipeline.space_to_depth import levels_that_pay_off
 
     choice, m = params.export.space_to_depth, params.model

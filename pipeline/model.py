@@ -12,17 +12,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from pipeline.architecture import dilation_schedule, kernel_schedule
 from pipeline.params import ModelParams
-
-
-def kernel_schedule(base_kernels: tuple[int, int], num_layers: int) -> list[tuple[int, int]]:
-    """Encoder kernel per level: the base kernel shrinking by 2 per level, floored at 3."""
-    return [(max(3, base_kernels[0] - 2 * i), max(3, base_kernels[1] - 2 * i)) for i in range(num_layers)]
-
-
-def dilation_schedule(dilation: tuple[int, int], num_layers: int) -> list[tuple[int, int]]:
-    """Encoder dilation per level: decreasing by 1 per level, floored at 1 (the seed's rule)."""
-    return [(max(1, dilation[0] - i), max(1, dilation[1] - i)) for i in range(num_layers)]
 
 
 def _conv_block(x, filters: int, kernel, dilation, dropout: float, batchnorm: bool, name: str, dtype: str):

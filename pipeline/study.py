@@ -26,18 +26,17 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from pipeline.liveness import is_alive
 from pipeline.params import Params
 from pipeline.search_space import TUNABLE
 
@@ -46,10 +45,11 @@ log = logging.getLogger(__name__)
 WORKER_ATTR = "worker"               # trial user attr: {"host", "pid", "started"}
 MLFLOW_RUN_ATTR = "mlflow_run_id"    # trial user attr: its nested MLflow run
 FAIL_REASON_ATTR = "fail_reason"
-_BUDGET_KEYS = {"n_trials", "timeout_minutes", "storage", "heartbeat_seconds", "study_name"}
+OVER_BUDGET_ATTR = "over_budget_gflop"  # trial user attr: pruned untrained, its model costs too much
+_BUDGET_KEYS = {"n_trials", "timeout_minutes", "storage", "heartbeat_seconds", "study_name", "max_gflop_per_image"}
 # train keys of the full training run that a trial overrides or never uses
 _FULL_RUN_KEYS = ("epochs", "max_minutes", "use_tuned_params", "epoch_change_infer",
-                  "epoch_change_tiled_infer", "num_infer_images")
+                  "epoch_change_tiled_infer", "num_infer_images", "keep_weights", "resume", "cache")
 
 
 def is_rdb_url(storage: str) -> bool:
@@ -96,31 +96,6 @@ def study_name(params: Params, fingerprint: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- liveness
-def this_worker() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(worker: dict[str, Any]) -> bool:
-    pid = int(worker.get("pid", -1))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # exists but not ours, or unreadable: do not guess
-    started = worker.get("started")
-    return started is None or _start_time(pid) in (None, started)
-
-
 def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[optuna.trial.FrozenTrial]:
     """Mark FAILED the RUNNING trials whose worker died on this host (journal storage has no
     heartbeat); RDB storages let Optuna's heartbeat do it. Returns the trials closed, as
@@ -132,7 +107,7 @@ def fail_dead_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) 
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR) or {}
-        if worker.get("host") != host or _alive(worker):
+        if worker.get("host") != host or is_alive(worker):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         reason = f"worker process {worker.get('pid')} on {host} ended during the trial (killed or crashed)"
@@ -194,7 +169,11 @@ def setup_lock(storage: str, project_root: Path) -> Iterator[None]:
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
-    out = {s.name.lower(): 0 for s in TrialState}
+    """Trials per state; `pruned` counts trained trials only, `over_budget` the proposals
+    pruned untrained for exceeding tune.max_gflop_per_image (they cost nothing, and do not
+    count towards n_trials)."""
+    out = {s.name.lower(): 0 for s in TrialState} | {"over_budget": 0}
     for trial in study.get_trials(deepcopy=False):
-        out[trial.state.name.lower()] += 1
+        over = trial.state == TrialState.PRUNED and OVER_BUDGET_ATTR in trial.user_attrs
+        out["over_budget" if over else trial.state.name.lower()] += 1
     return out

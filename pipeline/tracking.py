@@ -10,7 +10,9 @@ for the same reason.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +23,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import FlexUNetError
+from pipeline.liveness import is_alive, this_process
 from pipeline.params import MlflowParams
+
+log = logging.getLogger(__name__)
 
 _EXPS_MARKER = (".dvc", "tmp", "exps")
 
@@ -215,11 +220,16 @@ def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str |
 
     if run_id is None:
         experiment_id = _ensure_experiment(cfg.experiment_name, uri, project_root)
+        close_orphaned_runs(uri, experiment_id)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
                                nested=parent_run_id is not None)
     else:
         _require_run(run_id, uri)
+        close_orphaned_runs(uri, _experiment_of(uri, run_id))
         run = mlflow.start_run(run_id=run_id)
+    process = this_process()
+    mlflow.set_tags({PROCESS_TAGS[0]: process["host"], PROCESS_TAGS[1]: str(process["pid"]),
+                     PROCESS_TAGS[2]: str(process["started"] or "")})
     try:
         yield RunLogger(run.info.run_id, uri)
     except BaseException:
@@ -227,6 +237,40 @@ def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str |
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+# Which process has a run open: a later start on the same host closes the runs of dead ones.
+PROCESS_TAGS = ("flexunet.host", "flexunet.pid", "flexunet.pid_started")
+
+
+def _experiment_of(uri: str, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id).info.experiment_id
+
+
+def close_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
+    """Mark FAILED, with the reason, the RUNNING runs of the experiment whose process (on
+    this host) has ended: a SIGKILL or the OOM killer leaves no chance to close them.
+    Returns their ids. Runs of other hosts are left alone (their liveness is unknowable)."""
+    from mlflow.tracking import MlflowClient
+
+    host = socket.gethostname()
+    runs = MlflowClient(uri).search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAGS[0]}` = '{host}'")
+    closed = []
+    for run in runs:
+        tags = run.data.tags
+        process = {"host": host, "pid": tags.get(PROCESS_TAGS[1]), "started": tags.get(PROCESS_TAGS[2]) or None}
+        if is_alive(process):
+            continue
+        stage = tags.get("flexunet.stage", "a stage")
+        reason = (f"process {process['pid']} on {host} ({stage}) ended while the run was open "
+                  f"(killed or crashed); closed when the next run started")
+        mark_failed(uri, run.info.run_id, reason)
+        log.warning("MLflow run %s: %s", run.info.run_id, reason)
+        closed.append(run.info.run_id)
+    return closed
 
 
 def _require_run(run_id: str, uri: str) -> None:

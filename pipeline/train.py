@@ -1,8 +1,9 @@
 """Train stage: fit FlexUNet on data/<name>/{train,valid}, tracked in MLflow and DVCLive.
 
-Outputs (all or nothing): models/model.keras (best validation loss), models/train_run.json
-(MLflow run id for the later stages), metrics/train.json, plots/train_curves.png and the
-per-epoch DVCLive plots in dvclive/.
+Outputs (all or nothing): models/model.keras (the last epoch's weights, or the lowest
+validation loss's with train.keep_weights: best), models/train_run.json (MLflow run id for
+the later stages), metrics/train.json, plots/train_curves.png and the per-epoch DVCLive
+plots in dvclive/. A killed training resumes at its last completed epoch (pipeline.resume).
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import numpy as np
 from PIL import Image
 
 from pipeline import plots
-from pipeline.callbacks import EpochChangeInference, EpochChangeTiledInference, MlflowEpochLogger, TimeBudget
-from pipeline.data.dataset import find_pairs, load_split, make_dataset
+from pipeline.callbacks import (
+    EpochChangeInference, EpochChangeTiledInference, EpochSeeds, MlflowEpochLogger, TimeGuard,
+)
+from pipeline.data.dataset import find_pairs, load_arrays, load_split, plain_batches, steps_per_epoch, training_stream
 from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
 from pipeline.metrics import get_loss, training_metrics
+from pipeline.architecture import forward_flops
 from pipeline.model import as_float32, build_flexunet
 from pipeline.params import Params, TrainParams
+from pipeline.resume import RestoreCallbacks, SaveEpoch, Snapshot, TrainingState, restore
 from pipeline.tracking import find_project_root, standard_tags, start_run
 from serving.atomic import atomic_path, remove_on_failure, write_json
 from serving.imageio import read_image
@@ -42,13 +47,16 @@ class TrainResult:
 
 
 def learning_rate(t: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """A fixed rate (the seed), or a per-step cosine decay over all `epochs`: with a short
-    CPU budget the last epochs at a small rate settle the kidney borders that a constant
-    rate keeps jittering."""
+    """A fixed rate (the seed), or a per-step cosine decay to learning_rate x min_lr_fraction
+    at the last step, after `warmup_epochs` of linear warm-up from that floor. Both are
+    fixed in advance: no validation plateau decides anything."""
     if t.lr_schedule == "constant":
         return t.learning_rate
+    warmup = round(t.warmup_epochs * steps_per_epoch)
+    floor = t.learning_rate * t.min_lr_fraction
     return keras.optimizers.schedules.CosineDecay(
-        t.learning_rate, decay_steps=t.epochs * steps_per_epoch, alpha=t.min_lr_fraction)
+        floor if warmup else t.learning_rate, decay_steps=t.epochs * steps_per_epoch - warmup,
+        alpha=t.min_lr_fraction, warmup_target=t.learning_rate if warmup else None, warmup_steps=warmup)
 
 
 def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -102,49 +110,74 @@ def load_large_samples(layout: Layout, count: int) -> tuple[list[np.ndarray], li
     return images, truths
 
 
-def _callbacks(layout: Layout, run, checkpoint: Path | None) -> tuple[list, TimeBudget | None]:
-    """The training callbacks; checkpoint=None is a tuning trial: no files (checkpoint,
-    DVCLive), no panels and no time budget, only the per-epoch MLflow curves."""
+def _callbacks(layout: Layout, run, state: TrainingState | None, snapshot: Snapshot | None,
+               stage: bool) -> tuple[list, TimeGuard | None]:
+    """The training callbacks. stage=False is a tuning trial: no files (checkpoints,
+    DVCLive), no panels, no time guard and no resume state, only the per-epoch MLflow curves."""
+    t = layout.params.train
+    schedule: list = []   # callbacks whose state carries from epoch to epoch
+    if t.keep_weights == "best" and state is not None:
+        schedule.append(keras.callbacks.ModelCheckpoint(state.best_weights, monitor="val_loss", save_best_only=True,
+                                                        save_weights_only=True))
+    if t.patience is not None:
+        schedule.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience))
+    if t.learning_rate_reducer:
+        schedule.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=t.reducer_factor, patience=t.reducer_patience, min_lr=1e-7, verbose=int(stage)))
+    callbacks: list = [EpochSeeds(t.seed), *schedule, MlflowEpochLogger(run)]
+    guard = None
+    if stage:
+        callbacks += _stage_callbacks(layout, run, snapshot)
+        if t.max_minutes:
+            guard = TimeGuard(t.max_minutes, elapsed=snapshot.seconds if snapshot else 0.0)
+            callbacks.append(guard)
+    if snapshot is not None:
+        callbacks.append(RestoreCallbacks(schedule, snapshot.callbacks))
+    if state is not None:   # last: it records the others' state after the epoch
+        clock = guard.seconds_used if guard else _clock(snapshot.seconds if snapshot else 0.0)
+        callbacks.append(SaveEpoch(state, run.run_id, schedule, snapshot.history if snapshot else {}, clock))
+    return callbacks, guard
+
+
+def _clock(elapsed: float):
+    start = time.monotonic() - elapsed
+    return lambda: time.monotonic() - start
+
+
+def _stage_callbacks(layout: Layout, run, snapshot: Snapshot | None) -> list:
+    """DVCLive (replaying a resumed run's epochs first) and the epoch-change panels."""
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
+    from dvclive.utils import standardize_metric_name
 
-    t, stage = layout.params.train, checkpoint is not None
-    callbacks: list = [
-        *([keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True,
-                                           save_weights_only=True)] if stage else []),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience, restore_best_weights=True),
-        MlflowEpochLogger(run),
-        # dvcyaml=None: dvc.yaml declares the plots itself; DVCLive must not rewrite it.
-        *([DVCLiveCallback(live=Live(str(layout.dvclive), dvcyaml=None, save_dvc_exp=False, report=None))]
-          if stage else []),
-    ]
-    if t.learning_rate_reducer:
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=t.reducer_factor, patience=t.reducer_patience, min_lr=1e-7, verbose=int(stage)))
-    if not stage:
-        return callbacks, None
-    if t.epoch_change_infer:
-        images, truths = load_infer_samples(layout, t.num_infer_images)
-        callbacks.append(EpochChangeInference(run, images, truths, layout.params.mask.colours, "epoch_change_infer",
-                                              single_foreground_class=layout.params.mask.single_foreground_class))
-    if t.epoch_change_tiled_infer:
-        images, truths = load_large_samples(layout, t.num_infer_images)
-        callbacks.append(EpochChangeTiledInference(run, images, truths, layout.params.mask.colours,
-                                                   tile_size=layout.params.model.image_width,
-                                                   single_foreground_class=layout.params.mask.single_foreground_class))
-    budget = TimeBudget(t.max_minutes) if t.max_minutes else None
-    if budget:
-        callbacks.append(budget)
-    return callbacks, budget
+    p = layout.params
+    # dvcyaml=None: dvc.yaml declares the plots itself; DVCLive must not rewrite it.
+    live = Live(str(layout.dvclive), dvcyaml=None, save_dvc_exp=False, report=None)
+    for epoch in range(snapshot.epochs_done if snapshot else 0):
+        for key, values in snapshot.history.items():
+            live.log_metric(standardize_metric_name(key, "dvclive.keras"), values[epoch])
+        live.next_step()
+    callbacks: list = [DVCLiveCallback(live=live)]
+    single = p.mask.single_foreground_class
+    if p.train.epoch_change_infer:
+        images, truths = load_infer_samples(layout, p.train.num_infer_images)
+        callbacks.append(EpochChangeInference(run, images, truths, p.mask.colours, "epoch_change_infer",
+                                              single_foreground_class=single))
+    if p.train.epoch_change_tiled_infer:
+        images, truths = load_large_samples(layout, p.train.num_infer_images)
+        callbacks.append(EpochChangeTiledInference(run, images, truths, p.mask.colours,
+                                                   tile_size=p.model.image_width, single_foreground_class=single))
+    return callbacks
 
 
 @dataclass
 class Fit:
     model: keras.Model
-    history: dict[str, list[float]]
-    seconds: float
+    history: dict[str, list[float]]   # every epoch, the resumed ones included
+    seconds: float                    # fitting time, the resumed epochs' included
     n_train: int
-    budget: TimeBudget | None
+    guard: TimeGuard | None
+    resumed_epochs: int = 0
 
 
 def subset(pairs: list, count: int | None, seed: int) -> list:
@@ -155,73 +188,113 @@ def subset(pairs: list, count: int | None, seed: int) -> list:
     return [pairs[i] for i in keep]
 
 
-def fit(layout: Layout, run, *, checkpoint: Path | None, extra_callbacks: list | None = None,
-        train_subset: int | None = None) -> Fit:
+def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool = False,
+        extra_callbacks: list | None = None, train_subset: int | None = None) -> Fit:
     """Build, compile and fit FlexUNet from layout.params: the one training loop, used by
-    the train stage (checkpoint = where the best weights go) and by every tuning trial
-    (checkpoint=None, a train subset, Optuna's pruning callback in extra_callbacks)."""
-    p = layout.params
-    keras.utils.set_random_seed(p.train.seed)
+    the train stage (stage=True; `state`: where epochs are saved for resuming) and by every
+    tuning trial (a train subset, Optuna's pruning callback in extra_callbacks)."""
+    p, t = layout.params, layout.params.train
+    keras.utils.set_random_seed(t.seed)
     size = (p.model.image_width, p.model.image_height)
-    train_pairs = subset(load_split(layout.data_dir, "train", p.mask, size), train_subset, p.train.seed)
+    train_pairs = subset(load_split(layout.data_dir, "train", p.mask, size), train_subset, t.seed)
     valid_pairs = load_split(layout.data_dir, "valid", p.mask, size)
-    train_ds = make_dataset(train_pairs, p.mask, channels=p.model.image_channels, batch_size=p.train.batch_size,
-                            augment=p.train.augment, shuffle_seed=p.train.seed)
-    valid_ds = make_dataset(valid_pairs, p.mask, channels=p.model.image_channels, batch_size=p.train.batch_size)
-    model = compile_model(p, steps_per_epoch=-(-len(train_pairs) // p.train.batch_size))
-    log.info("FlexUNet: %s parameters, %d train / %d valid images, %s", f"{model.count_params():,}",
-             len(train_pairs), len(valid_pairs), resolve_precision(p.train.precision))
-    callbacks, budget = _callbacks(layout, run, checkpoint)
-    start = time.monotonic()
-    stage = checkpoint is not None
-    history = model.fit(train_ds, validation_data=valid_ds, epochs=p.train.epochs,
-                        callbacks=callbacks + (extra_callbacks or []),
+    arrays = {"channels": p.model.image_channels, "size": size, "cache": t.cache}
+    train_split = load_arrays(train_pairs, p.mask, desc="decoding train", **arrays)
+    valid_split = load_arrays(valid_pairs, p.mask, desc="decoding valid", **arrays)
+    steps = steps_per_epoch(len(train_split), t.batch_size)
+    model = compile_model(p, steps_per_epoch=steps)
+    snapshot = state.latest() if state is not None else None
+    start = 0
+    if snapshot is not None:
+        restore(model, snapshot)
+        start = snapshot.epochs_done
+        log.info("resuming at epoch %d of %d from %s", start + 1, t.epochs, snapshot.folder)
+    train_ds = training_stream(train_split, batch_size=t.batch_size, epochs=t.epochs, start_epoch=start, seed=t.seed,
+                               augment=t.augment, num_classes=p.model.num_classes)
+    valid_ds = plain_batches(valid_split, batch_size=t.batch_size, num_classes=p.model.num_classes)
+    log.info("FlexUNet: %s parameters, %d train / %d valid images, %s, %.2f GFLOP per image forward",
+             f"{model.count_params():,}", len(train_pairs), len(valid_pairs), resolve_precision(t.precision),
+             forward_flops(p.model) / 1e9)
+    callbacks, guard = _callbacks(layout, run, state, snapshot, stage)
+    began = time.monotonic()
+    history = model.fit(train_ds, validation_data=valid_ds, epochs=t.epochs, initial_epoch=start,
+                        steps_per_epoch=steps, callbacks=callbacks + (extra_callbacks or []),
                         verbose=(1 if sys.stdout.isatty() else 2) if stage else 0)
-    seconds = time.monotonic() - start
-    if checkpoint is not None and checkpoint.is_file():  # absent only if val_loss was never finite
-        model.load_weights(checkpoint)
-        checkpoint.unlink()
-    return Fit(model, history.history, seconds, len(train_pairs), budget)
+    seconds = time.monotonic() - began + (snapshot.seconds if snapshot else 0.0)
+    merged = {k: list(v) for k, v in snapshot.history.items()} if snapshot else {}
+    for key, values in history.history.items():
+        merged.setdefault(key, []).extend(values)
+    if t.keep_weights == "best" and state is not None and state.best_weights.is_file():
+        model.load_weights(state.best_weights)   # absent only if val_loss was never finite
+    return Fit(model, merged, seconds, len(train_pairs), guard, start)
 
 
 def train(layout: Layout) -> TrainResult:
     p = layout.params
     manifest = layout.read_manifest()
     project_root = find_project_root(layout.root)
-    checkpoint = layout.models / ".best.weights.h5"
+    state = TrainingState.for_params(project_root, p, manifest.get("fingerprint")) if p.train.resume else None
+    snapshot = state.latest() if state is not None else None
     outputs = [layout.model_file, layout.run_file, layout.metrics / "train.json",
-               layout.plots / "train_curves.png", layout.dvclive, checkpoint]
+               layout.plots / "train_curves.png", layout.dvclive]
     tags = standard_tags(project_root, manifest.get("fingerprint"), "train")
+    tags["tf.onednn"] = str(onednn_enabled()).lower()
     if p.train.use_tuned_params:
         tags["flexunet.tuned_params"] = str(layout.tuned_params_file.relative_to(layout.root))
+    if snapshot is not None:
+        tags.update({"flexunet.resumed_from_run": snapshot.run_id or "unknown",
+                     "flexunet.resumed_at_epoch": str(snapshot.epochs_done + 1)})
     with remove_on_failure(outputs), start_run(p.mlflow, project_root, tags=tags) as run:
         run.log_params(p.flat())
+        for epoch in range(snapshot.epochs_done if snapshot else 0):   # the new run's curves start at epoch 1
+            run.log_metrics({k: v[epoch] for k, v in snapshot.history.items()}, step=epoch + 1)
         layout.models.mkdir(parents=True, exist_ok=True)
-        result = fit(layout, run, checkpoint=checkpoint)
+        result = fit(layout, run, state=state, stage=True)
         model = as_float32(result.model, p.model)
-        return _finish(layout, run, model, result.history, result.seconds, result.n_train, result.budget)
+        done = _finish(layout, run, model, result)
+    if state is not None:
+        state.clear()
+    return done
 
 
-def _finish(layout: Layout, run, model, history: dict, seconds: float, n_train: int,
-            budget: TimeBudget | None) -> TrainResult:
+def _finish(layout: Layout, run, model, result: Fit) -> TrainResult:
+    t, history = layout.params.train, result.history
     val_loss = history["val_loss"]
+    epochs_run = len(val_loss)
     best = int(np.nanargmin(val_loss))
+    kept = best if t.keep_weights == "best" else epochs_run - 1
+    final_metrics = {f"final_{k}": float(v[-1]) for k, v in history.items() if k.startswith("val_")}
     best_metrics = {f"best_{k}": float(v[best]) for k, v in history.items() if k.startswith("val_")}
+    guard = result.guard.fired_after_epoch if result.guard else None
     summary = {
-        **best_metrics, "best_epoch": best + 1, "epochs_run": len(val_loss),
-        "train_seconds": round(seconds, 1), "train_images_per_second": round(n_train * len(val_loss) / seconds, 2),
-        "time_budget_hit": bool(budget and budget.stopped_epoch), "params": int(model.count_params()),
+        **best_metrics, **final_metrics, "best_epoch": best + 1, "kept_epoch": kept + 1,
+        "epochs_run": epochs_run, "epochs_configured": t.epochs, "resumed_at_epoch": result.resumed_epochs + 1
+        if result.resumed_epochs else None, "train_seconds": round(result.seconds, 1),
+        "train_images_per_second": round(result.n_train * epochs_run / result.seconds, 2),
+        "time_guard_fired": guard is not None, "params": int(model.count_params()),
+        "forward_gflop_per_image": round(forward_flops(layout.params.model) / 1e9, 4),
     }
     with atomic_path(layout.model_file, suffix=".keras") as tmp:
         model.save(tmp)
     write_json(layout.metrics / "train.json", summary)
     plots.training_curves(history, layout.plots / "train_curves.png")
-    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if guard is not None:
+        run.set_tags({"flexunet.time_guard": f"train.max_minutes {t.max_minutes} fired after epoch {guard} "
+                                             f"of {t.epochs}"})
     run.log_artifact(layout.plots / "train_curves.png", "plots")
     if layout.params.mlflow.log_model:
         m = layout.params.model
         run.log_keras_model(model, np.zeros((1, m.image_height, m.image_width, m.image_channels), np.float32))
     write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
-    log.info("best epoch %d of %d: val_loss %.4f; model -> %s", best + 1, len(val_loss), val_loss[best],
-             layout.model_file)
-    return TrainResult(run.run_id, layout.model_file, best + 1, len(val_loss), best_metrics)
+    log.info("%d of %d epochs; kept epoch %d (val_loss %.4f; best %d: %.4f); model -> %s", epochs_run, t.epochs,
+             kept + 1, val_loss[kept], best + 1, val_loss[best], layout.model_file)
+    return TrainResult(run.run_id, layout.model_file, kept + 1, epochs_run, best_metrics)
+
+
+def onednn_enabled() -> bool:
+    """Whether this process's TensorFlow runs oneDNN kernels (train.onednn, and TF's own
+    CPU policy: it has no oneDNN path on CPUs without AVX512-VNNI/BF16 or AMX)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())

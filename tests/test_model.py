@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.metrics import ClassOverlap, DiceCoefMulticlass, dice_coef_multiclass, training_metrics
-from pipeline.model import as_float32, build_flexunet, dilation_schedule, kernel_schedule
+from pipeline.architecture import dilation_schedule, kernel_schedule
+from pipeline.model import as_float32, build_flexunet
 from pipeline.params import ModelParams, TrainParams
 from pipeline.train import learning_rate, resolve_precision
 

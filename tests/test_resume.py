@@ -1,0 +1,158 @@
+"""A killed training resumes at its last completed epoch and gives the uninterrupted model.
+
+The reference is the same tiny training run without interruption. One test kills a real
+`flexunet train` process with SIGKILL; another crashes a run in-process with the schedule
+callbacks on (early stopping, ReduceLROnPlateau, best-weights checkpoint), whose states
+must come back too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+import pipeline.train as train_module
+from pipeline.data.prepare import prepare
+from pipeline.layout import Layout
+from pipeline.params import params_from_dict
+from pipeline.resume import STATE_ROOT
+from pipeline.tracking import resolve_tracking_uri
+from pipeline.train import train
+from tests.conftest import tiny_dict
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume-data")
+    prepare(Layout(root, params_from_dict(tiny_dict())))
+    return root
+
+
+def _project(root: Path, data_root: Path, **train) -> Layout:
+    raw = tiny_dict()
+    raw["dataset"]["root"] = str(data_root / "data")
+    raw["train"].update({"epochs": 5, "num_infer_images": 1, **train})
+    raw["mlflow"]["log_model"] = False
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return Layout(root, params_from_dict(raw))
+
+
+def _weights(layout: Layout) -> list[np.ndarray]:
+    return keras.models.load_model(layout.model_file, compile=False).get_weights()
+
+
+def _assert_same_model(a: Layout, b: Layout) -> None:
+    for x, y in zip(_weights(a), _weights(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    ha, hb = (json.loads((lay.metrics / "train.json").read_text()) for lay in (a, b))
+    assert ha["epochs_run"] == hb["epochs_run"] and ha["kept_epoch"] == hb["kept_epoch"]
+    assert ha["final_val_loss"] == pytest.approx(hb["final_val_loss"], rel=1e-5)
+
+
+def _client(layout: Layout) -> MlflowClient:
+    return MlflowClient(resolve_tracking_uri(layout.params.mlflow, layout.root))
+
+
+def test_a_sigkilled_training_resumes_and_gives_the_uninterrupted_model(tmp_path, data_root):
+    reference = _project(tmp_path / "reference", data_root)
+    train(reference)
+
+    layout = _project(tmp_path / "killed", data_root)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    worker = subprocess.Popen([str(BIN / "flexunet"), "train", "--params", str(layout.root / "params.yaml")],
+                              cwd=layout.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list((layout.root / STATE_ROOT).glob("*/epoch-00002/state.json")):
+        assert worker.poll() is None, worker.stdout.read()
+        assert time.monotonic() < deadline, "epoch 2 never completed"
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    assert not layout.model_file.exists()
+    experiment = _client(layout).get_experiment_by_name(layout.params.mlflow.experiment_name).experiment_id
+    (killed_run,) = _client(layout).search_runs([experiment], "tags.`flexunet.stage` = 'train'")
+    assert killed_run.info.status == "RUNNING"   # what SIGKILL leaves behind
+
+    result = train(layout)   # what the next `dvc repro` runs
+    summary = json.loads((layout.metrics / "train.json").read_text())
+    assert 3 <= summary["resumed_at_epoch"] <= 5 and result.epochs_run == summary["epochs_configured"] == 5
+    _assert_same_model(reference, layout)
+    assert not list(layout.models.glob(".*")), "no hidden leftovers beside the model"
+    assert not any((layout.root / STATE_ROOT).iterdir()), "the resume state is removed once training ends"
+
+    client = _client(layout)
+    killed = client.get_run(killed_run.info.run_id)
+    assert killed.info.status == "FAILED"
+    assert f"process {worker.pid}" in killed.data.tags["fail_reason"]
+    assert "ended while the run was open" in killed.data.tags["fail_reason"]
+    resumed = client.get_run(result.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["flexunet.resumed_from_run"] == killed_run.info.run_id
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2, 3, 4, 5]
+
+
+class _Crash(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 3:
+            raise RuntimeError("simulated crash at the start of epoch 4")
+
+
+def test_a_crash_resumes_with_the_schedule_callbacks_state(tmp_path, data_root, monkeypatch):
+    schedule = {"lr_schedule": "constant", "learning_rate_reducer": True, "reducer_patience": 1,
+                "reducer_factor": 0.5, "patience": 2, "keep_weights": "best", "epochs": 7, "learning_rate": 0.02}
+    reference = _project(tmp_path / "reference", data_root, **schedule)
+    train(reference)
+
+    layout = _project(tmp_path / "crashed", data_root, **schedule)
+    real = train_module._stage_callbacks
+    monkeypatch.setattr(train_module, "_stage_callbacks", lambda *a: real(*a) + [_Crash()])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(layout)
+    assert not layout.model_file.exists() and not (layout.metrics / "train.json").exists()
+    state = next((layout.root / STATE_ROOT).iterdir())
+    saved = json.loads(next(state.glob("epoch-00003/state.json")).read_text())
+    assert set(saved["callbacks"]) == {"EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint"}
+    monkeypatch.setattr(train_module, "_stage_callbacks", real)
+
+    train(layout)
+    assert json.loads((layout.metrics / "train.json").read_text())["resumed_at_epoch"] == 4
+    _assert_same_model(reference, layout)
+    lr = [m.value for m in sorted(_client(layout).get_metric_history(
+        json.loads(layout.run_file.read_text())["run_id"], "learning_rate"), key=lambda m: m.step)]
+    ref_lr = [m.value for m in sorted(_client(reference).get_metric_history(
+        json.loads(reference.run_file.read_text())["run_id"], "learning_rate"), key=lambda m: m.step)]
+    assert lr == pytest.approx(ref_lr) and min(lr) < schedule["learning_rate"]   # the reducer fired, alike
+
+
+def test_other_params_start_over(tmp_path, data_root, monkeypatch):
+    layout = _project(tmp_path / "p", data_root, epochs=3)
+    real = train_module._stage_callbacks
+
+    class CrashAt2(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("crash")
+
+    monkeypatch.setattr(train_module, "_stage_callbacks", lambda *a: real(*a) + [CrashAt2()])
+    with pytest.raises(RuntimeError):
+        train(layout)
+    monkeypatch.setattr(train_module, "_stage_callbacks", real)
+    changed = Layout(layout.root, params_from_dict({**layout.params.model_dump(mode="python"),
+                                                    "train": {**layout.params.train.model_dump(), "seed": 3}}))
+    train(changed)
+    assert json.loads((changed.metrics / "train.json").read_text())["resumed_at_epoch"] is None
+    assert len(list((layout.root / STATE_ROOT).iterdir())) == 1   # the first params' state is kept
