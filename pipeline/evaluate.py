@@ -7,6 +7,7 @@ into the training run named in models/train_run.json.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,27 @@ def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
     return panel
 
 
+def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None, min_dice: float) -> list[str]:
+    """One line per reason to distrust this model: training cut short, or Dice under the floor."""
+    out = []
+    if training:
+        run, configured = training.get("epochs_run"), training.get("epochs_configured")
+        why = "train.max_minutes fired" if training.get("time_guard_fired") else "early stopping (train.patience)"
+        if isinstance(run, int) and isinstance(configured, int) and run < configured:
+            out.append(f"training ran {run} of {configured} epochs ({why})")
+        elif training.get("time_guard_fired"):
+            out.append("train.max_minutes fired")
+    dice = metrics["mean_foreground_dice"]
+    if dice < min_dice:
+        out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {min_dice}")
+    return out
+
+
+def _training_summary(layout: Layout) -> dict[str, Any] | None:
+    path = layout.metrics / "train.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def evaluate(layout: Layout) -> dict[str, Any]:
     p = layout.params
     model = load_model(layout.model_file)
@@ -170,8 +192,12 @@ def evaluate(layout: Layout) -> dict[str, Any]:
         metrics, confusion, counts = evaluate_split(model, layout)
         plots.confusion_matrix(confusion, p.mask.class_names, layout.plots / "confusion_matrix.png")
         save_mini_test(model, layout)
-        report = {**metrics, "confusion_matrix": confusion.tolist()}
+        warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate.min_dice)
+        report = {**metrics, "confusion_matrix": confusion.tolist(), "min_dice": p.evaluate.min_dice,
+                  "below_min_dice": metrics["mean_foreground_dice"] < p.evaluate.min_dice, "warnings": warnings}
         write_json(layout.metrics / "eval.json", report)
+        if warnings:
+            run.set_tags({"flexunet.warnings": "; ".join(warnings)})
         counts.update(extra_counts(model, layout))
         tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
         run.log_metrics({f"test_{k}": v for k, v in metrics.items()})
@@ -187,4 +213,6 @@ def evaluate(layout: Layout) -> dict[str, Any]:
                      f"{tkv['repeat_cv_true_percent']:.1f} %)" if tkv.get("repeat_subjects") else "")
     log.info("test: mean foreground Dice %.4f, seed dice_coef_multiclass %.4f",
              metrics["mean_foreground_dice"], metrics["dice_coef_multiclass"])
+    for warning in warnings:
+        log.warning("%s: this model is not to be trusted (metrics/eval.json 'warnings')", warning)
     return report

@@ -16,6 +16,9 @@ Alias rule (documented in the README):
   (read from the champion version's `test_mean_foreground_dice` tag; a tie moves it, so
   a retrain of equal quality takes over). The first version becomes champion; a champion
   without that tag (registered by hand) is replaced.
+- A model whose test Dice is below `evaluate.min_dice` never becomes champion, first
+  version included. The evaluate stage's warnings (training cut short, Dice under the
+  floor) are written into the decision (models/registered.json, the log).
 
 Idempotent: when a version whose `onnx_sha256` tag equals this file's sha256 exists, nothing
 is logged or registered again; that version is reused and the alias rule re-applied (which
@@ -53,14 +56,16 @@ PYFUNC_NAME = "flexunet"   # the pyfunc model's name inside the run
 ONNX_NAME = "onnx"         # the mlflow.onnx model's name inside the run
 
 
-def _read_eval(layout: Layout) -> dict[str, float]:
+def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
+    """The test metrics and the evaluate stage's warnings."""
     path = layout.metrics / "eval.json"
     if not path.is_file():
         raise DataError(f"{path}: not found; run the evaluate stage first (dvc repro evaluate)")
     raw = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(raw.get("mean_foreground_dice"), (int, float)):
         raise DataError(f"{path}: no 'mean_foreground_dice'; re-run the evaluate stage")
-    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return metrics, [str(w) for w in raw.get("warnings", [])]
 
 
 def _example_image(layout: Layout, card: ModelCard) -> np.ndarray:
@@ -99,8 +104,12 @@ def _log_models(layout: Layout, run_id: str, card: ModelCard) -> str:
             input_example=pyfunc.input_example(image), model_config=config)
 
 
-def champion_decision(dice: float, version: str, champion: VersionInfo | None) -> tuple[bool, str]:
+def champion_decision(dice: float, version: str, champion: VersionInfo | None,
+                      min_dice: float = 0.0) -> tuple[bool, str]:
     """(move champion here?, why) by the alias rule in the module docstring."""
+    if dice < min_dice:
+        return False, (f"test mean foreground Dice {dice:.4f} < evaluate.min_dice {min_dice}: "
+                       f"never champion")
     if champion is None:
         return True, "first version: no champion yet"
     if champion.version == version:
@@ -122,7 +131,7 @@ def register(layout: Layout) -> dict[str, Any]:
     p, r = layout.params, layout.params.registry
     if not layout.onnx_file.is_file():
         raise DataError(f"{layout.onnx_file}: not found; run the export stage first (dvc repro export)")
-    metrics = _read_eval(layout)
+    metrics, warnings = _read_eval(layout)
     run_id = layout.read_run()["run_id"]
     sha, card = sha256_file(layout.onnx_file), read_card(layout.onnx_file)
     tracking_uri = resolve_tracking_uri(p.mlflow, find_project_root(layout.root))
@@ -139,17 +148,21 @@ def register(layout: Layout) -> dict[str, Any]:
             log.info("%s version %s already holds this ONNX model (sha256 %s...): reused", r.model_name,
                      version, sha[:12])
         dice = metrics["mean_foreground_dice"]
-        promote, why = champion_decision(dice, version, registry.by_alias(r.model_name, r.champion_alias))
+        promote, why = champion_decision(dice, version, registry.by_alias(r.model_name, r.champion_alias),
+                                         p.evaluate.min_dice)
+        if warnings:
+            why += "; evaluate warned: " + "; ".join(warnings)
         registry.set_alias(r.model_name, r.challenger_alias, version)
         if promote:
             registry.set_alias(r.model_name, r.champion_alias, version)
         final = registry.version(r.model_name, version)
         report = {
             "name": r.model_name, "version": version, "aliases": final.aliases, "reused": existing is not None,
-            "champion": promote, "decision": why, "onnx_sha256": sha, DICE_TAG: dice, "run_id": run_id,
+            "champion": promote, "decision": why, "warnings": warnings, "onnx_sha256": sha, DICE_TAG: dice, "run_id": run_id,
             "model_uri": f"models:/{r.model_name}@{r.champion_alias}",
             "version_uri": f"models:/{r.model_name}/{version}", "tracking_uri": tracking_uri,
         }
         write_json(layout.registered_file, report)
-    log.info("%s v%s: %s -> %s", r.model_name, version, why, ", ".join(final.aliases))
+    (log.warning if warnings or not promote else log.info)("%s v%s: %s -> %s", r.model_name, version, why,
+                                                           ", ".join(final.aliases) or "no alias")
     return report

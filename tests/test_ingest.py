@@ -330,7 +330,7 @@ def test_duplicate_stems_in_an_image_folder_are_an_error(tmp_path):
         prepare(_layout(tmp_path, "glomeruli-png"))
 
 
-def test_nifti_data_trains_and_evaluates_with_tkv(tmp_path):
+def test_nifti_data_trains_and_evaluates_with_tkv(tmp_path, caplog):
     from pipeline.evaluate import evaluate
     from pipeline.train import train
 
@@ -339,10 +339,16 @@ def test_nifti_data_trains_and_evaluates_with_tkv(tmp_path):
     raw["dataset"].update(source="kidney-nifti", raw=str(tmp_path / "data" / "raw" / "kidney-t2w"))
     raw["train"].update(epochs=1, epoch_change_infer=False)
     raw["mlflow"]["log_model"] = False
+    raw["evaluate"]["min_dice"] = 0.999   # a 1-epoch model is under any sensible floor
     layout = Layout(tmp_path, params_from_dict(raw))
     manifest = prepare(layout)
     train(layout)
     evaluate(layout)
+    report = json.loads((layout.metrics / "eval.json").read_text())
+    assert report["below_min_dice"] and report["min_dice"] == 0.999
+    assert report["warnings"] == [f"test mean foreground Dice {report['mean_foreground_dice']:.4f} is below "
+                                  f"evaluate.min_dice 0.999"]
+    assert any("below evaluate.min_dice" in r.message and r.levelname == "WARNING" for r in caplog.records)
     tkv = json.loads((layout.metrics / "tkv.json").read_text())
     test_scans = [s for s in manifest["scans"] if s["split"] == "test"]
     assert tkv["available"] and tkv["scans"] == len(test_scans)

@@ -108,6 +108,25 @@ def test_champion_moves_only_on_equal_or_better_dice(served):
     assert len(registry.versions("t-alias")) == 3
 
 
+def test_a_model_under_the_quality_floor_never_becomes_champion(served):
+    raw = tiny_dict()
+    raw["registry"]["model_name"] = "t-floor"
+    raw["evaluate"]["min_dice"] = 0.8
+    layout = Layout(served[0].root, params_from_dict(raw))
+    _new_model(layout, seed=4, dice=0.5)
+    report = json.loads((layout.metrics / "eval.json").read_text())
+    report["warnings"] = ["training ran 4 of 30 epochs (train.max_minutes fired)"]
+    write_json(layout.metrics / "eval.json", report)
+    first = register(layout)   # even the first version: no champion rather than a broken one
+    assert (first["version"], first["champion"], first["aliases"]) == ("1", False, ["challenger"])
+    assert "0.5000 < evaluate.min_dice 0.8: never champion" in first["decision"]
+    assert "training ran 4 of 30 epochs" in first["decision"] and first["warnings"] == report["warnings"]
+    assert _registry(layout).by_alias("t-floor", "champion") is None
+    _new_model(layout, seed=5, dice=0.85)
+    second = register(layout)
+    assert (second["version"], second["champion"], second["warnings"]) == ("2", True, [])
+
+
 def test_missing_inputs_are_one_line_errors(served, tmp_path):
     layout = _layout(tmp_path, "t-missing")
     with pytest.raises(DataError, match="model.onnx: not found; run the export stage"):
