@@ -200,28 +200,46 @@ class TrainParams(_Section):
     loss: Literal["categorical_crossentropy", "dice", "ce_dice"] = "categorical_crossentropy"
     clipvalue: float = Field(0.5, gt=0)
     # mixed_bfloat16: convolutions in bfloat16 (float32 weights and softmax), ~1.4x faster
-    # training on CPUs with AVX512-BF16/AMX; auto picks it when /proc/cpuinfo shows them.
-    # The saved, evaluated and exported model is float32 in every case.
+    # training on CPUs with AVX512-BF16/AMX; auto picks it when /proc/cpuinfo shows them
+    # (so auto depends on the machine). The saved model is float32 in every case.
     precision: Literal["float32", "mixed_bfloat16", "auto"] = "float32"
-    patience: int = Field(10, ge=1)
+    # Early stopping on val_loss after this many epochs without improvement; null = run
+    # all `epochs` (a plateau decided by rounding could end training at different epochs
+    # on different machines).
+    patience: int | None = Field(None, ge=1)
+    # Which weights the stage saves: last (the final epoch) or best (lowest val_loss, the
+    # seed's ModelCheckpoint; which epoch wins can differ between machines by rounding).
+    keep_weights: Literal["last", "best"] = "last"
     # constant (the seed: Adam at a fixed rate, ReduceLROnPlateau if enabled) or cosine
-    # (decay over `epochs` to learning_rate * min_lr_fraction: for short CPU budgets).
+    # (per-step decay over `epochs` to learning_rate * min_lr_fraction, after
+    # warmup_epochs of linear warm-up): a schedule fixed in advance, the same everywhere.
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
     min_lr_fraction: float = Field(0.02, ge=0, le=1)
-    learning_rate_reducer: bool = True
+    learning_rate_reducer: bool = False
     reducer_factor: float = Field(0.5, gt=0, lt=1)
     reducer_patience: int = Field(4, ge=1)
     epoch_change_infer: bool = True
     num_infer_images: int = Field(6, ge=1)
     # The seed's epoch_change_tiled_infer: the whole (large) mini_test images predicted by
-    # the tiler every epoch (with predict.overlap / predict.blend), logged like the plain one.
+    # the tiler every epoch, logged like the plain one.
     epoch_change_tiled_infer: bool = False
     seed: int = 137
-    # Safety net for shared CPU machines: stop (keeping the best weights) after this
-    # many minutes of fitting. null = no limit.
+    # Opt-in time guard for shared machines: stop after this many minutes of fitting. The
+    # run is then tagged in MLflow and metrics/train.json says so. null = no limit.
     max_minutes: float | None = Field(None, gt=0)
     # Train with the tune stage's best values (tune/best_params.yaml) over the ones here.
     use_tuned_params: bool = False
+    # TensorFlow's oneDNN kernels. false: TF's portable Eigen kernels, the code every
+    # x86-64 CPU runs alike (and what TF itself uses on AVX2-only CPUs), so the same params
+    # give the same model on any machine. true: oneDNN where TF enables it (AVX512-VNNI,
+    # AVX512-BF16, AMX): faster there, but its rounding differs from other machines'.
+    onednn: bool = False
+    # The decoded train/valid splits: memory (decode once), files (re-read every batch),
+    # auto (memory up to 2 GiB of decoded pixels). The batches are identical either way.
+    cache: Literal["auto", "memory", "files"] = "auto"
+    # Resume a killed training at its last completed epoch (state in checkpoints/train/).
+    resume: bool = True
     augment: AugmentParams = AugmentParams()
 
     @model_validator(mode="after")
@@ -229,12 +247,17 @@ class TrainParams(_Section):
         if self.lr_schedule == "cosine" and self.learning_rate_reducer:
             raise ValueError("lr_schedule 'cosine' and learning_rate_reducer both set the learning rate; "
                              "set learning_rate_reducer: false or lr_schedule: constant")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}")
         return self
 
 
 class EvaluateParams(_Section):
     batch_size: int = Field(8, ge=1)
     num_panels: int = Field(6, ge=1)
+    # The quality floor: a test mean foreground Dice below it is reported as a warning,
+    # recorded in metrics/eval.json and MLflow, and keeps the model from becoming champion.
+    min_dice: float = Field(0.0, ge=0, le=1)
 
 
 class ExportParams(_Section):
@@ -299,6 +322,13 @@ class Params(_Section):
                 f"{len(self.mask.rgb_map)} colours"
             )
         self._search_space_fits()
+        self._cheapest_trial_fits()
+        if self.train.warmup_epochs >= self.tune.epochs_per_trial:
+            raise ValueError(f"train.warmup_epochs {self.train.warmup_epochs} must be below "
+                             f"tune.epochs_per_trial {self.tune.epochs_per_trial} (a trial runs the same schedule)")
+        if self.train.augment.rot90 and self.model.image_width != self.model.image_height:
+            raise ValueError(f"train.augment.rot90 needs square images; the model takes "
+                             f"{self.model.image_width}x{self.model.image_height}")
         size = self.dataset.image_size
         if (self.model.image_width, self.model.image_height) != (size, size):
             raise ValueError(
@@ -306,6 +336,23 @@ class Params(_Section):
                 f"({self.model.image_width}x{self.model.image_height})"
             )
         return self
+
+    def _cheapest_trial_fits(self) -> None:
+        """tune.max_gflop_per_image must leave something to train: the cheapest model the
+        search space can sample has to fit under it."""
+        from pipeline.architecture import forward_flops
+
+        cap = self.tune.max_gflop_per_image
+        if cap is None:
+            return
+        cheapest = {name: min(v for v in extremes(dim) if isinstance(v, (int, float)))
+                    for name, dim in self.tune.search_space.items()
+                    if name in ("base_filters", "base_kernels", "num_layers")}
+        raw = apply_values({"model": self.model.model_dump(mode="python")}, cheapest)
+        gflop = forward_flops(ModelParams.model_validate(raw["model"])) / 1e9
+        if gflop > cap:
+            raise ValueError(f"tune.max_gflop_per_image {cap}: even the cheapest model of the search space "
+                             f"({cheapest}) needs {gflop:.3f} GFLOP per image; raise the cap or narrow the space")
 
     def _search_space_fits(self) -> None:
         """Every bound or choice of tune.search_space must make a valid model/train setting

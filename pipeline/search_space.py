@@ -83,7 +83,13 @@ class TuneParams(_Entry):
     # several machines, where heartbeats mark a dead worker's trial failed.
     storage: str = "optuna/flexunet.journal"
     n_trials: int = Field(8, ge=1)                   # the study's total (complete + pruned), over all workers
-    timeout_minutes: float | None = Field(4.5, gt=0)  # per worker; no trial starts that would not end by then
+    # Opt-in time guard, per worker: no trial starts that would not end by then. Off by
+    # default: a study's result must not depend on the machine's speed.
+    timeout_minutes: float | None = Field(None, gt=0)
+    # Cost cap: a proposal whose model needs more forward GFLOP per image is pruned
+    # untrained (and not counted in n_trials). It bounds every trial and the final
+    # training with the best values, in FLOPs, whatever the machine.
+    max_gflop_per_image: float | None = Field(None, gt=0)
     epochs_per_trial: int = Field(6, ge=1)
     train_subset: int | None = Field(128, ge=1)      # train images per trial (a seeded sample); null = all
     seed: int = 137                                  # TPE sampler seed (plus the worker number)

@@ -32,6 +32,8 @@ from tqdm import tqdm
 from pipeline import study as studies
 from pipeline.errors import FlexUNetError
 from pipeline.layout import Layout
+from pipeline.liveness import this_process
+from pipeline.architecture import forward_flops
 from pipeline.params import Params, params_from_dict
 from pipeline.search_space import Categorical, FloatRange, IntRange, apply_values, current_values, in_space
 from pipeline.tracking import find_project_root, mark_failed, run_exists, standard_tags, start_run
@@ -40,6 +42,7 @@ from serving.atomic import remove_on_failure, write_json, write_text
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"   # study user attr: the study's MLflow parent run
+MAX_OVER_BUDGET = 50                   # proposals over the cost cap in a row before a worker gives up
 
 
 class TuneError(FlexUNetError):
@@ -87,7 +90,8 @@ def suggest(trial: optuna.Trial, name: str, dim: Any) -> Any:
 
 
 def trial_params(params: Params, values: dict[str, Any]) -> Params:
-    """params.yaml with the trial's values and the trial's epoch budget (validated)."""
+    """params.yaml with the trial's values and the trial's epoch budget (validated): the
+    full run's schedule over epochs_per_trial epochs, the warm-up included."""
     raw = apply_values(params.model_dump(mode="python"), values)
     raw["train"].update(epochs=params.tune.epochs_per_trial, max_minutes=None, epoch_change_infer=False,
                         epoch_change_tiled_infer=False, use_tuned_params=False)
@@ -118,7 +122,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         p = self.layout.params
-        trial.set_user_attr(studies.WORKER_ATTR, studies.this_worker())
+        trial.set_user_attr(studies.WORKER_ATTR, this_process())
         tags = {"optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number),
                 "flexunet.stage": "tune-trial"}
         outcome: BaseException | None = None
@@ -130,7 +134,14 @@ class Objective:
                 run.log_params({**values, "epochs_per_trial": p.tune.epochs_per_trial,
                                 "train_subset": p.tune.train_subset})
                 layout = Layout(self.layout.root, trial_params(p, values))
-                result = fit(layout, run, checkpoint=None, extra_callbacks=[OptunaPruning(trial, self.keys)],
+                gflop = forward_flops(layout.params.model) / 1e9
+                run.log_metrics({"forward_gflop_per_image": gflop})
+                cap = p.tune.max_gflop_per_image
+                if cap is not None and gflop > cap:
+                    trial.set_user_attr(studies.OVER_BUDGET_ATTR, round(gflop, 4))
+                    raise optuna.TrialPruned(f"not trained: {gflop:.3f} GFLOP per image > "
+                                             f"tune.max_gflop_per_image {cap}")
+                result = fit(layout, run, extra_callbacks=[OptunaPruning(trial, self.keys)],
                              train_subset=p.tune.train_subset)
                 history = [{k: result.history[k][i] for k in self.keys} for i in range(len(result.history["loss"]))]
                 value = objective_value(history)
@@ -184,11 +195,15 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
                 if inside:
                     study.enqueue_trial(inside, skip_if_exists=True)
         with start_run(p.mlflow, project_root, run_id=parent) as run:
-            _run_trials(study, Objective(layout, project_root, parent), p, storage, project_root, run.tracking_uri)
+            timed_out = _run_trials(study, Objective(layout, project_root, parent), p, storage, project_root,
+                                    run.tracking_uri)
+            if timed_out:
+                run.set_tags({"flexunet.time_guard": f"tune.timeout_minutes {t.timeout_minutes} fired "
+                                                     f"(worker {worker})"})
             if worker != 0:
                 return None
             _wait_for_others(study, storage, p, project_root, run.tracking_uri)
-            return _report(study, layout, run)
+            return _report(study, layout, run, timed_out)
 
 
 def _mlflow_closer(layout: Layout, project_root: Path):
@@ -228,27 +243,32 @@ def _close_dead(study: optuna.Study, storage: Any, tracking_uri: str) -> None:
 
 
 def _run_trials(study: optuna.Study, objective: Objective, params: Params, storage: Any,
-                project_root: Path, tracking_uri: str) -> None:
+                project_root: Path, tracking_uri: str) -> bool:
     """Start trials while the study's complete + pruned + running trials are fewer than
     n_trials. The count and the new trial are taken under the study's lock, so workers on
     this machine never overshoot; ask/tell instead of optimize() for that reason (the
-    heartbeat optimize() would run is kept by studies.heartbeat)."""
+    heartbeat optimize() would run is kept by studies.heartbeat). Returns whether the
+    opt-in tune.timeout_minutes stopped this worker before the study was complete."""
     t = params.tune
     deadline = time.monotonic() + 60 * t.timeout_minutes if t.timeout_minutes else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # our own line per trial instead
-    failures, durations = 0, []
+    failures, over_budget, durations = 0, 0, []
     with tqdm(total=t.n_trials, desc=f"study {study.study_name}", unit="trial") as bar:
         while True:
             # A trial is not started unless one of average length still fits the timeout,
             # so the timeout bounds the stage, not just the start of its last trial.
             expected = float(np.mean(durations)) if durations else 0.0
             if deadline is not None and time.monotonic() + expected >= deadline:
-                log.info("tune.timeout_minutes (%s): no time left for another trial (~%.0f s)",
-                         t.timeout_minutes, expected)
-                break
+                log.warning("tune.timeout_minutes (%s) fired: no time left for another trial (~%.0f s); "
+                            "the study is incomplete", t.timeout_minutes, expected)
+                return True
             if failures >= 3:
                 log.warning("stopping this worker: its last %d trials failed (see their fail_reason)", failures)
-                break
+                return False
+            if over_budget >= MAX_OVER_BUDGET:
+                log.warning("stopping this worker: its last %d proposals exceeded tune.max_gflop_per_image; "
+                            "narrow tune.search_space or raise the cap", over_budget)
+                return False
             with studies.setup_lock(t.storage, project_root):
                 _close_dead(study, storage, tracking_uri)
                 c = studies.counts(study)
@@ -256,13 +276,18 @@ def _run_trials(study: optuna.Study, objective: Objective, params: Params, stora
                 bar.set_postfix(failed=c["fail"], running=c["running"])
                 bar.refresh()
                 if c["complete"] + c["pruned"] + c["running"] >= t.n_trials:
-                    break
+                    return False
                 trial = study.ask()
             started = time.monotonic()
             state = _run_one(study, trial, objective, storage)
-            durations.append(time.monotonic() - started)
+            frozen = study.trials[trial.number]
+            if studies.OVER_BUDGET_ATTR in frozen.user_attrs:
+                over_budget += 1
+            else:
+                over_budget = 0
+                durations.append(time.monotonic() - started)
             failures = failures + 1 if state == TrialState.FAIL else 0
-            _log_trial(study.trials[trial.number])
+            _log_trial(frozen)
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective, storage: Any) -> TrialState:
@@ -308,7 +333,7 @@ def _log_trial(tr: optuna.trial.FrozenTrial) -> None:
     log.info("trial %d %s (%s): %s", tr.number, tr.state.name, shown, detail)
 
 
-def _report(study: optuna.Study, layout: Layout, run) -> TuneResult:
+def _report(study: optuna.Study, layout: Layout, run, timed_out: bool = False) -> TuneResult:
     from pipeline.plots import tune_plots
 
     p, c = layout.params, studies.counts(study)
@@ -330,12 +355,13 @@ def _report(study: optuna.Study, layout: Layout, run) -> TuneResult:
     write_text(layout.train_overrides_file, "# train's DVC dependency: the tuned values when train.use_tuned_params, "
                "else nothing\n" + yaml.safe_dump(used, sort_keys=False))
     metrics = {"best_value": float(best.value), "best_trial": best.number, "study": study.study_name,
-               **{f"trials_{k}": v for k, v in c.items() if k in ("complete", "pruned", "fail")}}
+               "n_trials": p.tune.n_trials, "timeout_fired": timed_out,
+               **{f"trials_{k}": v for k, v in c.items() if k in ("complete", "pruned", "fail", "over_budget")}}
     write_json(layout.metrics / "tune.json", metrics)
     history, importance = layout.plots / "tune_history.png", layout.plots / "tune_importance.png"
     tune_plots(study, history, importance)
     run.log_metrics({"best_value": float(best.value), "trials_complete": c["complete"],
-                     "trials_pruned": c["pruned"], "trials_failed": c["fail"]})
+                     "trials_pruned": c["pruned"], "trials_failed": c["fail"], "trials_over_budget": c["over_budget"]})
     run.set_tags({"best_trial": str(best.number), **{f"best.{k}": str(v) for k, v in best.params.items()}})
     for path in (history, importance):
         run.log_artifact(path, "plots")

@@ -1,9 +1,12 @@
-"""End to end: a tiny `dvc repro` in a temporary copy of the project.
+"""End to end: a tiny `dvc repro` in a temporary copy of the project, then changes to it.
 
-Checks what the pipeline promises: all outputs appear; a second repro does nothing;
-changing train.learning_rate reruns train and evaluate only; `dvc metrics show` and
-`dvc plots show` work; `dvc exp run --temp -S ...` logs into the project's MLflow store
-(not the throw-away copy) with the experiment's name as a tag.
+Checks what the pipeline promises: all outputs appear and training used the tuned values;
+a second repro does nothing; `dvc metrics show` and `dvc plots show` work; a training
+change run as `dvc exp run --temp` reruns train and what follows, logging into the
+project's MLflow store (not the throw-away copy) with the experiment's name as a tag; the
+same change in the workspace comes back from the run-cache but still registers; a predict
+change reruns predict only; more trials continue the study. The tests run in file order,
+each on the state the previous one left.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def project(tmp_path_factory) -> Path:
     (root / "data" / "raw").mkdir(parents=True)
     shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw")   # prepare's (empty) raw-data dep
     raw = tiny_dict()
-    raw["train"]["epochs"] = 1
+    raw["train"].update(epochs=1, use_tuned_params=True)
     raw["tune"] = dict(TINY_TUNE)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n__pycache__/\noptuna/\n")
@@ -109,27 +112,47 @@ def test_metrics_and_plots_show(project):
     assert "loss" in html
 
 
-def test_learning_rate_change_reruns_everything_after_data(project):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["learning_rate"] = 0.002
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = sh([str(BIN / "dvc"), "repro"], project)
-    assert _ran(out) == set(STAGES) - {"prepare", "tune"}, out   # the search sets the rate itself
-    with sqlite3.connect(project / "mlflow.db") as db:  # the new model is a new version
+def test_the_default_flow_trains_with_the_tuned_values(project):
+    """use_tuned_params (the default): the study's best trial decides the trained model."""
+    best = yaml.safe_load((project / "tune" / "best_params.yaml").read_text())["params"]
+    assert yaml.safe_load((project / "tune" / "train_overrides.yaml").read_text()) == {"params": best}
+    run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
+    with sqlite3.connect(project / "mlflow.db") as db:
+        logged = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
+        tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+    assert int(logged["model.base_filters"]) == best["base_filters"]
+    assert logged["model.base_kernels"] == str((best["base_kernels"], best["base_kernels"]))
+    assert float(logged["train.learning_rate"]) == pytest.approx(best["learning_rate"])
+    assert tags["flexunet.tuned_params"] == "tune/best_params.yaml" and tags["tf.onednn"] == "false"
+
+
+def test_exp_run_temp_reruns_after_data_and_logs_into_project_store(project):
+    """A training change (`dvc exp run --temp -S train.epochs=2`) reruns train and what follows,
+    not prepare or tune; its runs land in the project's MLflow store with the experiment's
+    name, and its model becomes version 2 there."""
+    sh(["git", "add", "-A"], project)
+    sh(["git", "commit", "-qm", "first run"], project)
+    out = sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "two-epochs", "-S", "train.epochs=2"], project)
+    assert _ran(out) == set(STAGES) - {"prepare", "tune"}, out
+    with sqlite3.connect(project / "mlflow.db") as db:
+        rows = db.execute("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                          "where t.key = 'dvc.exp_name' and t.value = 'two-epochs'").fetchall()
         assert db.execute("select count(*) from model_versions").fetchone()[0] == 2
+    assert rows == [("FINISHED",)]
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-def test_reverted_model_is_registered_not_restored_from_run_cache(project):
-    """lr back to the first value: train/export may come back from DVC's run-cache, but the
-    register stage must run (and, being idempotent, point at the version of that model)."""
+def test_the_same_change_in_the_workspace_registers_without_retraining(project):
+    """The experiment's stages come back from DVC's run-cache; register, whose output is not
+    cached, runs anyway and points at the version of that model."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["learning_rate"] = tiny_dict()["train"]["learning_rate"]
+    params["train"]["epochs"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([str(BIN / "dvc"), "repro"], project)
-    assert "register" in _ran(out), out
+    assert "register" in _ran(out) and "train" not in _ran(out), out
     registered = json.loads((project / "models" / "registered.json").read_text())
     sha = hashlib.sha256((project / "models" / "model.onnx").read_bytes()).hexdigest()
-    assert registered["onnx_sha256"] == sha
+    assert registered["onnx_sha256"] == sha and registered["reused"] and str(registered["version"]) == "2"
 
 
 def test_overlap_change_reruns_predict_only(project):
@@ -152,42 +175,15 @@ def _trials(project: Path) -> int:
 
 
 def test_more_trials_continue_the_study_and_rerun_only_what_depends_on_it(project):
-    before = (project / "tune" / "best_params.yaml").read_text()
+    before = yaml.safe_load((project / "tune" / "best_params.yaml").read_text())
     assert _trials(project) == 2
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tune"]["n_trials"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([str(BIN / "dvc"), "repro"], project)
-    assert _ran(out) == {"tune"}, out   # training does not use the tuned values: nothing else reruns
     assert _trials(project) == 3        # the same study, one more trial
-    best = yaml.safe_load((project / "tune" / "best_params.yaml").read_text())
-    assert best["best_trial"] in (0, 1, 2) and before.startswith("# Written by the tune stage")
-
-
-def test_use_tuned_params_trains_with_the_best_values(project):
-    best = yaml.safe_load((project / "tune" / "best_params.yaml").read_text())["params"]
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["use_tuned_params"] = True
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = sh([str(BIN / "dvc"), "repro"], project)
-    assert {"tune", "train"} <= _ran(out) and "prepare" not in _ran(out), out
-    assert _trials(project) == 3   # tune reran only to write train's overrides: no new trial
-    run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
-    with sqlite3.connect(project / "mlflow.db") as db:
-        logged = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
-        tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
-    assert int(logged["model.base_filters"]) == best["base_filters"]
-    assert logged["model.base_kernels"] == str((best["base_kernels"], best["base_kernels"]))
-    assert float(logged["train.learning_rate"]) == pytest.approx(best["learning_rate"])
-    assert tags["flexunet.tuned_params"] == "tune/best_params.yaml"
-
-
-def test_exp_run_temp_logs_into_project_store(project):
-    sh(["git", "add", "-A"], project)
-    sh(["git", "commit", "-qm", "lr"], project)
-    sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "lr3", "-S", "train.learning_rate=0.003"], project)
-    with sqlite3.connect(project / "mlflow.db") as db:
-        rows = db.execute("select r.status from runs r join tags t on t.run_uuid = r.run_uuid "
-                          "where t.key = 'dvc.exp_name' and t.value = 'lr3'").fetchall()
-    assert rows == [("FINISHED",)]
-    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+    after = yaml.safe_load((project / "tune" / "best_params.yaml").read_text())
+    # Training depends on the best values only: it reruns exactly when the new trial won.
+    expected = {"tune"} if after["params"] == before["params"] else set(STAGES) - {"prepare"}
+    assert _ran(out) == expected, out
+    assert after["best_trial"] in (0, 1, 2)

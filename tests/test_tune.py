@@ -289,6 +289,42 @@ def test_two_workers_share_one_study_and_stop_at_its_total(tmp_path, data_root):
     assert yaml.safe_load(layout.tuned_params_file.read_text())["best_trial"] == study.best_trial.number
 
 
+def test_proposals_over_the_cost_cap_are_pruned_untrained_and_not_counted(tmp_path, data_root):
+    from pipeline.architecture import forward_flops
+
+    raw = _raw(tmp_path, n_trials=2, enqueue_current=True)   # trial 0 = params.yaml: base_filters 4
+    cheap = params_from_dict(raw).model.model_copy(update={"base_filters": 2, "base_kernels": (5, 5)})
+    raw["tune"]["max_gflop_per_image"] = forward_flops(cheap) / 1e9 * 1.01   # base_filters 2 at most
+    layout = _layout(data_root, raw)
+    result = tune(layout)
+    study = _load(layout)
+    trained = [t for t in study.trials if studies.OVER_BUDGET_ATTR not in t.user_attrs]
+    over = [t for t in study.trials if studies.OVER_BUDGET_ATTR in t.user_attrs]
+    assert len(trained) == 2 and all(t.state == TrialState.COMPLETE and t.params["base_filters"] == 2
+                                     for t in trained)
+    assert over and over[0].number == 0 and all(t.state == TrialState.PRUNED for t in over)
+    assert result.counts["over_budget"] == len(over)
+    assert json.loads((layout.metrics / "tune.json").read_text())["trials_over_budget"] == len(over)
+    run = _client(layout).get_run(over[0].user_attrs["mlflow_run_id"])
+    assert "tune.max_gflop_per_image" in run.data.tags["optuna.pruned"]
+    assert not _client(layout).get_metric_history(run.info.run_id, "val_loss")   # never trained
+
+
+def test_a_cost_cap_below_the_cheapest_model_is_a_load_error(tmp_path):
+    with pytest.raises(ParamsError, match="even the cheapest model of the search space"):
+        params_from_dict(_raw(tmp_path, max_gflop_per_image=1e-6), source="params.yaml")
+
+
+def test_the_opt_in_timeout_is_reported_when_it_fires(tmp_path, data_root):
+    layout = _layout(data_root, _raw(tmp_path, n_trials=3, timeout_minutes=0.001))
+    result = tune(layout)
+    assert result.counts["complete"] == 1   # one trial, then no time for another
+    metrics = json.loads((layout.metrics / "tune.json").read_text())
+    assert metrics["timeout_fired"] is True and metrics["n_trials"] == 3
+    parent = _load(layout).user_attrs["mlflow_parent_run_id"]
+    assert "tune.timeout_minutes 0.001 fired" in _client(layout).get_run(parent).data.tags["flexunet.time_guard"]
+
+
 def test_study_name_ignores_base_values_the_search_overrides(tmp_path):
     raw = _raw(tmp_path)
     name = studies.study_name(params_from_dict(raw), "fp")
