@@ -134,7 +134,7 @@ def cmd_evaluate_tiled(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    layout = _layout(args)
+    layout = _layout(args, tuned=False)   # before the tune stage ran, too
     print(f"{args.params}: OK ({layout.params.dataset.name}, {layout.params.model.image_width}px, "
           f"{layout.params.model.num_layers} levels)")
 
