@@ -22,7 +22,9 @@ from pipeline import plots
 from pipeline.callbacks import (
     EpochChangeInference, EpochChangeTiledInference, EpochSeeds, MlflowEpochLogger, TimeGuard,
 )
-from pipeline.data.dataset import find_pairs, load_arrays, load_split, plain_batches, steps_per_epoch, training_stream
+from pipeline.data.dataset import (
+    SplitArrays, find_pairs, load_arrays, plain_batches, steps_per_epoch, training_stream,
+)
 from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
 from pipeline.metrics import get_loss, training_metrics
@@ -188,19 +190,25 @@ def subset(pairs: list, count: int | None, seed: int) -> list:
     return [pairs[i] for i in keep]
 
 
+def load_training_data(layout: Layout, train_subset: int | None = None) -> tuple[SplitArrays, SplitArrays]:
+    """The train split (a seeded subset of it, for trials) and the valid split, decoded and checked."""
+    p, t = layout.params, layout.params.train
+    arrays = {"channels": p.model.image_channels, "size": (p.model.image_width, p.model.image_height),
+              "cache": t.cache}
+    train_pairs = subset(find_pairs(layout.data_dir / "train"), train_subset, t.seed)
+    return (load_arrays(train_pairs, p.mask, desc="decoding train", **arrays),
+            load_arrays(find_pairs(layout.data_dir / "valid"), p.mask, desc="decoding valid", **arrays))
+
+
 def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool = False,
-        extra_callbacks: list | None = None, train_subset: int | None = None) -> Fit:
+        extra_callbacks: list | None = None, data: tuple[SplitArrays, SplitArrays] | None = None) -> Fit:
     """Build, compile and fit FlexUNet from layout.params: the one training loop, used by
     the train stage (stage=True; `state`: where epochs are saved for resuming) and by every
-    tuning trial (a train subset, Optuna's pruning callback in extra_callbacks)."""
+    tuning trial (its train subset in `data`, shared by the study's trials; Optuna's
+    pruning callback in extra_callbacks)."""
     p, t = layout.params, layout.params.train
     keras.utils.set_random_seed(t.seed)
-    size = (p.model.image_width, p.model.image_height)
-    train_pairs = subset(load_split(layout.data_dir, "train", p.mask, size), train_subset, t.seed)
-    valid_pairs = load_split(layout.data_dir, "valid", p.mask, size)
-    arrays = {"channels": p.model.image_channels, "size": size, "cache": t.cache}
-    train_split = load_arrays(train_pairs, p.mask, desc="decoding train", **arrays)
-    valid_split = load_arrays(valid_pairs, p.mask, desc="decoding valid", **arrays)
+    train_split, valid_split = data if data is not None else load_training_data(layout)
     steps = steps_per_epoch(len(train_split), t.batch_size)
     model = compile_model(p, steps_per_epoch=steps)
     snapshot = state.latest() if state is not None else None
@@ -213,7 +221,7 @@ def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool 
                                augment=t.augment, num_classes=p.model.num_classes)
     valid_ds = plain_batches(valid_split, batch_size=t.batch_size, num_classes=p.model.num_classes)
     log.info("FlexUNet: %s parameters, %d train / %d valid images, %s, %.2f GFLOP per image forward",
-             f"{model.count_params():,}", len(train_pairs), len(valid_pairs), resolve_precision(t.precision),
+             f"{model.count_params():,}", len(train_split), len(valid_split), resolve_precision(t.precision),
              forward_flops(p.model) / 1e9)
     callbacks, guard = _callbacks(layout, run, state, snapshot, stage)
     began = time.monotonic()
@@ -226,7 +234,7 @@ def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool 
         merged.setdefault(key, []).extend(values)
     if t.keep_weights == "best" and state is not None and state.best_weights.is_file():
         model.load_weights(state.best_weights)   # absent only if val_loss was never finite
-    return Fit(model, merged, seconds, len(train_pairs), guard, start)
+    return Fit(model, merged, seconds, len(train_split), guard, start)
 
 
 def train(layout: Layout) -> TrainResult:

@@ -37,7 +37,7 @@ from pipeline.architecture import forward_flops
 from pipeline.params import Params, params_from_dict
 from pipeline.search_space import Categorical, FloatRange, IntRange, apply_values, current_values, in_space
 from pipeline.tracking import find_project_root, mark_failed, run_exists, standard_tags, start_run
-from pipeline.train import fit
+from pipeline.train import fit, load_training_data
 from serving.atomic import remove_on_failure, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class Objective:
 
     def __init__(self, layout: Layout, project_root: Path, parent_run_id: str):
         self.layout, self.root, self.parent = layout, project_root, parent_run_id
+        self.data = None
         names = layout.params.mask.class_names[1:]
         self.keys = [f"val_dice_{n}" for n in names]
 
@@ -141,8 +142,9 @@ class Objective:
                     trial.set_user_attr(studies.OVER_BUDGET_ATTR, round(gflop, 4))
                     raise optuna.TrialPruned(f"not trained: {gflop:.3f} GFLOP per image > "
                                              f"tune.max_gflop_per_image {cap}")
-                result = fit(layout, run, extra_callbacks=[OptunaPruning(trial, self.keys)],
-                             train_subset=p.tune.train_subset)
+                if self.data is None:   # every trial trains on the same images: decode them once
+                    self.data = load_training_data(layout, p.tune.train_subset)
+                result = fit(layout, run, extra_callbacks=[OptunaPruning(trial, self.keys)], data=self.data)
                 history = [{k: result.history[k][i] for k in self.keys} for i in range(len(result.history["loss"]))]
                 value = objective_value(history)
                 if not np.isfinite(value):

@@ -23,7 +23,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from pipeline.data.masks import read_mask
-from pipeline.data.pairs import Pair, find_pairs, load_split, validate_pairs
+from pipeline.data.pairs import Pair, check_pair, find_pairs, load_split, validate_pairs
 from pipeline.params import AugmentParams, MaskParams
 from serving.imageio import read_image
 
@@ -85,14 +85,18 @@ def decoded_bytes(pairs: list[Pair], size: tuple[int, int], channels: int) -> in
 
 def load_arrays(pairs: list[Pair], mask: MaskParams, *, channels: int, size: tuple[int, int],
                 cache: str = "auto", desc: str = "decoding") -> SplitArrays:
-    """Decode a validated split once (`cache` memory, or auto within MEMORY_CACHE_BYTES);
-    `files` keeps only the pairs and reads them per batch. Both give identical batches."""
+    """Decode and check a split once (`cache` memory, or auto within MEMORY_CACHE_BYTES);
+    `files` checks every pair, then keeps only the pairs and reads them per batch. Both
+    give identical batches."""
     if cache == "files" or (cache == "auto" and decoded_bytes(pairs, size, channels) > MEMORY_CACHE_BYTES):
+        validate_pairs(pairs, mask, size, desc=desc)
         return SplitArrays(pairs, channels, mask)
     images = np.empty((len(pairs), size[1], size[0], channels), np.uint8)
     ids = np.empty((len(pairs), size[1], size[0]), np.uint8)
     for i, pair in enumerate(tqdm(pairs, desc=desc, unit="image", leave=False, disable=len(pairs) < 200)):
-        images[i], ids[i] = _read_pair_np(pair.image, pair.mask, mask, channels)
+        image, labels = _read_pair_np(pair.image, pair.mask, mask, channels)
+        check_pair(pair, image, labels, size)
+        images[i], ids[i] = image, labels
     return SplitArrays(pairs, channels, mask, images, ids)
 
 

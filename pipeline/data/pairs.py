@@ -53,18 +53,21 @@ def validate_pairs(pairs: list[Pair], mask: MaskParams, size: tuple[int, int] | 
                    desc: str = "checking") -> None:
     """Open every pair once: readable, same size (and `size` if given), known colours."""
     for pair in tqdm(pairs, desc=desc, unit="pair", leave=False, disable=len(pairs) < 50):
-        image = read_image(pair.image)
-        ids = read_mask(pair.mask, mask)
-        if image.shape[:2] != ids.shape:
-            raise DataError(
-                f"{pair.image}: image is {image.shape[1]}x{image.shape[0]} but its mask "
-                f"{pair.mask.name} is {ids.shape[1]}x{ids.shape[0]}"
-            )
-        if size is not None and image.shape[:2] != (size[1], size[0]):
-            raise DataError(
-                f"{pair.image}: {image.shape[1]}x{image.shape[0]} differs from the model size "
-                f"{size[0]}x{size[1]}; re-run the prepare stage for this image size"
-            )
+        check_pair(pair, read_image(pair.image), read_mask(pair.mask, mask), size)
+
+
+def check_pair(pair: Pair, image, ids, size: tuple[int, int] | None = None) -> None:
+    """The decoded pair agrees with itself (and with the model `size`, (width, height), if given)."""
+    if image.shape[:2] != ids.shape:
+        raise DataError(
+            f"{pair.image}: image is {image.shape[1]}x{image.shape[0]} but its mask "
+            f"{pair.mask.name} is {ids.shape[1]}x{ids.shape[0]}"
+        )
+    if size is not None and image.shape[:2] != (size[1], size[0]):
+        raise DataError(
+            f"{pair.image}: {image.shape[1]}x{image.shape[0]} differs from the model size "
+            f"{size[0]}x{size[1]}; re-run the prepare stage for this image size"
+        )
 
 
 def load_split(data_dir: Path, split: str, mask: MaskParams, size: tuple[int, int]) -> list[Pair]:
