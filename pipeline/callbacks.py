@@ -23,9 +23,11 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         self.run = run
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = {k: float(v) for k, v in (logs or {}).items()}
-        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        self.run.log_metrics(metrics, step=epoch + 1)
+        # The rate the next epoch starts with (after ReduceLROnPlateau, which runs first),
+        # written back into `logs` so DVCLive and the resume state record the same value.
+        logs = logs if logs is not None else {}
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.run.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch + 1)
 
 
 class EpochChangeInference(keras.callbacks.Callback):

@@ -105,10 +105,12 @@ class DiceCoefMulticlass(keras.metrics.Metric):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def training_metrics(class_names: list[str]) -> list:
-    """The seed metric plus per-class Dice and IoU for every non-background class."""
-    metrics: list = [DiceCoefMulticlass(len(class_names))]
+def training_metrics(class_names: list[str], dice_only: bool = False) -> list:
+    """The seed metric plus per-class Dice and IoU for every non-background class
+    (dice_only: the per-class Dice alone)."""
+    metrics: list = [] if dice_only else [DiceCoefMulticlass(len(class_names))]
     for class_id, name in enumerate(class_names[1:], start=1):
         metrics.append(ClassOverlap(class_id, "dice", name=f"dice_{name}"))
-        metrics.append(ClassOverlap(class_id, "iou", name=f"iou_{name}"))
+        if not dice_only:
+            metrics.append(ClassOverlap(class_id, "iou", name=f"iou_{name}"))
     return metrics

@@ -73,13 +73,14 @@ def resolve_precision(precision: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> 
     return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
-def compile_model(params: Params, steps_per_epoch: int = 1) -> keras.Model:
+def compile_model(params: Params, steps_per_epoch: int = 1, all_metrics: bool = True) -> keras.Model:
+    """all_metrics=False: per-class Dice only (what a tuning trial scores), a smaller graph to trace."""
     model = build_flexunet(params.model, dtype=resolve_precision(params.train.precision))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(params.train, steps_per_epoch),
                                         clipvalue=params.train.clipvalue),
         loss=get_loss(params.train.loss),
-        metrics=training_metrics(params.mask.class_names),
+        metrics=training_metrics(params.mask.class_names, dice_only=not all_metrics),
     )
     return model
 
@@ -201,16 +202,18 @@ def load_training_data(layout: Layout, train_subset: int | None = None) -> tuple
 
 
 def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool = False,
-        extra_callbacks: list | None = None, data: tuple[SplitArrays, SplitArrays] | None = None) -> Fit:
+        extra_callbacks: list | None = None, data: tuple[SplitArrays, SplitArrays] | None = None,
+        validation_freq: int = 1) -> Fit:
     """Build, compile and fit FlexUNet from layout.params: the one training loop, used by
     the train stage (stage=True; `state`: where epochs are saved for resuming) and by every
     tuning trial (its train subset in `data`, shared by the study's trials; Optuna's
-    pruning callback in extra_callbacks)."""
+    pruning callback in extra_callbacks; validation only every `validation_freq` epochs
+    when nothing prunes on the way)."""
     p, t = layout.params, layout.params.train
     keras.utils.set_random_seed(t.seed)
     train_split, valid_split = data if data is not None else load_training_data(layout)
     steps = steps_per_epoch(len(train_split), t.batch_size)
-    model = compile_model(p, steps_per_epoch=steps)
+    model = compile_model(p, steps_per_epoch=steps, all_metrics=stage)
     snapshot = state.latest() if state is not None else None
     start = 0
     if snapshot is not None:
@@ -225,7 +228,8 @@ def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool 
              forward_flops(p.model) / 1e9)
     callbacks, guard = _callbacks(layout, run, state, snapshot, stage)
     began = time.monotonic()
-    history = model.fit(train_ds, validation_data=valid_ds, epochs=t.epochs, initial_epoch=start,
+    history = model.fit(train_ds, validation_data=valid_ds, validation_freq=validation_freq,
+                        epochs=t.epochs, initial_epoch=start,
                         steps_per_epoch=steps, callbacks=callbacks + (extra_callbacks or []),
                         verbose=(1 if sys.stdout.isatty() else 2) if stage else 0)
     seconds = time.monotonic() - began + (snapshot.seconds if snapshot else 0.0)

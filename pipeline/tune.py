@@ -2,8 +2,8 @@
 
 Each trial trains through pipeline.train.fit -- the train stage's own loop -- for
 `tune.epochs_per_trial` epochs on a seeded `tune.train_subset` of the train split, and
-its value is the best validation mean foreground Dice over those epochs. The per-epoch
-value feeds the pruner. Several `flexunet tune` processes on the same storage cooperate:
+its value is the best validation mean foreground Dice over the epochs validated: every
+epoch when a pruner is set (the per-epoch value feeds it), else the last epoch only. Several `flexunet tune` processes on the same storage cooperate:
 each starts a trial only while complete + pruned + running trials are fewer than
 `tune.n_trials`, so together they stop at the study's total. Storage, naming and the
 handling of dead workers: pipeline.study.
@@ -66,7 +66,9 @@ class OptunaPruning(keras.callbacks.Callback):
         self.trial, self.keys = trial, keys
 
     def on_epoch_end(self, epoch, logs=None):
-        value = objective_value([{k: (logs or {}).get(k, np.nan) for k in self.keys}])
+        if not all(k in (logs or {}) for k in self.keys):
+            return   # not a validation epoch
+        value = objective_value([{k: logs[k] for k in self.keys}])
         self.trial.report(value, step=epoch + 1)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"validation Dice {value:.4f} after epoch {epoch + 1}")
@@ -144,8 +146,12 @@ class Objective:
                                              f"tune.max_gflop_per_image {cap}")
                 if self.data is None:   # every trial trains on the same images: decode them once
                     self.data = load_training_data(layout, p.tune.train_subset)
-                result = fit(layout, run, extra_callbacks=[OptunaPruning(trial, self.keys)], data=self.data)
-                history = [{k: result.history[k][i] for k in self.keys} for i in range(len(result.history["loss"]))]
+                # Without a pruner only the last epoch's validation counts: skip the others'.
+                every = 1 if p.tune.pruner != "none" else p.tune.epochs_per_trial
+                result = fit(layout, run, extra_callbacks=[OptunaPruning(trial, self.keys)], data=self.data,
+                             validation_freq=every)
+                validated = len(result.history[self.keys[0]])
+                history = [{k: result.history[k][i] for k in self.keys} for i in range(validated)]
                 value = objective_value(history)
                 if not np.isfinite(value):
                     raise TuneError(f"trial {trial.number}: validation Dice is not finite (diverged?)")
@@ -347,8 +353,8 @@ def _report(study: optuna.Study, layout: Layout, run, timed_out: bool = False) -
     # Only what identifies the best trial: more trials that do not beat it leave this file
     # (train's dependency) unchanged, so DVC does not retrain. Counts go to metrics/tune.json.
     doc = {"study": study.study_name, "storage": p.tune.storage, "best_trial": best.number,
-           "best_value": round(float(best.value), 6), "metric": "best validation mean foreground Dice within "
-           f"{p.tune.epochs_per_trial} epochs on {p.tune.train_subset or 'all'} train images",
+           "best_value": round(float(best.value), 6), "metric": "validation mean foreground Dice after "
+           f"{p.tune.epochs_per_trial} epochs on {p.tune.train_subset or 'all'} train images (best validated epoch)",
            "params": best.params}
     header = ("# Written by the tune stage (flexunet tune): the best trial of the Optuna study.\n"
               "# train uses `params` over params.yaml when train.use_tuned_params is true.\n")

@@ -27,7 +27,8 @@ def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["dataset"].update(image_size=32, num_subjects=8, slices_per_scan=6, num_large_images=6, num_mini_test=2)
     raw["model"].update(image_width=32, image_height=32, base_filters=4, base_kernels=[5, 5], num_layers=3)
-    raw["train"].update(epochs=2, batch_size=4, num_infer_images=2, max_minutes=None, use_tuned_params=False)
+    raw["train"].update(epochs=2, batch_size=4, num_infer_images=2, max_minutes=None, use_tuned_params=False,
+                        warmup_epochs=0)
     raw["evaluate"].update(num_panels=2, min_dice=0.0)
     raw["mlflow"]["experiment_name"] = "tests"
     if name == "glomeruli":

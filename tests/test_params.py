@@ -16,15 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_shipped_params_and_presets_validate():
     p = load_params(REPO / "params.yaml")
-    assert p.model.base_kernels == (11, 11)
+    assert p.model.base_kernels == (3, 3) and p.train.max_minutes is None and p.tune.timeout_minutes is None
     assert p.mask.rgb_map[(255, 0, 0)] == 1 and p.mask.colours[2] == (0, 255, 0)
     names = preset_names()
     assert {"seed-kidney-t2w-gpu", "seed-glomeruli-gpu", "glomeruli-cpu", "kidney-t2w-cpu"} <= set(names)
     seed = load_params(REPO / "pipeline" / "presets" / "seed-kidney-t2w-gpu.yaml")
     assert (seed.model.image_width, seed.model.num_layers, seed.model.base_filters) == (512, 8, 16)
     assert seed.train.learning_rate == pytest.approx(7e-5)
-    # The default is the same architecture, CPU-sized.
-    assert p.model.base_kernels == seed.model.base_kernels and p.model.num_layers < seed.model.num_layers
+    # The seed's large first kernel stays a preset; the default is the same builder, CPU-sized.
+    assert seed.model.base_kernels == (11, 11) and p.model.num_layers < seed.model.num_layers
 
 
 def test_kidney_cpu_preset_equals_shipped_params():

@@ -107,13 +107,14 @@ def test_a_sigkilled_training_resumes_and_gives_the_uninterrupted_model(tmp_path
 
 class _Crash(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch == 3:
-            raise RuntimeError("simulated crash at the start of epoch 4")
+        if epoch == 2:
+            raise RuntimeError("simulated crash at the start of epoch 3")
 
 
 def test_a_crash_resumes_with_the_schedule_callbacks_state(tmp_path, data_root, monkeypatch):
+    # patience 4: early stopping cannot end training before the crash at epoch 3
     schedule = {"lr_schedule": "constant", "learning_rate_reducer": True, "reducer_patience": 1,
-                "reducer_factor": 0.5, "patience": 2, "keep_weights": "best", "epochs": 7, "learning_rate": 0.02}
+                "reducer_factor": 0.5, "patience": 4, "keep_weights": "best", "epochs": 6, "learning_rate": 0.02}
     reference = _project(tmp_path / "reference", data_root, **schedule)
     train(reference)
 
@@ -124,12 +125,12 @@ def test_a_crash_resumes_with_the_schedule_callbacks_state(tmp_path, data_root, 
         train(layout)
     assert not layout.model_file.exists() and not (layout.metrics / "train.json").exists()
     state = next((layout.root / STATE_ROOT).iterdir())
-    saved = json.loads(next(state.glob("epoch-00003/state.json")).read_text())
+    saved = json.loads(next(state.glob("epoch-00002/state.json")).read_text())
     assert set(saved["callbacks"]) == {"EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint"}
     monkeypatch.setattr(train_module, "_stage_callbacks", real)
 
     train(layout)
-    assert json.loads((layout.metrics / "train.json").read_text())["resumed_at_epoch"] == 4
+    assert json.loads((layout.metrics / "train.json").read_text())["resumed_at_epoch"] == 3
     _assert_same_model(reference, layout)
     lr = [m.value for m in sorted(_client(layout).get_metric_history(
         json.loads(layout.run_file.read_text())["run_id"], "learning_rate"), key=lambda m: m.step)]

@@ -168,7 +168,9 @@ def test_study_runs_logs_nested_runs_and_resumes(tmp_path, data_root):
         number = int(run.data.tags["optuna.trial_number"])
         assert run.data.tags["optuna.state"] == "COMPLETE"
         assert run.data.metrics["objective"] == pytest.approx(study.trials[number].value)
-        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2   # per-epoch curve
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]   # per epoch
+        # no pruner: only the last epoch is validated (it alone is the trial's value)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [2]
         assert int(run.data.params["base_filters"]) == study.trials[number].params["base_filters"]
 
     # Same objective, larger budget: the same study continues, and the resumed sampler
@@ -213,7 +215,7 @@ def test_a_pruned_trial_is_a_finished_run_marked_pruned(tmp_path, data_root):
     from pipeline.tracking import start_run
     from pipeline.tune import Objective, _run_one
 
-    layout = _layout(data_root, _raw(tmp_path, epochs_per_trial=3))
+    layout = _layout(data_root, _raw(tmp_path, epochs_per_trial=3, pruner="median"))   # validates every epoch
     storage = studies.open_storage(layout.params.tune.storage, layout.root, 30)
     study = optuna.create_study(study_name="prune-test", storage=storage, direction="maximize",
                                 pruner=optuna.pruners.ThresholdPruner(lower=1.1))   # Dice < 1.1: always
