@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny params (32 px, 3 levels) so the whole suite runs on 2 CPU cores."""
+"""Shared fixtures: tiny params (32 px, 3 levels) so the whole suite runs on 2 CPU cores.
+
+The suite runs on one pytest-xdist worker per core, a whole module per worker
+(pyproject's addopts). The slowest modules are handed out first, so the others fill in
+around them. Expensive fixtures are session-scoped.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,25 @@ from pipeline.params import Params, params_from_dict  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Modules by time (largest first): xdist gives out modules in collection order.
+_SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_resume", "test_export", "test_register", "test_ingest")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        return _SLOW_FIRST.index(module) if module in _SLOW_FIRST else len(_SLOW_FIRST)
+
+    items.sort(key=rank)   # stable: the tests of a module keep their order
+
+
 def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["dataset"].update(image_size=32, num_subjects=8, slices_per_scan=6, num_large_images=6, num_mini_test=2)
-    raw["model"].update(image_width=32, image_height=32, base_filters=4, base_kernels=[5, 5], num_layers=3)
+    # No BatchNorm: it doubles the graph Keras traces for every fit, which is most of a tiny
+    # training's time; the tests that need it (resume, end to end, export) switch it on.
+    raw["model"].update(image_width=32, image_height=32, base_filters=4, base_kernels=[5, 5], num_layers=3,
+                        normalization=False)
     raw["train"].update(epochs=2, batch_size=4, num_infer_images=2, max_minutes=None, use_tuned_params=False,
                         warmup_epochs=0)
     raw["evaluate"].update(num_panels=2, min_dice=0.0)

@@ -27,13 +27,13 @@ NAMES = ["background", "healthy", "CKD"]
 RGB_SIZES = {"r1": (20, 30), "r2": (64, 50), "r3": (100, 77)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model(tmp_path_factory) -> Path:
     return make_tiny_onnx(tmp_path_factory.mktemp("model") / "model.onnx", class_names=NAMES, colours=COLOURS,
                           tile_size=32, size_multiple=4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def predictor(model):
     return load_predictor(model)  # the CLI's defaults when no params.yaml: overlap 0.25, gaussian, batch 4
 

@@ -24,13 +24,14 @@ from tests.conftest import tiny_dict
 
 def _params(**export_overrides):
     raw = tiny_dict()
+    raw["model"]["normalization"] = True   # the default architecture: BatchNorm through ONNX
     raw["train"].update(epochs=1, epoch_change_infer=False)
     raw["mlflow"]["log_model"] = False
     raw["export"].update(export_overrides)
     return params_from_dict(raw)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> tuple[Layout, dict]:
     """prepare + 1-epoch train + export (with int8), once for the module."""
     from pipeline.train import train

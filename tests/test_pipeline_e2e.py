@@ -44,7 +44,7 @@ def sh(args: list[str], cwd: Path) -> str:
     return out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("project")
     for name in ("pipeline", "serving"):
@@ -53,7 +53,9 @@ def project(tmp_path_factory) -> Path:
     (root / "data" / "raw").mkdir(parents=True)
     shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw")   # prepare's (empty) raw-data dep
     raw = tiny_dict()
-    raw["train"].update(epochs=1, use_tuned_params=True)
+    raw["model"]["normalization"] = True   # the default architecture
+    raw["train"].update(epochs=1, use_tuned_params=True, epoch_change_infer=False)
+    raw["mlflow"]["log_model"] = False
     raw["tune"] = dict(TINY_TUNE)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n__pycache__/\noptuna/\n")

@@ -17,7 +17,7 @@ from serving.predictor import MAX_TILE_SIZE, TiledPredictor, is_background, load
 from tests.onnx_models import make_tiny_onnx, tiny_card, tiny_model_proto
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("models")
     return {

@@ -45,7 +45,7 @@ def _new_model(layout: Layout, seed: int, dice: float) -> None:
                                                "confusion_matrix": [[1, 0], [0, 1]]})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tmp_path_factory) -> tuple[Layout, dict, Path]:
     """One project (data, MLflow store, training run) for the module; model `t-serve` registered.
     Other tests register other model names in the same store. Returns a copy of its ONNX file."""

@@ -130,7 +130,7 @@ def _group_stats(size: int, n: int) -> dict[str, dict[str, list[float]]]:
     return stats
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def group_stats() -> dict[str, dict[str, list[float]]]:
     return _group_stats(192, 20)
 
