@@ -82,6 +82,9 @@ def compile_model(params: Params, steps_per_epoch: int = 1, all_metrics: bool = 
         loss=get_loss(params.train.loss),
         metrics=training_metrics(params.mask.class_names, dice_only=not all_metrics),
     )
+    # Adam's moments built now, not inside the first traced train step: variables created
+    # there make tf.function trace the whole step a second time (seconds per fit on a CPU).
+    model.optimizer.build(model.trainable_variables)
     return model
 
 

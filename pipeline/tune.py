@@ -335,9 +335,14 @@ def _wait_for_others(study: optuna.Study, storage: Any, params: Params, project_
 
 def _log_trial(tr: optuna.trial.FrozenTrial) -> None:
     shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in tr.params.items())
-    detail = f"{tr.value:.4f}" if tr.state == TrialState.COMPLETE else (
-        tr.user_attrs.get(studies.FAIL_REASON_ATTR, "") if tr.state == TrialState.FAIL else
-        f"last {max(tr.intermediate_values.values()) if tr.intermediate_values else float('nan'):.4f}")
+    if tr.state == TrialState.COMPLETE:
+        detail = f"{tr.value:.4f}"
+    elif tr.state == TrialState.FAIL:
+        detail = tr.user_attrs.get(studies.FAIL_REASON_ATTR, "")
+    elif studies.OVER_BUDGET_ATTR in tr.user_attrs:
+        detail = f"not trained: {tr.user_attrs[studies.OVER_BUDGET_ATTR]} GFLOP per image > tune.max_gflop_per_image"
+    else:
+        detail = f"best so far {max(tr.intermediate_values.values()):.4f}" if tr.intermediate_values else "no value"
     log.info("trial %d %s (%s): %s", tr.number, tr.state.name, shown, detail)
 
 

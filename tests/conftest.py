@@ -28,8 +28,10 @@ from pipeline.params import Params, params_from_dict  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-# Modules by time (largest first): xdist gives out modules in collection order.
-_SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_resume", "test_export", "test_register", "test_ingest")
+# xdist gives out modules in collection order, one per worker and then a second each
+# before any finishes: on 2 workers the longest (end to end) pairs with a short one and
+# the next two long ones share the other worker.
+_SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_export", "test_resume", "test_ingest", "test_register")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -53,7 +53,6 @@ def project(tmp_path_factory) -> Path:
     (root / "data" / "raw").mkdir(parents=True)
     shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw")   # prepare's (empty) raw-data dep
     raw = tiny_dict()
-    raw["model"]["normalization"] = True   # the default architecture
     raw["train"].update(epochs=1, use_tuned_params=True, epoch_change_infer=False)
     raw["mlflow"]["log_model"] = False
     raw["tune"] = dict(TINY_TUNE)

@@ -1,9 +1,9 @@
 """A killed training resumes at its last completed epoch and gives the uninterrupted model.
 
-The reference is the same tiny training run without interruption. One test kills a real
-`flexunet train` process with SIGKILL; another crashes a run in-process with the schedule
+The reference is the same tiny training run without interruption, with the schedule
 callbacks on (early stopping, ReduceLROnPlateau, best-weights checkpoint), whose states
-must come back too.
+must come back too. One test kills a real `flexunet train` process with SIGKILL; another
+crashes a run in-process at a known epoch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pipeline.train as train_module
 from pipeline.data.prepare import prepare
 from pipeline.layout import Layout
 from pipeline.params import params_from_dict
-from pipeline.resume import STATE_ROOT
+from pipeline.resume import STATE_ROOT, TrainingState
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train import train
 from tests.conftest import tiny_dict
@@ -39,6 +39,23 @@ def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume-data")
     prepare(Layout(root, params_from_dict(tiny_dict())))
     return root
+
+
+# patience 3: early stopping cannot end training before the crash at epoch 3
+SCHEDULE = {"lr_schedule": "constant", "learning_rate_reducer": True, "reducer_patience": 1, "reducer_factor": 0.5,
+            "patience": 3, "keep_weights": "best", "epochs": 5, "learning_rate": 0.02}
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data_root) -> Layout:
+    layout = _project(tmp_path_factory.mktemp("resume-reference") / "p", data_root, **SCHEDULE)
+    train(layout)
+    return layout
+
+
+def _lr_curve(layout: Layout) -> list[float]:
+    run_id = json.loads(layout.run_file.read_text())["run_id"]
+    return [m.value for m in sorted(_client(layout).get_metric_history(run_id, "learning_rate"), key=lambda m: m.step)]
 
 
 def _project(root: Path, data_root: Path, **train) -> Layout:
@@ -68,11 +85,8 @@ def _client(layout: Layout) -> MlflowClient:
     return MlflowClient(resolve_tracking_uri(layout.params.mlflow, layout.root))
 
 
-def test_a_sigkilled_training_resumes_and_gives_the_uninterrupted_model(tmp_path, data_root):
-    reference = _project(tmp_path / "reference", data_root)
-    train(reference)
-
-    layout = _project(tmp_path / "killed", data_root)
+def test_a_sigkilled_training_resumes_and_gives_the_uninterrupted_model(tmp_path, data_root, reference):
+    layout = _project(tmp_path / "killed", data_root, **SCHEDULE)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     worker = subprocess.Popen([str(BIN / "flexunet"), "train", "--params", str(layout.root / "params.yaml")],
                               cwd=layout.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -90,8 +104,9 @@ def test_a_sigkilled_training_resumes_and_gives_the_uninterrupted_model(tmp_path
 
     result = train(layout)   # what the next `dvc repro` runs
     summary = json.loads((layout.metrics / "train.json").read_text())
-    assert 3 <= summary["resumed_at_epoch"] <= 4 and result.epochs_run == summary["epochs_configured"] == 4
+    assert 3 <= summary["resumed_at_epoch"] <= result.epochs_run and summary["epochs_configured"] == 5
     _assert_same_model(reference, layout)
+    assert _lr_curve(layout) == pytest.approx(_lr_curve(reference))
     assert not list(layout.models.glob(".*")), "no hidden leftovers beside the model"
     assert not any((layout.root / STATE_ROOT).iterdir()), "the resume state is removed once training ends"
 
@@ -103,7 +118,7 @@ def test_a_sigkilled_training_resumes_and_gives_the_uninterrupted_model(tmp_path
     resumed = client.get_run(result.run_id)
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["flexunet.resumed_from_run"] == killed_run.info.run_id
-    assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == list(range(1, result.epochs_run + 1))
 
 
 class _Crash(keras.callbacks.Callback):
@@ -112,14 +127,8 @@ class _Crash(keras.callbacks.Callback):
             raise RuntimeError("simulated crash at the start of epoch 3")
 
 
-def test_a_crash_resumes_with_the_schedule_callbacks_state(tmp_path, data_root, monkeypatch):
-    # patience 3: early stopping cannot end training before the crash at epoch 3
-    schedule = {"lr_schedule": "constant", "learning_rate_reducer": True, "reducer_patience": 1,
-                "reducer_factor": 0.5, "patience": 3, "keep_weights": "best", "epochs": 5, "learning_rate": 0.02}
-    reference = _project(tmp_path / "reference", data_root, **schedule)
-    train(reference)
-
-    layout = _project(tmp_path / "crashed", data_root, **schedule)
+def test_a_crash_resumes_with_the_schedule_callbacks_state(tmp_path, data_root, reference, monkeypatch):
+    layout = _project(tmp_path / "crashed", data_root, **SCHEDULE)
     real = train_module._stage_callbacks
     monkeypatch.setattr(train_module, "_stage_callbacks", lambda *a: real(*a) + [_Crash()])
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -130,31 +139,14 @@ def test_a_crash_resumes_with_the_schedule_callbacks_state(tmp_path, data_root, 
     assert set(saved["callbacks"]) == {"EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint"}
     monkeypatch.setattr(train_module, "_stage_callbacks", real)
 
+    # Other params (here the seed) have a state of their own: they would start over.
+    fingerprint = layout.read_manifest()["fingerprint"]
+    other = layout.params.model_copy(update={"train": layout.params.train.model_copy(update={"seed": 3})})
+    assert TrainingState.for_params(layout.root, other, fingerprint).latest() is None
+    assert TrainingState.for_params(layout.root, layout.params, fingerprint).latest().epochs_done == 2
+
     train(layout)
     assert json.loads((layout.metrics / "train.json").read_text())["resumed_at_epoch"] == 3
     _assert_same_model(reference, layout)
-    lr = [m.value for m in sorted(_client(layout).get_metric_history(
-        json.loads(layout.run_file.read_text())["run_id"], "learning_rate"), key=lambda m: m.step)]
-    ref_lr = [m.value for m in sorted(_client(reference).get_metric_history(
-        json.loads(reference.run_file.read_text())["run_id"], "learning_rate"), key=lambda m: m.step)]
-    assert lr == pytest.approx(ref_lr) and min(lr) < schedule["learning_rate"]   # the reducer fired, alike
-
-
-def test_other_params_start_over(tmp_path, data_root, monkeypatch):
-    layout = _project(tmp_path / "p", data_root, epochs=3)
-    real = train_module._stage_callbacks
-
-    class CrashAt2(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 2:
-                raise RuntimeError("crash")
-
-    monkeypatch.setattr(train_module, "_stage_callbacks", lambda *a: real(*a) + [CrashAt2()])
-    with pytest.raises(RuntimeError):
-        train(layout)
-    monkeypatch.setattr(train_module, "_stage_callbacks", real)
-    changed = Layout(layout.root, params_from_dict({**layout.params.model_dump(mode="python"),
-                                                    "train": {**layout.params.train.model_dump(), "seed": 3}}))
-    train(changed)
-    assert json.loads((changed.metrics / "train.json").read_text())["resumed_at_epoch"] is None
-    assert len(list((layout.root / STATE_ROOT).iterdir())) == 1   # the first params' state is kept
+    lr = _lr_curve(layout)
+    assert lr == pytest.approx(_lr_curve(reference)) and min(lr) < SCHEDULE["learning_rate"]   # the reducer fired, alike
