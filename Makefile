@@ -25,6 +25,7 @@ test: install
 	$(BIN)/python -m pytest
 
 benchmark: install  # needs `make repro` first for the tiled and int8 ones (a trained model, data)
+	$(BIN)/python benchmarks/repro_time.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/tiled_inference.py
 	$(BIN)/python benchmarks/space_to_depth.py

@@ -90,6 +90,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     layout = _layout(args)
+    layout.read_manifest()   # a missing dataset is said before TensorFlow takes seconds to load
     quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.train import train
 
@@ -99,6 +100,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     layout = _layout(args, tuned=False)   # the search is around params.yaml's own values
+    layout.read_manifest()
     quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.tune import tune
 
@@ -107,6 +109,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     layout = _layout(args)
+    layout.read_run()   # the model's run: train ran
     quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.evaluate import evaluate
 

@@ -1,0 +1,113 @@
+"""What the default's 3x3 first kernel gives up against the seed's 11x11: test Dice and time.
+
+Trains the default configuration (params.yaml, without the tuned values) once per first
+kernel and seed, each in its own project folder under a temporary directory that reads
+this checkout's prepared dataset, then evaluates it. The 3x3 runs use the default's
+portable TensorFlow kernels; the 11x11 runs use oneDNN (`train.onednn: true`), which trains
+them about 4x faster on an AVX-512 machine and rounds differently: a Dice comparison, not a
+bit-for-bit one. Needs the dataset (`dvc repro prepare`).
+
+    python benchmarks/kernel_choice.py [--kernels 3,11] [--seeds 137,7,23] [--onednn-for 11]
+
+Results: benchmarks/results/kernel_choice.json (and .md, the table in the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from train_throughput import cpu_flags, cpu_name, vector_isa  # noqa: E402
+
+
+def run_one(kernel: int, seed: int, onednn: bool, folder: Path) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["dataset"]["root"] = str(REPO / raw["dataset"]["root"])
+    raw["model"]["base_kernels"] = [kernel, kernel]
+    raw["train"].update(seed=seed, use_tuned_params=False, onednn=onednn, epoch_change_infer=False)
+    raw["mlflow"].update(log_model=False, experiment_name="kernel-choice")
+    folder.mkdir(parents=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for stage in ("train", "evaluate"):
+        out = subprocess.run([str(bin_dir / "flexunet"), stage, "--params", str(folder / "params.yaml")],
+                             cwd=folder, env=env, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{stage} failed for {kernel}x{kernel}, seed {seed}:\n{out.stderr[-3000:]}")
+    trained = json.loads((folder / "metrics" / "train.json").read_text())
+    evaluated = json.loads((folder / "metrics" / "eval.json").read_text())
+    return {"first_kernel": kernel, "seed": seed, "onednn": onednn, "epochs_run": trained["epochs_run"],
+            "train_seconds": trained.get("train_seconds"),
+            "seconds_per_epoch": round(trained["train_seconds"] / trained["epochs_run"], 1)
+            if trained.get("train_seconds") else None,
+            "forward_gflop_per_image": trained.get("forward_gflop_per_image"),
+            "final_val_loss": trained.get("final_val_loss"),
+            "test_mean_foreground_dice": evaluated["mean_foreground_dice"],
+            "test_dice_CKD": evaluated.get("dice_CKD"), "test_dice_healthy": evaluated.get("dice_healthy")}
+
+
+def markdown(result: dict) -> str:
+    mc = result["machine"]
+    lines = [f"Machine: {mc['cpu']}, {mc['cores']} cores, vector ISA {mc['vector_isa']}. Default params "
+             f"(10 epochs, warm-up + cosine, BatchNorm, 8 filters, 6 levels, 128 px), untuned; only the first "
+             f"kernel and the seed vary.", "",
+             "| first kernel | TF kernels | seed | forward GFLOP/image | s per epoch here | final val loss "
+             "| test mean foreground Dice |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['first_kernel']}x{r['first_kernel']} | {'oneDNN' if r['onednn'] else 'portable'} "
+                     f"| {r['seed']} | {r['forward_gflop_per_image']} | {r['seconds_per_epoch']} "
+                     f"| {r['final_val_loss']:.4f} | {r['test_mean_foreground_dice']:.4f} |")
+    lines += ["", "| first kernel | mean test Dice over seeds | min | max |", "|---:|---:|---:|---:|"]
+    for k, s in result["summary"].items():
+        lines.append(f"| {k}x{k} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default="3,11")
+    parser.add_argument("--seeds", default="137,7,23")
+    parser.add_argument("--onednn-for", default="11", help="first kernels trained with oneDNN (faster, not portable)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kernel_choice"))
+    args = parser.parse_args()
+    kernels = [int(k) for k in args.kernels.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fast = {int(k) for k in args.onednn_for.split(",") if k}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="kernel-choice-") as tmp:
+        for kernel in kernels:
+            for seed in seeds:
+                began = time.monotonic()
+                runs.append(run_one(kernel, seed, kernel in fast, Path(tmp) / f"k{kernel}-s{seed}"))
+                print(f"{kernel}x{kernel} seed {seed}: test Dice {runs[-1]['test_mean_foreground_dice']:.4f} "
+                      f"({time.monotonic() - began:.0f} s)", flush=True)
+    summary = {}
+    for kernel in kernels:
+        values = [r["test_mean_foreground_dice"] for r in runs if r["first_kernel"] == kernel]
+        summary[kernel] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "vector_isa": vector_isa(cpu_flags())},
+              "runs": runs, "summary": summary}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
