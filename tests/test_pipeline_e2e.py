@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("prepare", "tune", "train", "evaluate", "export", "register", "predict")
 TINY_TUNE = {"n_trials": 2, "epochs_per_trial": 1, "train_subset": 8, "timeout_minutes": None, "pruner": "none",
+             "enqueue_current": False,   # random proposals: the tuned values differ from params.yaml's
              "search_space": {"base_filters": {"type": "categorical", "choices": [2, 4]},
                               "base_kernels": {"type": "int", "low": 3, "high": 5, "step": 2},
                               "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
@@ -116,6 +117,7 @@ def test_metrics_and_plots_show(project):
 def test_the_default_flow_trains_with_the_tuned_values(project):
     """use_tuned_params (the default): the study's best trial decides the trained model."""
     best = yaml.safe_load((project / "tune" / "best_params.yaml").read_text())["params"]
+    assert best["learning_rate"] != yaml.safe_load((project / "params.yaml").read_text())["train"]["learning_rate"]
     assert yaml.safe_load((project / "tune" / "train_overrides.yaml").read_text()) == {"params": best}
     run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
     with sqlite3.connect(project / "mlflow.db") as db:
