@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from train_throughput import cpu_flags, cpu_name, vector_isa  # noqa: E402
+from common import write_results  # noqa: E402
+from train_throughput import machine_summary  # noqa: E402
 
 
 def run_one(kernel: int, seed: int, onednn: bool, folder: Path) -> dict:
@@ -100,13 +101,9 @@ def main() -> None:
     for kernel in kernels:
         values = [r["test_mean_foreground_dice"] for r in runs if r["first_kernel"] == kernel]
         summary[kernel] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
-    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "vector_isa": vector_isa(cpu_flags())},
+    result = {"machine": machine_summary(),
               "runs": runs, "summary": summary}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 if __name__ == "__main__":

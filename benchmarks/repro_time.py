@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from train_throughput import cpu_flags, cpu_name, vector_isa  # noqa: E402
+from common import write_results  # noqa: E402
+from train_throughput import machine_summary  # noqa: E402
 
 NUMPY_AVX512_TARGETS = "X86_V4 AVX512_ICL AVX512_SPR"
 PROFILES = {
@@ -146,15 +147,10 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("git") is None:
         raise SystemExit("git is needed to clone the repository")
-    flags = cpu_flags()
     runs = {name: run_profile(name, args.set) for name in args.profiles.split(",")}
-    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "vector_isa": vector_isa(flags)},
+    result = {"machine": machine_summary(),
               "overrides": args.set, "runs": runs, "comparison": compare(runs)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import write_results  # noqa: E402
 
 MODES = {"portable": "0", "onednn": "1"}
 KERNELS = (3, 5, 7, 11)
@@ -180,6 +183,11 @@ def pipeline_rates(params) -> dict | None:
             "fit_images_per_second": round(len(pairs) / (time.perf_counter() - start), 2)}
 
 
+def machine_summary() -> dict:
+    """CPU name, core count and vector ISA: what every benchmark result names."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "vector_isa": vector_isa(cpu_flags())}
+
+
 # --------------------------------------------------------------------------- report
 def markdown(result: dict) -> str:
     mc = result["machine"]
@@ -239,11 +247,7 @@ def main() -> None:
         result["tensorflow"] = run.pop("tensorflow")
         result["modes"][mode] = run
         print(f"{mode}: {json.dumps(run)}", flush=True)
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out_path.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 if __name__ == "__main__":
