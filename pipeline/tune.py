@@ -4,8 +4,8 @@ Each trial trains through pipeline.train.fit -- the train stage's own loop -- fo
 `tune.epochs_per_trial` epochs on a seeded `tune.train_subset` of the train split, and
 its value is the best validation mean foreground Dice over the epochs validated: every
 epoch when a pruner is set (the per-epoch value feeds it), else the last epoch only.
-Several `flexunet tune` processes on the same storage cooperate: each starts a trial only while complete + pruned + running trials are fewer than
-`tune.n_trials`, so together they stop at the study's total. Storage, naming and the
+Several `flexunet tune` processes on the same storage cooperate: each starts a trial
+only while complete + pruned + running trials are fewer than `tune.n_trials`, so together they stop at the study's total. Storage, naming and the
 handling of dead workers: pipeline.study.
 
 Outputs (all or nothing): tune/best_params.yaml (the values train uses when
