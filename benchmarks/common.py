@@ -15,7 +15,7 @@ def default_model(params: Any) -> tuple[Any, str]:
     initialised (speed does not depend on the weights); and a label saying which."""
     import keras
 
-    from pipeline.model import build_flexunet
+    from pipeline.model.flexunet import build_flexunet
 
     trained = REPO / "models" / "model.keras"
     if trained.is_file():

@@ -1,6 +1,6 @@
 """int8 quantisation variants of the exported default model: speed against fp32 and test Dice.
 
-Why the export stage quantises the way it does (pipeline/export.py, quantize_int8):
+Why the export stage quantises the way it does (pipeline/stages/export.py, quantize_int8):
 onnxruntime's static quantiser with QDQ nodes and per-channel weights, in several
 flavours -- signed (S8S8) or unsigned (U8S8) activations, min-max / percentile / entropy
 calibration on 16 or 64 train images, the softmax head kept in fp32 -- each timed on the
@@ -39,11 +39,11 @@ def main() -> None:
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.data.dataset import load_split, make_dataset
-    from pipeline.evaluate import Accumulator
+    from pipeline.data.tfdata import load_split, make_dataset
+    from pipeline.scoring.confusion import Accumulator
     from pipeline.layout import Layout
-    from pipeline.params import load_params
-    from serving.atomic import write_json, write_text
+    from pipeline.config.load import load_params
+    from common.atomic import write_json, write_text
 
     params = load_params(REPO / "params.yaml")
     layout, size = Layout(REPO, params), params.model.image_width

@@ -105,8 +105,8 @@ def export_all(params_path: Path, out: Path) -> dict[str, Any]:
 
     quiet_tensorflow(debug=False)
     from benchmarks.common import default_model
-    from pipeline.export import card_for, session, space_to_depth_levels, to_onnx
-    from pipeline.params import load_params
+    from pipeline.stages.export import card_for, session, space_to_depth_levels, to_onnx
+    from pipeline.config.load import load_params
 
     params = load_params(params_path)
     model, weights = default_model(params)
@@ -138,7 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
     speeds = ", ".join(f"{k}: {v:.2f}" for k, v in report["one_block_speed"].items())
     rates = "; ".join(f"{k}: {v:.0f}" for k, v in report["conv_gmacs"].items())
     lines += ["", f"One 16-channel output block runs at this fraction of the speed of two (64x64, batch "
-                  f"{report['batch_size']}): {speeds} (GMAC/s, {rates}). pipeline/space_to_depth.py's cost model "
+                  f"{report['batch_size']}): {speeds} (GMAC/s, {rates}). pipeline/model/space_to_depth.py's cost model "
                   f"assumes 0.64 (ONE_BLOCK_SPEED).", "", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
 

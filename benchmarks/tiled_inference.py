@@ -123,8 +123,8 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     import tensorflow as tf
 
     from benchmarks.common import default_model
-    from pipeline.export import card_for, space_to_depth_levels, to_onnx
-    from pipeline.params import load_params
+    from pipeline.stages.export import card_for, space_to_depth_levels, to_onnx
+    from pipeline.config.load import load_params
 
     params = load_params(a.params)
     model, weights = default_model(params)
@@ -142,7 +142,7 @@ def int8_export(model, params, fp32: Path) -> dict[str, Any]:
     """The export stage's int8 model (static QDQ, calibrated on train images) next to the
     fp32 one, with both models' test Dice and parity from the export stage's own compare().
     Needs the prepared dataset (make repro); without it the int8 rows are left out."""
-    from pipeline.export import compare, quantize_int8, session
+    from pipeline.stages.export import compare, quantize_int8, session
     from pipeline.layout import Layout
 
     layout = Layout(REPO, params)
@@ -462,7 +462,7 @@ def main() -> None:
                             if "int8_0.25" in report["variants"] else {}),
                          **({"stream_peak_beyond_input_le_1.5GB": streamed["peak_beyond_input"] <= 1.5 * 1024**3}
                             if streamed else {})}
-    from serving.atomic import write_json, write_text
+    from common.atomic import write_json, write_text
 
     write_json(out.with_suffix(".json"), report)
     write_text(out.with_suffix(".md"), markdown(report))

@@ -15,7 +15,7 @@ both paths in one run, each in its own process:
 For each: float32 matmul GFLOP/s through TensorFlow (the peak that path reaches here);
 Keras training images/s on in-memory batches for the default model and its first kernel
 replaced by 3, 5, 7 and 11 (the issue's sweep), with and without XLA for the default;
-achieved GFLOP/s = images/s x 3 x forward FLOPs (pipeline.architecture.forward_flops);
+achieved GFLOP/s = images/s x 3 x forward FLOPs (pipeline.model.architecture.forward_flops);
 its fraction of the matmul peak; and the default model trained through the real input
 pipeline (decoded split in memory, batched in-graph augmentation). The machine block
 records the CPU, its vector ISA (AVX2, AVX-512, AMX), and NumPy's sgemm GFLOP/s with
@@ -104,9 +104,9 @@ def _worker(params_path: str, images: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from pipeline.architecture import forward_flops
-    from pipeline.params import load_params
-    from pipeline.train import compile_model, onednn_enabled
+    from pipeline.model.architecture import forward_flops
+    from pipeline.config.load import load_params
+    from pipeline.model.fit import compile_model, onednn_enabled
 
     def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
         a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
@@ -154,9 +154,9 @@ def _worker(params_path: str, images: int) -> dict:
 def pipeline_rates(params) -> dict | None:
     """The default model through the train stage's own input pipeline: the stream alone,
     and one model.fit epoch through it (images/s)."""
-    from pipeline.data.dataset import load_arrays, load_split, steps_per_epoch, training_stream
+    from pipeline.data.tfdata import load_arrays, load_split, steps_per_epoch, training_stream
     from pipeline.layout import Layout
-    from pipeline.train import compile_model
+    from pipeline.model.fit import compile_model
 
     layout, m, t = Layout(REPO, params), params.model, params.train
     if not (layout.data_dir / "train").is_dir():
@@ -224,7 +224,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(_worker(args.params, args.images)))
         return
-    from pipeline.params import load_params
+    from pipeline.config.load import load_params
 
     m, t = load_params(args.params).model, load_params(args.params).train
     flags = cpu_flags()

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from serving.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger("flexunet")
 
@@ -71,7 +71,7 @@ def _layout(args: argparse.Namespace, tuned: bool = True):
     """Params and paths of one call. tuned: apply tune/best_params.yaml when
     train.use_tuned_params (every stage after tune sees the same effective values)."""
     from pipeline.layout import Layout
-    from pipeline.params import load_params, with_tuned_params
+    from pipeline.config.load import load_params, with_tuned_params
 
     params_path = Path(args.params)
     params = load_params(params_path, dict(_parse_override(s) for s in args.set or []))
@@ -83,7 +83,7 @@ def _layout(args: argparse.Namespace, tuned: bool = True):
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from pipeline.data.prepare import prepare
+    from pipeline.stages.prepare import prepare
 
     prepare(_layout(args, tuned=False))
 
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     layout = _layout(args)
     layout.read_manifest()   # a missing dataset is said before TensorFlow takes seconds to load
     quiet_tensorflow(args.debug, layout.params.train.onednn)
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     result = train(layout)
     log.info("MLflow run %s", result.run_id)
@@ -102,7 +102,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     layout = _layout(args, tuned=False)   # the search is around params.yaml's own values
     layout.read_manifest()
     quiet_tensorflow(args.debug, layout.params.train.onednn)
-    from pipeline.tune import tune
+    from pipeline.stages.tune import tune
 
     tune(layout, worker=args.worker)
 
@@ -111,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     layout = _layout(args)
     layout.read_run()   # the model's run: train ran
     quiet_tensorflow(args.debug, layout.params.train.onednn)
-    from pipeline.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
 
     evaluate(layout)
 
@@ -119,21 +119,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     layout = _layout(args)
     quiet_tensorflow(args.debug, layout.params.train.onednn)
-    from pipeline.export import export
+    from pipeline.stages.export import export
 
     export(layout)
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from pipeline.register import register
+    from pipeline.stages.register import register
 
     register(_layout(args))
 
 
 def cmd_evaluate_tiled(args: argparse.Namespace) -> None:
-    from pipeline.tiled_eval import tiled_evaluation
+    from pipeline.stages.evaluate_tiled import evaluate_tiled
 
-    tiled_evaluation(_layout(args))
+    evaluate_tiled(_layout(args))
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -146,7 +146,8 @@ def _predict_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Predictor kwargs: flags over params.yaml's `predict` section (if any) over PredictParams defaults."""
     from pydantic import ValidationError
 
-    from pipeline.params import PredictParams, load_params
+    from pipeline.config.schema import PredictParams
+    from pipeline.config.load import load_params
 
     base = PredictParams()
     params_path = Path(args.params or "params.yaml")
@@ -202,26 +203,58 @@ def add_predict_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
 
+def cmd_deps(args: argparse.Namespace) -> int:
+    """Each stage's code, read from its imports; --check: compare with dvc.yaml's deps."""
+    from pipeline import codegraph
+
+    root = Path(args.root).resolve()
+    if args.mermaid:
+        print(codegraph.mermaid(root))
+        return 0
+    if args.check:
+        problems = codegraph.dep_problems(root)
+        for stage, lists in problems.items():
+            for kind, files in lists.items():
+                for f in files:
+                    print(f"dvc.yaml stage {stage}: {kind} {f}", file=sys.stderr)
+        crossing = {s: sorted(o) for s, o in codegraph.stage_imports(root).items() if o}
+        for stage, others in crossing.items():
+            print(f"pipeline/stages/{stage}.py imports the stage(s) {', '.join(others)}; move what they share "
+                  f"out of pipeline/stages/", file=sys.stderr)
+        if problems or crossing:
+            print("fix dvc.yaml from `flexunet deps` (each stage lists exactly the files printed)", file=sys.stderr)
+            return 1
+        print("dvc.yaml: every stage lists exactly the code it runs; no stage imports another")
+        return 0
+    for stage in codegraph.dvc_stages(root):
+        print(f"{stage}:")
+        for f in codegraph.code_files(root, codegraph.stage_modules(root, stage)):
+            print(f"  - {f}")
+    return 0
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("pipeline.presets").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("pipeline.config.presets").iterdir()
                   if p.name.endswith(".yaml"))
 
 
 def cmd_preset(args: argparse.Namespace) -> None:
-    """Validate a shipped preset, then copy it over params.yaml (the old file is kept)."""
-    from pipeline.params import load_params
-    from serving.atomic import write_text
+    """Write params.yaml as the defaults with a shipped preset's overlay (the old file is kept)."""
+    from common.atomic import write_text
+    from pipeline.config.load import preset_dict
 
     if args.name not in preset_names():
         raise UserError(f"unknown preset {args.name!r}; available: {', '.join(preset_names())}")
-    source = resources.files("pipeline.presets") / f"{args.name}.yaml"
-    text = source.read_text(encoding="utf-8")
-    target = Path(args.params)
+    source = resources.files("pipeline.config.presets") / f"{args.name}.yaml"
     with resources.as_file(source) as path:
-        load_params(path)
+        merged = preset_dict(path)
+        header = [line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+    target = Path(args.params)
     if target.exists():
         shutil.copyfile(target, target.with_name(target.name + ".bak"))
-    write_text(target, text)
+    header = [f"# flexunet preset {args.name}: the defaults with these keys changed (what each key means:",
+              "# the shipped params.yaml and pipeline/config/schema.py).", *header[:-1]]
+    write_text(target, "\n".join(header) + "\n" + yaml.safe_dump(merged, sort_keys=False, width=100))
     print(f"{target}: now preset {args.name!r} (previous file kept as {target.name}.bak)")
 
 
@@ -254,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="one of: " + ", ".join(preset_names()))
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_preset)
+    p = sub.add_parser("deps", help="the code each DVC stage runs, from its imports (--check: against dvc.yaml)")
+    p.add_argument("--root", default=".", help="project root holding dvc.yaml (default: .)")
+    p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml lists too few or too many files")
+    p.add_argument("--mermaid", action="store_true", help="print the package import graph as a mermaid chart")
+    p.set_defaults(func=cmd_deps)
     add_predict_parser(sub)
     return parser
 

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
-from pipeline.params import Params
+from common.errors import DataError
+from pipeline.config.schema import Params
 
 SPLITS = ("train", "valid", "test")
+# Slices of test scans that the split leaves out (kidney-free ones beyond
+# kidney_free_fraction): not evaluated for Dice, but predicted for TKV, so a false
+# kidney on them still counts against the scan's volume.
+TKV_EXTRA = "tkv_extra"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # no display on CI or servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from serving.atomic import atomic_path  # noqa: E402
+from common.atomic import atomic_path  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

@@ -37,8 +37,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from pipeline.liveness import is_alive
-from pipeline.params import Params
-from pipeline.search_space import TUNABLE
+from pipeline.config.schema import Params
+from pipeline.config.search_space import TUNABLE
 
 log = logging.getLogger(__name__)
 

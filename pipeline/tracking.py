@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import FlexUNetError
+from common.errors import FlexUNetError
 from pipeline.liveness import is_alive, this_process
-from pipeline.params import MlflowParams
+from pipeline.config.schema import MlflowParams
 
 log = logging.getLogger(__name__)
 

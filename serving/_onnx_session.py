@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.card import METADATA_KEY, ModelCard
-from serving.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

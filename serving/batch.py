@@ -13,7 +13,7 @@ Resume: an input whose mask already exists is not predicted again unless overwri
 Its row is rebuilt from the mask on disk (counts, size) plus the previous table's seconds,
 so the table always describes the masks actually present (a missing overlay is drawn
 from the existing mask, without predicting). Every file is written atomically
-(serving.atomic: temp file beside the target, then rename), so an interrupted run never
+(common.atomic: temp file beside the target, then rename), so an interrupted run never
 leaves a half-written mask or table. The table is rewritten whole after each image (at
 most once per `csv_interval` seconds, so 10 000 images do not cost 10 000 rewrites) and
 once more at the end, also when the run is interrupted by an exception or Ctrl-C; a
@@ -40,10 +40,10 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from serving.atomic import write_text
+from common.atomic import write_text
 from serving.card import ModelCard
-from serving.errors import UserError
-from serving.imageio import (IMAGE_SUFFIXES, MaxPixels, list_images, open_image, read_image,
+from common.errors import UserError
+from common.imageio import (IMAGE_SUFFIXES, MaxPixels, list_images, open_image, read_image,
                              save_palette_png, save_rgb_png)
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def predict_folder(predictor: Predictor, inputs: list[Path], output_dir: Path, *
                    progress: bool | None = None) -> BatchSummary:
     """Predict every input, writing masks, optional overlays and `predictions.csv` (see module doc).
 
-    max_pixels: decompression-bomb limit passed to serving.imageio.read_image ("pillow":
+    max_pixels: decompression-bomb limit passed to common.imageio.read_image ("pillow":
     Pillow's limit; None: no limit). progress: tqdm bar (None: only on a terminal).
     """
     output_dir = Path(output_dir)

@@ -9,7 +9,7 @@ ONNX metadata, so no params.yaml is read. Windows, blending and streaming are
 serving.tiling's; this module adds the onnxruntime session, input conversion, argument
 checks with one-line UserErrors, and the optional histology background skip.
 
-Input conversion (the rules of serving.imageio.to_uint8_array, for arrays):
+Input conversion (the rules of common.imageio.to_uint8_array, for arrays):
 - (H, W) or (H, W, 1) grey: used as is by a 1-channel model; replicated to RGB for a
   3-channel one (a broadcast view: no copy).
 - (H, W, 2) grey + alpha, (H, W, 4) RGBA: the alpha channel is dropped.
@@ -34,7 +34,7 @@ import numpy as np
 from serving._onnx_session import OnnxSession, open_session
 from serving.card import ModelCard
 from serving.labels import foreground_mass, unify_foreground
-from serving.errors import UserError
+from common.errors import UserError
 from serving.tiling import BLENDS, SeamStats, iter_bands, seam_disagreement
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 r"""MLflow pyfunc wrapper: `mlflow models serve` segments whole images of any size.
 
-The registered model (`models:/<name>@champion`, logged by pipeline/register.py) holds the
+The registered model (`models:/<name>@champion`, logged by pipeline/stages/register.py) holds the
 ONNX file as artifact `onnx` and this module's `FlexUNetPyfunc`, which runs
 serving.predictor.TiledPredictor over each image: windows of the training size,
 Gaussian-blended, so the image size is free (no resizing).
@@ -8,7 +8,7 @@ Gaussian-blended, so the image size is free (no resizing).
 Request: POST /invocations, `Content-Type: application/json`, a DataFrame in
 `dataframe_split` (or `dataframe_records`) form, one row per image:
 - `image` (required): the encoded image file (PNG, JPEG, TIFF, BMP) base64-encoded.
-  Converted to the model's channels by serving/imageio's rules (RGBA drops alpha,
+  Converted to the model's channels by common/imageio's rules (RGBA drops alpha,
   grey is replicated, 16-bit is min-max stretched).
 - `overlap` (optional float in [0, 1)): window overlap; default the served model's
   (params.yaml predict.overlap at registration).
@@ -46,7 +46,7 @@ import mlflow.pyfunc  # this module exists for MLflow; the rest of serving/ does
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from serving.errors import ImageError, UserError
+from common.errors import ImageError, UserError
 
 ONNX_ARTIFACT = "onnx"
 OPTIONAL_COLUMNS = {"overlap": "double", "tta": "boolean"}
@@ -71,10 +71,10 @@ def _image_bytes(value: Any, row: int) -> bytes:
 
 
 def decode_image(data: bytes, channels: int, row: int = 0) -> np.ndarray:
-    """Encoded image bytes -> (H, W, channels) uint8 by serving/imageio's conversion rules."""
+    """Encoded image bytes -> (H, W, channels) uint8 by common/imageio's conversion rules."""
     from PIL import Image, UnidentifiedImageError
 
-    from serving.imageio import to_uint8_array
+    from common.imageio import to_uint8_array
 
     if not data:
         raise ImageError(f"row {row}: column 'image' is empty")
@@ -144,7 +144,7 @@ class FlexUNetPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=output_columns(self.card.class_names))
 
     def _predict_row(self, i: int, row: Any) -> dict[str, Any]:
-        from serving.imageio import palette_image
+        from common.imageio import palette_image
 
         image = decode_image(_image_bytes(row["image"], i), self.card.channels, i)
         ids = self._predictor(_cell(row, "overlap"), _cell(row, "tta")).predict(image)

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny params (32 px, 3 levels) so the whole suite runs on 2 CPU cores.
 
+tests/unit/ mirrors the packages (one file per module); tests/integration/ runs stages,
+subprocesses and real trainings, and is marked `slow`.
+
 The suite runs on one pytest-xdist worker per core, a whole module per worker
 (pyproject's addopts). The slowest modules are handed out first, so the others fill in
 around them. Expensive fixtures are session-scoped.
@@ -23,7 +26,8 @@ os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests never write to a developer's store
 
 from pipeline.layout import Layout  # noqa: E402
-from pipeline.params import Params, params_from_dict  # noqa: E402
+from pipeline.config.schema import Params  # noqa: E402
+from pipeline.config.load import params_from_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,10 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 # xdist gives out modules in collection order, one per worker and then a second each
 # before any finishes: on 2 workers the longest (end to end) pairs with a short one and
 # the next two long ones share the other worker.
-_SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_export", "test_resume", "test_ingest", "test_register")
+_SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_export", "test_train_resume", "test_prepare_sources",
+               "test_register")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:   # tests/integration/: stages, subprocesses, real training; `-m "not slow"` skips them
+        if "integration" in item.nodeid.split("/"):
+            item.add_marker(pytest.mark.slow)
+
     def rank(item) -> int:
         module = item.module.__name__.rsplit(".", 1)[-1]
         return _SLOW_FIRST.index(module) if module in _SLOW_FIRST else len(_SLOW_FIRST)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import DataError
-from pipeline.params import MaskParams
-from serving.imageio import open_image, palette_image
+from common.errors import DataError
+from pipeline.config.schema import MaskParams
+from common.imageio import open_image, palette_image
 
 RGB = tuple[int, int, int]
 

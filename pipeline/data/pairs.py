@@ -12,9 +12,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.data.masks import read_mask
-from pipeline.errors import DataError
-from pipeline.params import MaskParams
-from serving.imageio import list_images, read_image
+from common.errors import DataError
+from pipeline.config.schema import MaskParams
+from common.imageio import list_images, read_image
 
 
 @dataclass(frozen=True)

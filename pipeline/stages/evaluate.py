@@ -1,0 +1,147 @@
+"""Evaluate stage: test-split metrics, confusion matrix and mini_test panels.
+
+Metrics are accumulated over the whole test split (pixel counts summed, then divided),
+not averaged per batch, so they do not depend on the batch size. Everything is logged
+into the training run named in models/train_run.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import plots
+from pipeline.data.samples import load_infer_samples
+from pipeline.data.tfdata import find_pairs, load_split, make_dataset
+from pipeline.layout import TKV_EXTRA, Layout
+from pipeline.model.flexunet import load_model
+from pipeline.model.losses import get_loss
+from pipeline.panels import make_panel
+from pipeline.scoring.confusion import Accumulator
+from pipeline.scoring.tkv import tkv_report
+from pipeline.tracking import find_project_root, start_run
+from common.atomic import remove_on_failure, write_json
+from common.imageio import save_palette_png, save_rgb_png
+from serving.labels import to_labels
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
+                   ) -> tuple[dict[str, float], np.ndarray, dict[str, tuple[int, int]]]:
+    """Metrics, confusion matrix, and per image (stem) its predicted and true foreground
+    pixel counts (what TKV sums)."""
+    p = layout.params
+    pairs = load_split(layout.data_dir, split, p.mask, (p.model.image_width, p.model.image_height))
+    ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
+    loss_fn = get_loss(p.train.loss)
+    acc = Accumulator(p.model.num_classes, p.mask.single_foreground_class)
+    steps = -(-len(pairs) // p.evaluate.batch_size)
+    counts: list[tuple[int, int]] = []
+    for images, onehot in tqdm(ds, total=steps, desc=f"evaluating {split}", unit="batch"):
+        probs = model(images, training=False)
+        truth = onehot.numpy()
+        labels = acc.update(truth, np.asarray(probs), float(keras.ops.mean(loss_fn(onehot, probs))))
+        counts += _foreground_pixels(labels, truth.argmax(-1))
+    return acc.metrics(p.mask.class_names), acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, counts)}
+
+
+def _foreground_pixels(labels: np.ndarray, truth: np.ndarray) -> list[tuple[int, int]]:
+    """Per image of a batch: (predicted, true) foreground pixel counts."""
+    return list(zip((labels != 0).sum(axis=(1, 2)).tolist(), (truth != 0).sum(axis=(1, 2)).tolist()))
+
+
+def extra_counts(model: keras.Model, layout: Layout) -> dict[str, tuple[int, int]]:
+    """Predicted (and true, zero) kidney pixels of the test scans' slices kept outside the
+    test split for TKV (pipeline.layout.TKV_EXTRA)."""
+    p = layout.params
+    folder = layout.data_dir / TKV_EXTRA
+    if not (folder / "images").is_dir():
+        return {}
+    pairs = find_pairs(folder)
+    ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
+    counts: list[tuple[int, int]] = []
+    for images, onehot in tqdm(ds, total=-(-len(pairs) // p.evaluate.batch_size), desc="TKV extra slices",
+                               unit="batch"):
+        labels = to_labels(np.asarray(model(images, training=False)), single_foreground_class=p.mask.single_foreground_class)
+        counts += _foreground_pixels(labels, onehot.numpy().argmax(-1))
+    return {pair.image.stem: c for pair, c in zip(pairs, counts)}
+
+
+def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
+    """Predict mini_test (plain, model size), save palette masks and one panel; return it."""
+    p = layout.params
+    images, truths = load_infer_samples(layout, p.evaluate.num_panels)
+    probs = model.predict(images.astype(np.float32), verbose=0, batch_size=p.evaluate.batch_size)
+    colours = np.asarray(p.mask.colours, dtype=np.uint8)
+    stems = [pair.image.stem for pair in find_pairs(layout.data_dir / "mini_test")]  # the samples' order
+    labels = to_labels(probs, single_foreground_class=p.mask.single_foreground_class)
+    for stem, ids in zip(stems, labels):
+        save_palette_png(layout.predictions / f"{stem}.png", ids, p.mask.colours)
+    panel = make_panel(list(images), truths, [colours[i] for i in labels])
+    save_rgb_png(layout.plots / "mini_test_panel.png", panel)
+    return panel
+
+
+def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None, min_dice: float) -> list[str]:
+    """One line per reason to distrust this model: training cut short, or Dice under the floor."""
+    out = []
+    if training:
+        run, configured = training.get("epochs_run"), training.get("epochs_configured")
+        why = "train.max_minutes fired" if training.get("time_guard_fired") else "early stopping (train.patience)"
+        if isinstance(run, int) and isinstance(configured, int) and run < configured:
+            out.append(f"training ran {run} of {configured} epochs ({why})")
+        elif training.get("time_guard_fired"):
+            out.append("train.max_minutes fired")
+    dice = metrics["mean_foreground_dice"]
+    if dice < min_dice:
+        out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {min_dice}")
+    return out
+
+
+def _training_summary(layout: Layout) -> dict[str, Any] | None:
+    path = layout.metrics / "train.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def evaluate(layout: Layout) -> dict[str, Any]:
+    p = layout.params
+    model = load_model(layout.model_file)
+    run_info = layout.read_run()
+    tkv_json, tkv_plot = layout.metrics / "tkv.json", layout.plots / "bland_altman.png"
+    outputs = [layout.metrics / "eval.json", layout.plots / "confusion_matrix.png",
+               layout.plots / "mini_test_panel.png", layout.predictions, tkv_json, tkv_plot]
+    project_root = find_project_root(layout.root)
+    with remove_on_failure(outputs), start_run(p.mlflow, project_root, run_id=run_info["run_id"]) as run:
+        metrics, confusion, counts = evaluate_split(model, layout)
+        plots.confusion_matrix(confusion, p.mask.class_names, layout.plots / "confusion_matrix.png")
+        save_mini_test(model, layout)
+        warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate.min_dice)
+        report = {**metrics, "confusion_matrix": confusion.tolist(), "min_dice": p.evaluate.min_dice,
+                  "below_min_dice": metrics["mean_foreground_dice"] < p.evaluate.min_dice, "warnings": warnings}
+        write_json(layout.metrics / "eval.json", report)
+        if warnings:
+            run.set_tags({"flexunet.warnings": "; ".join(warnings)})
+        counts.update(extra_counts(model, layout))
+        tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
+        run.log_metrics({f"test_{k}": v for k, v in metrics.items() if v is not None})
+        run.log_metrics({f"test_tkv_{k}": v for k, v in tkv.items() if isinstance(v, float)})
+        for path, folder in ((layout.plots / "confusion_matrix.png", "plots"), (tkv_plot, "plots"),
+                             (layout.plots / "mini_test_panel.png", "plots"), (layout.metrics / "eval.json", "metrics"),
+                             (tkv_json, "metrics")):
+            run.log_artifact(path, folder)
+        if tkv.get("available"):
+            log.info("TKV on %d test scans: bias %+.1f ml, 95%% limits of agreement %+.1f .. %+.1f ml%s",
+                     tkv["scans"], tkv["bias_ml"], tkv["loa_low_ml"], tkv["loa_high_ml"],
+                     f", repeat-scan CV {tkv['repeat_cv_predicted_percent']:.1f} % (true masks "
+                     f"{tkv['repeat_cv_true_percent']:.1f} %)" if tkv.get("repeat_subjects") else "")
+    log.info("test: mean foreground Dice %.4f, seed dice_coef_multiclass %.4f",
+             metrics["mean_foreground_dice"], metrics["dice_coef_multiclass"])
+    for warning in warnings:
+        log.warning("%s: this model is not to be trusted (metrics/eval.json 'warnings')", warning)
+    return report

@@ -1,0 +1,168 @@
+"""Register stage: the exported model into the MLflow Model Registry, with aliases.
+
+What it does, in the training run named in models/train_run.json:
+1. Logs models/model.onnx twice: with the `mlflow.onnx` flavour (tensor signature, a test
+   image as input example) as `onnx`, and as the `flexunet` pyfunc model
+   (serving/pyfunc.py: whole images of any size through the tiled predictor, the ONNX
+   file as artifact `onnx`, the `serving` package shipped as code) -- the one
+   `mlflow models serve -m models:/<name>@champion` serves.
+2. Registers the pyfunc model as a NEW version of `registry.model_name`, tagged with the
+   test metrics of metrics/eval.json (`test_mean_foreground_dice`, ...), the dataset
+   fingerprint, the git commit of the training run and the ONNX file's sha256.
+
+Alias rule (documented in the README):
+- `challenger` always moves to the version just registered (or reused);
+- `champion` moves to it only if its test mean foreground Dice >= the current champion's
+  (read from the champion version's `test_mean_foreground_dice` tag; a tie moves it, so
+  a retrain of equal quality takes over). The first version becomes champion; a champion
+  without that tag (registered by hand) is replaced.
+- A model whose test Dice is below `evaluate.min_dice` never becomes champion, first
+  version included. The evaluate stage's warnings (training cut short, Dice under the
+  floor) are written into the decision (models/registered.json, the log).
+
+Idempotent: when a version whose `onnx_sha256` tag equals this file's sha256 exists, nothing
+is logged or registered again; that version is reused and the alias rule re-applied (which
+leaves the aliases unchanged on a repeated call). models/registered.json records the
+outcome (not cached by DVC, so the run-cache can never restore it without registering).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.pairs import find_pairs
+from common.errors import DataError
+from pipeline.layout import Layout
+from pipeline.tracking import (
+    Registry, VersionInfo, find_project_root, git_commit, resolve_tracking_uri, run_tags, start_run,
+)
+from common.atomic import remove_on_failure, write_json
+from serving.card import ModelCard, read_card, sha256_file
+from common.imageio import read_image
+
+log = logging.getLogger(__name__)
+
+SHA_TAG = "onnx_sha256"
+DICE_TAG = "test_mean_foreground_dice"
+PYFUNC_NAME = "flexunet"   # the pyfunc model's name inside the run
+ONNX_NAME = "onnx"         # the mlflow.onnx model's name inside the run
+
+
+def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
+    """The test metrics and the evaluate stage's warnings."""
+    path = layout.metrics / "eval.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the evaluate stage first (dvc repro evaluate)")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw.get("mean_foreground_dice"), (int, float)):
+        raise DataError(f"{path}: no 'mean_foreground_dice'; re-run the evaluate stage")
+    metrics = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return metrics, [str(w) for w in raw.get("warnings", [])]
+
+
+def _example_image(layout: Layout, card: ModelCard) -> np.ndarray:
+    """First test image (model size, uint8): a realistic input example for both models."""
+    pairs = find_pairs(layout.data_dir / "test")
+    return read_image(pairs[0].image, card.channels)
+
+
+def _version_tags(layout: Layout, run_id: str, tracking_uri: str, card: ModelCard, sha: str,
+                  metrics: dict[str, float]) -> dict[str, str]:
+    commit = run_tags(tracking_uri, run_id).get("mlflow.source.git.commit") or git_commit(layout.root)
+    return {**{f"test_{k}": repr(v) for k, v in metrics.items()}, SHA_TAG: sha,
+            "dataset_fingerprint": card.dataset_fingerprint or "unknown", "git_commit": commit or "unknown",
+            "dataset": card.dataset or "unknown"}
+
+
+def _log_models(layout: Layout, run_id: str, card: ModelCard) -> str:
+    """Log the ONNX flavour and the pyfunc wrapper into the training run; return the pyfunc URI."""
+    import serving
+    from serving import pyfunc
+
+    p = layout.params
+    image = _example_image(layout, card)
+    config = {k: v for k, v in p.predict.model_dump().items()
+              if k in ("tile_size", "overlap", "blend", "batch_size", "tta", "threads") and v is not None}
+    with tempfile.TemporaryDirectory() as tmp, \
+            start_run(p.mlflow, find_project_root(layout.root), run_id=run_id) as run:
+        # A clean copy of the package: the served model imports `serving` from it when the
+        # flexunet package is not installed (any --env-manager).
+        code = Path(tmp) / "serving"
+        shutil.copytree(Path(serving.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        run.log_onnx_model(layout.onnx_file, image[None].astype(np.float32), name=ONNX_NAME)
+        return run.log_pyfunc_model(
+            pyfunc.FlexUNetPyfunc(), name=PYFUNC_NAME, artifacts={pyfunc.ONNX_ARTIFACT: str(layout.onnx_file)},
+            code_paths=[str(code)], signature=pyfunc.signature(card.class_names),
+            input_example=pyfunc.input_example(image), model_config=config)
+
+
+def champion_decision(dice: float, version: str, champion: VersionInfo | None,
+                      min_dice: float = 0.0) -> tuple[bool, str]:
+    """(move champion here?, why) by the alias rule in the module docstring."""
+    if dice < min_dice:
+        return False, (f"test mean foreground Dice {dice:.4f} < evaluate.min_dice {min_dice}: "
+                       f"never champion")
+    if champion is None:
+        return True, "first version: no champion yet"
+    if champion.version == version:
+        return True, f"version {version} is already the champion"
+    old = champion.tags.get(DICE_TAG)
+    try:
+        old_dice = float(old) if old is not None else math.nan
+    except ValueError:
+        old_dice = math.nan
+    if math.isnan(old_dice):
+        return True, f"champion v{champion.version} has no {DICE_TAG} tag"
+    if dice >= old_dice:
+        return True, f"test mean foreground Dice {dice:.4f} >= champion v{champion.version}'s {old_dice:.4f}"
+    return False, f"test mean foreground Dice {dice:.4f} < champion v{champion.version}'s {old_dice:.4f}"
+
+
+def register(layout: Layout) -> dict[str, Any]:
+    """The DVC stage: register (or reuse) a version, apply the alias rule, write registered.json."""
+    p, r = layout.params, layout.params.registry
+    if not layout.onnx_file.is_file():
+        raise DataError(f"{layout.onnx_file}: not found; run the export stage first (dvc repro export)")
+    metrics, warnings = _read_eval(layout)
+    run_id = layout.read_run()["run_id"]
+    sha, card = sha256_file(layout.onnx_file), read_card(layout.onnx_file)
+    tracking_uri = resolve_tracking_uri(p.mlflow, find_project_root(layout.root))
+    registry = Registry(tracking_uri)
+    with remove_on_failure([layout.registered_file]):
+        existing = registry.find_version(r.model_name, SHA_TAG, sha)
+        if existing is None:
+            uri = _log_models(layout, run_id, card)
+            tags = _version_tags(layout, run_id, tracking_uri, card, sha, metrics)
+            version = registry.create_version(r.model_name, uri, tags).version
+            log.info("registered %s version %s", r.model_name, version)
+        else:
+            version = existing.version
+            log.info("%s version %s already holds this ONNX model (sha256 %s...): reused", r.model_name,
+                     version, sha[:12])
+        dice = metrics["mean_foreground_dice"]
+        promote, why = champion_decision(dice, version, registry.by_alias(r.model_name, r.champion_alias),
+                                         p.evaluate.min_dice)
+        if warnings:
+            why += "; evaluate warned: " + "; ".join(warnings)
+        registry.set_alias(r.model_name, r.challenger_alias, version)
+        if promote:
+            registry.set_alias(r.model_name, r.champion_alias, version)
+        final = registry.version(r.model_name, version)
+        report = {
+            "name": r.model_name, "version": version, "aliases": final.aliases, "reused": existing is not None,
+            "champion": promote, "decision": why, "warnings": warnings, "onnx_sha256": sha, DICE_TAG: dice, "run_id": run_id,
+            "model_uri": f"models:/{r.model_name}@{r.champion_alias}",
+            "version_uri": f"models:/{r.model_name}/{version}", "tracking_uri": tracking_uri,
+        }
+        write_json(layout.registered_file, report)
+    (log.warning if warnings or not promote else log.info)("%s v%s: %s -> %s", r.model_name, version, why,
+                                                           ", ".join(final.aliases) or "no alias")
+    return report

@@ -1,0 +1,281 @@
+"""Synthetic generators: determinism, shapes, group differences and plausible statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pipeline.data.synthetic.glomeruli import render_glomeruli
+from pipeline.data.synthetic.kidney_t2w import GROUPS, ScanVolume, SubjectSpec, make_subjects, render_scan
+
+SEED = 137
+
+
+def _subjects(n: int = 24, seed: int = SEED) -> list[SubjectSpec]:
+    return make_subjects(n, 0.1, 5, seed)
+
+
+# ---------------------------------------------------------------- make_subjects
+
+def test_make_subjects_balance_ids_and_repeats() -> None:
+    subjects = make_subjects(100, 0.1, 5, SEED)
+    assert [s.subject_id for s in subjects[:3]] == ["sub-001", "sub-002", "sub-003"]
+    assert subjects[-1].subject_id == "sub-100"
+    assert sum(s.group == "CKD" for s in subjects) == 50
+    assert {s.group for s in subjects} == set(GROUPS)
+    repeats = [s for s in subjects if s.n_scans > 1]
+    assert len(repeats) == 10 and all(s.n_scans == 5 for s in repeats)
+    assert {s.group for s in repeats} == set(GROUPS)
+    assert all(s.n_scans == 1 for s in subjects if s not in repeats)
+    # The group order is shuffled, not CKD-first.
+    assert [s.group for s in subjects[:50]].count("CKD") < 50
+
+
+@pytest.mark.parametrize(("n", "fraction", "ckd", "repeats"), [(7, 0.1, 4, 1), (3, 0.05, 2, 1), (10, 0.0, 5, 0),
+                                                                (20, 0.3, 10, 6), (2, 1.0, 1, 2)])
+def test_make_subjects_counts(n: int, fraction: float, ckd: int, repeats: int) -> None:
+    subjects = make_subjects(n, fraction, 3, SEED)
+    assert len(subjects) == n
+    assert sum(s.group == "CKD" for s in subjects) == ckd == round(n / 2)
+    assert sum(s.n_scans == 3 for s in subjects) == repeats
+    if repeats >= 2:
+        assert {s.group for s in subjects if s.n_scans > 1} == set(GROUPS)
+
+
+def test_make_subjects_deterministic_by_seed() -> None:
+    assert make_subjects(40, 0.1, 5, 1) == make_subjects(40, 0.1, 5, 1)
+    groups = {tuple(s.group for s in make_subjects(40, 0.1, 5, seed)) for seed in range(4)}
+    assert len(groups) > 1
+
+
+# ---------------------------------------------------------------- render_scan: basics
+
+def test_render_scan_shapes_dtypes_spacing() -> None:
+    vol = render_scan(_subjects()[0], 0, 128, 12, SEED)
+    assert isinstance(vol, ScanVolume)
+    assert vol.image.shape == vol.kidney.shape == (12, 128, 128)
+    assert vol.image.dtype == np.uint8 and vol.kidney.dtype == bool
+    assert vol.spacing_mm == pytest.approx((5.0, 3.0, 3.0))
+    assert render_scan(_subjects()[0], 0, 512, 2, SEED).spacing_mm == pytest.approx((5.0, 0.75, 0.75))
+    # Dark air in the corners, a body much brighter than it.
+    corners = vol.image[:, :8, :8].mean()
+    assert corners < 25 and vol.image[:, 40:90, 40:90].mean() > 3 * corners
+
+
+def test_render_scan_deterministic_in_any_order() -> None:
+    subject = next(s for s in _subjects() if s.n_scans > 1)
+    later = render_scan(subject, 1, 64, 8, SEED)
+    first = render_scan(subject, 0, 64, 8, SEED)
+    again = render_scan(subject, 0, 64, 8, SEED)
+    assert first.image.tobytes() == again.image.tobytes()
+    assert first.kidney.tobytes() == again.kidney.tobytes()
+    assert later.image.tobytes() == render_scan(subject, 1, 64, 8, SEED).image.tobytes()
+    other = render_scan(subject, 0, 64, 8, SEED + 1)
+    assert not np.array_equal(first.image, other.image)
+
+
+def test_repeat_scans_same_anatomy_new_noise_and_position() -> None:
+    subject = next(s for s in _subjects() if s.n_scans > 1)
+    scans = [render_scan(subject, i, 96, 12, SEED) for i in range(subject.n_scans)]
+    counts = np.array([s.kidney.sum() for s in scans])
+    assert counts.min() > 0 and (counts.max() - counts.min()) / counts.mean() < 0.1
+    for a, b in zip(scans, scans[1:]):
+        assert np.mean(a.image != b.image) > 0.5  # new noise everywhere
+        assert not np.array_equal(a.kidney, b.kidney)  # small rigid offset
+    # ... but only a small one: kidney centroids move by a few % of the field of view.
+    centres = np.array([ndimage.center_of_mass(s.kidney) for s in scans])
+    assert np.ptp(centres[:, 1:], axis=0).max() < 0.1 * 96
+
+
+def test_kidney_spans_middle_slices_not_the_ends() -> None:
+    for subject in _subjects(12):
+        per_slice = render_scan(subject, 0, 48, 12, SEED).kidney.any(axis=(1, 2))
+        assert not per_slice[0] and not per_slice[-1], subject
+        assert per_slice[4:8].all(), subject
+        kz = np.flatnonzero(per_slice)
+        assert np.array_equal(kz, np.arange(kz[0], kz[-1] + 1))  # contiguous
+
+
+def test_kidney_area_tapers_towards_the_poles() -> None:
+    vol = render_scan(_subjects()[0], 0, 96, 12, SEED)
+    area = vol.kidney.sum(axis=(1, 2))
+    kz = np.flatnonzero(area)
+    assert area[kz[0]] < area[5:7].max() and area[kz[-1]] < area[5:7].max()
+
+
+@pytest.mark.parametrize(("size", "slices"), [(32, 12), (16, 1), (33, 5)])
+def test_small_and_odd_sizes(size: int, slices: int) -> None:
+    vol = render_scan(_subjects()[1], 0, size, slices, SEED)
+    assert vol.image.shape == (slices, size, size)
+    assert vol.kidney[slices // 2].any()
+
+
+# ---------------------------------------------------------------- render_scan: groups
+
+def _group_stats(size: int, n: int) -> dict[str, dict[str, list[float]]]:
+    """Per subject: kidney voxels, and cortex-minus-core contrast on the middle slices."""
+    stats: dict[str, dict[str, list[float]]] = {g: {"voxels": [], "contrast": []} for g in GROUPS}
+    for subject in _subjects(n):
+        vol = render_scan(subject, 0, size, 12, SEED)
+        stats[subject.group]["voxels"].append(float(vol.kidney.sum()))
+        values = []
+        for z in range(4, 8):
+            mask, image = vol.kidney[z], vol.image[z].astype(float)
+            rim = mask & ~ndimage.binary_erosion(mask, iterations=2)
+            core = ndimage.binary_erosion(mask, iterations=5)
+            if core.sum() >= 20:
+                values.append((image[rim].mean() - image[core].mean()) / image[rim].mean())
+        stats[subject.group]["contrast"].append(float(np.mean(values)))
+    return stats
+
+
+@pytest.fixture(scope="session")
+def group_stats() -> dict[str, dict[str, list[float]]]:
+    return _group_stats(192, 20)
+
+
+def test_ckd_kidneys_smaller_but_overlapping(group_stats: dict[str, dict[str, list[float]]]) -> None:
+    healthy, ckd = (np.array(group_stats[g]["voxels"]) for g in ("healthy", "CKD"))
+    assert 0.5 < ckd.mean() / healthy.mean() < 0.8
+    assert ckd.max() > healthy.min()  # individual variation: the groups overlap a little
+
+
+def test_healthy_cortico_medullary_contrast_higher(group_stats: dict[str, dict[str, list[float]]]) -> None:
+    healthy, ckd = (np.array(group_stats[g]["contrast"]) for g in ("healthy", "CKD"))
+    assert healthy.mean() > ckd.mean() + 0.08
+    assert np.median(healthy) > np.percentile(ckd, 90)
+
+
+# ---------------------------------------------------------------- glomeruli
+
+def test_glomeruli_shapes_and_determinism() -> None:
+    image, mask = render_glomeruli(256, 3, SEED)
+    assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+    assert mask.shape == (256, 256) and mask.dtype == bool
+    again = render_glomeruli(256, 3, SEED)
+    assert image.tobytes() == again[0].tobytes() and mask.tobytes() == again[1].tobytes()
+    assert not np.array_equal(image, render_glomeruli(256, 3, SEED + 1)[0])
+    assert not np.array_equal(image, render_glomeruli(256, 4, SEED)[0])
+
+
+@pytest.mark.parametrize("size", [32, 16, 100])
+def test_glomeruli_small_sizes(size: int) -> None:
+    image, mask = render_glomeruli(size, 6, SEED)
+    assert image.shape == (size, size, 3) and mask.shape == (size, size)
+
+
+def _tuft_core(mask: np.ndarray) -> np.ndarray:
+    """Inner half (by distance to the capsule) of every glomerulus: the tuft, not Bowman's space."""
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    labels, n = ndimage.label(mask)
+    deepest = ndimage.maximum(depth, labels, np.arange(1, n + 1))
+    return mask & (depth > 0.5 * np.concatenate([[np.inf], deepest])[labels])
+
+
+def test_glomeruli_counts_fractions_and_colour() -> None:
+    counts, fractions, shift, darker = [], [], [], []
+    for index in range(30):
+        image, mask = render_glomeruli(192, index, SEED)
+        counts.append(ndimage.label(mask)[1])
+        fractions.append(mask.mean())
+        if mask.any():
+            rgb = image.astype(float)
+            shift.append(np.linalg.norm(rgb[mask].mean(0) - rgb[~mask].mean(0)))
+            brightness = rgb.sum(2)
+            darker.append(brightness[~mask].mean() - brightness[_tuft_core(mask)].mean())
+    assert min(counts) == 0 and max(counts) >= 2 and max(counts) <= 4
+    assert 0.01 < np.mean(fractions) < 0.15 and max(fractions) < 0.35
+    assert np.mean(shift) > 5  # glomeruli do not average out to the tissue colour
+    # The tuft is denser (darker) than the tubules around it; border-cut ones less clearly.
+    assert np.median(darker) > 60 and min(darker) > 20
+
+
+def test_glomerulus_is_larger_than_a_tubule() -> None:
+    _, mask = render_glomeruli(512, 3, SEED)
+    labels, n = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())[1:]
+    assert n >= 1
+    # Largest glomerulus at least ~15 % of the tile across (tubules are ~5 %).
+    assert 2 * np.sqrt(sizes.max() / np.pi) > 0.12 * 512
+
+
+# ---------------------------------------------------------------- the same bits on every CPU
+
+_RENDER = """
+import hashlib, sys
+import numpy as np
+sys.path.insert(0, {repo!r})
+from pipeline.data.synthetic import detmath
+from pipeline.data.synthetic.glomeruli import render_glomeruli
+from pipeline.data.synthetic.kidney_t2w import make_subjects, render_scan
+x = np.random.default_rng(0).uniform(-50, 50, 200_000)
+print(hashlib.sha256(np.cos(x).tobytes() + np.arctan2(x, x[::-1]).tobytes() + np.exp(x / 10).tobytes()).hexdigest())
+print(hashlib.sha256(detmath.cos(x).tobytes() + detmath.arctan2(x, x[::-1]).tobytes()
+                     + detmath.exp(x / 10).tobytes() + detmath.power(np.abs(x), 2.8).tobytes()).hexdigest())
+h = hashlib.sha256()
+for subject in make_subjects(4, 0.25, 2, 137)[:2]:
+    scan = render_scan(subject, 0, 64, 3, 137)
+    h.update(scan.image.tobytes()); h.update(scan.kidney.tobytes())
+for index in range(24):   # 24 tiles: enough for NumPy's own power() to have moved a pixel
+    image, mask = render_glomeruli(256, index, 137)
+    h.update(image.tobytes()); h.update(mask.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_generators_give_the_same_bits_with_any_numpy_simd_path():
+    """NumPy picks its SIMD kernels at run time (AVX-512, AVX2 or the SSE baseline here), and
+    its cos, arctan2, exp and power differ between them in the last bit. NPY_DISABLE_CPU_FEATURES
+    makes this machine take the paths an older CPU would: the generators' images and masks,
+    which feed the dataset fingerprint, must not change."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__
+
+    code = _RENDER.format(repo=str(Path(__file__).resolve().parents[3]))
+    targets = [t for t in ("X86_V3", "X86_V4", "AVX512_ICL", "AVX512_SPR") if t in __cpu_dispatch__]
+    if not targets:
+        pytest.skip("not an x86 NumPy build")
+    runs = []
+    for disabled in ("", " ".join(t for t in targets if t != "X86_V3"), " ".join(targets)):
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        runs.append(out.stdout.split())
+    numpy_own, ours, rendered = zip(*runs)
+    assert len(set(ours)) == 1 and len(set(rendered)) == 1
+    if len(set(numpy_own)) == 1:
+        pytest.skip("this CPU's NumPy paths happen to agree; the check above still ran")
+
+
+def test_generators_call_no_cpu_dependent_numpy_function():
+    """The rule the test above samples, checked on the source: transcendental functions and
+    non-square powers in the generators go through pipeline.data.synthetic.detmath."""
+    import re
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[3] / "pipeline" / "data" / "synthetic"
+    banned = re.compile(r"\bnp\.(cos|sin|tan|arctan2?|arcsin|arccos|exp|expm1|log|log1p|log2|log10|power|hypot|"
+                        r"sinh|cosh|tanh|cbrt)\(|\*\*\s*(?!2\b)[\d(.]")
+    for name in ("kidney_t2w.py", "glomeruli.py"):
+        for number, line in enumerate((data / name).read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            assert not banned.search(code.replace("2**64", "").replace("2**20", "")), f"{name}:{number}: {line.strip()}"
+
+
+def test_deterministic_math_matches_numpy():
+    from pipeline.data.synthetic import detmath
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-60, 60, 20000), rng.uniform(-60, 60, 20000)
+    np.testing.assert_allclose(detmath.cos(x), np.cos(x), atol=1e-13)
+    np.testing.assert_allclose(detmath.sin(x), np.sin(x), atol=1e-13)
+    np.testing.assert_allclose(detmath.arctan2(y, x), np.arctan2(y, x), atol=1e-14)
+    np.testing.assert_allclose(detmath.exp(x / 10), np.exp(x / 10), rtol=1e-14)
+    np.testing.assert_allclose(detmath.log(np.abs(x) + 1e-3), np.log(np.abs(x) + 1e-3), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(detmath.power(np.abs(x), 2.8), np.abs(x) ** 2.8, rtol=1e-13)
+    assert detmath.power(0.0, 2.8) == 0.0 and detmath.arctan2(0.0, -0.0) == np.pi
+    assert detmath.cos(np.float32(1.0)).dtype == np.float32 and isinstance(detmath.cos(1.0), np.float64)

@@ -1,0 +1,271 @@
+"""Batch prediction (`flexunet predict`, serving/batch.py) with a real TiledPredictor on a tiny ONNX model."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.cli import main
+from serving.batch import CSV_NAME, predict_folder, resolve_inputs
+from common.errors import UserError
+from serving.predictor import load_predictor
+from tests.conftest import tiny_dict
+from tests.onnx_models import make_tiny_onnx
+
+REPO = Path(__file__).resolve().parents[3]
+COLOURS = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+NAMES = ["background", "healthy", "CKD"]
+RGB_SIZES = {"r1": (20, 30), "r2": (64, 50), "r3": (100, 77)}
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory) -> Path:
+    return make_tiny_onnx(tmp_path_factory.mktemp("model") / "model.onnx", class_names=NAMES, colours=COLOURS,
+                          tile_size=32, size_multiple=4)
+
+
+@pytest.fixture(scope="session")
+def predictor(model):
+    return load_predictor(model)  # the CLI's defaults when no params.yaml: overlap 0.25, gaussian, batch 4
+
+
+def _gradient(h: int, w: int, seed: int) -> np.ndarray:
+    """Left-to-right ramp plus noise: the tiny model's three classes all appear."""
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    noise = np.random.default_rng(seed).normal(0, 20, (h, w, 3))
+    return np.clip(ramp + noise, 0, 255).astype(np.uint8)
+
+
+def _write_images(folder: Path) -> dict[str, np.ndarray]:
+    """RGB images of varied sizes, an 8-bit grayscale and an RGBA one; returns the RGB the model sees."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seen = {}
+    for i, (name, (h, w)) in enumerate(RGB_SIZES.items()):
+        seen[name] = _gradient(h, w, i)
+        Image.fromarray(seen[name]).save(folder / f"{name}.png")
+    grey = _gradient(37, 41, 7)[..., 0]
+    Image.fromarray(grey, mode="L").save(folder / "g.png")
+    seen["g"] = np.repeat(grey[..., None], 3, axis=2)
+    rgb = _gradient(45, 33, 8)
+    alpha = np.random.default_rng(9).integers(0, 256, (45, 33, 1), dtype=np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], axis=2), mode="RGBA").save(folder / "a.png")
+    seen["a"] = rgb
+    (folder / "notes.txt").write_text("not an image; a folder input ignores it")
+    return seen
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with (out / CSV_NAME).open(newline="") as fh:
+        return {Path(r["file"]).stem: r for r in csv.DictReader(fh)}
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def _predict(*args: str) -> int:
+    return main(["predict", *args])
+
+
+def test_masks_overlays_and_table(tmp_path, monkeypatch, model, predictor):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: plain defaults
+    seen = _write_images(tmp_path / "in")
+    assert _predict("--model", str(model), "--input", "in", "--output", "out", "--overlay") == 0
+    out = tmp_path / "out"
+    rows = _rows(out)
+    assert sorted(rows) == sorted(seen) and list(rows["r1"]) == [
+        "file", "height", "width", "px_background", "px_healthy", "px_CKD", "seconds", "status"]
+    for name, rgb in seen.items():
+        mask = Image.open(out / f"{name}.png")
+        assert mask.mode == "P" and mask.getpalette()[:9] == [v for c in COLOURS for v in c]
+        ids = np.asarray(mask)
+        assert ids.shape == rgb.shape[:2]
+        # grey is replicated to RGB and alpha dropped before the model sees the image
+        np.testing.assert_array_equal(ids, predictor.predict(rgb))
+        row = rows[name]
+        counts = [int(row[f"px_{n}"]) for n in NAMES]
+        assert row["status"] == "ok" and (int(row["height"]), int(row["width"])) == rgb.shape[:2]
+        assert counts == np.bincount(ids.ravel(), minlength=3).tolist() and sum(counts) == ids.size
+        assert float(row["seconds"]) > 0
+        over = np.asarray(Image.open(out / "overlays" / f"{name}.png"))
+        assert over.shape == rgb.shape
+        np.testing.assert_array_equal(over[ids == 0], rgb[ids == 0])  # background left transparent
+        expected = np.rint(0.6 * rgb.astype(float) + 0.4 * np.asarray(COLOURS, float)[ids])
+        np.testing.assert_array_equal(over[ids > 0], expected[ids > 0])
+    assert all(np.bincount(np.asarray(Image.open(out / f"{n}.png")).ravel(), minlength=3).min() > 0
+               for n in ("r2", "r3"))  # the images exercise every class
+    assert _leftovers(out) == []
+
+
+def test_resume_skips_existing_and_overwrite_rewrites(tmp_path, model):
+    _write_images(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--input", str(tmp_path / "in"), "--output", str(out)]
+    assert _predict(*args) == 0
+    masks = sorted(out.glob("*.png"))
+    first = _rows(out)
+    for m in masks:
+        os.utime(m, ns=(10**18, 10**18))  # an old, recognisable mtime
+    (out / "r2.png").unlink()
+    assert _predict(*args) == 0
+    rows = _rows(out)
+    assert rows["r2"]["status"] == "ok" and (out / "r2.png").exists()
+    for name in ("r1", "r3", "g", "a"):
+        assert (out / f"{name}.png").stat().st_mtime_ns == 10**18
+        assert rows[name]["status"] == "skipped-existing"
+        assert rows[name]["px_CKD"] == first[name]["px_CKD"] and rows[name]["seconds"] == first[name]["seconds"]
+    assert _predict(*args, "--overwrite") == 0
+    assert all(m.stat().st_mtime_ns != 10**18 for m in masks)
+    assert {r["status"] for r in _rows(out).values()} == {"ok"}
+
+
+def test_interrupted_run_keeps_a_consistent_table(tmp_path, predictor):
+    _write_images(tmp_path / "in")
+    inputs = resolve_inputs(str(tmp_path / "in"))
+    out = tmp_path / "out"
+
+    class Interrupted:
+        card, tile_size, calls = predictor.card, predictor.tile_size, 0
+
+        def predict(self, image):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return predictor.predict(image)
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_folder(Interrupted(), inputs, out, csv_interval=3600)  # only the final write can save the rows
+    rows = _rows(out)
+    assert [r["status"] for r in rows.values()] == ["ok", "ok"]
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(rows) and _leftovers(out) == []
+    summary = predict_folder(predictor, inputs, out)
+    assert (summary.ok, summary.skipped, summary.failed) == (3, 2, 0)
+    assert len(_rows(out)) == 5
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path, model, caplog):
+    caplog.set_level(logging.INFO)
+    seen = _write_images(tmp_path / "in")
+    (tmp_path / "in" / "zero.png").write_bytes(b"")
+    (tmp_path / "in" / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
+    out = tmp_path / "out"
+    assert _predict("--model", str(model), "--input", str(tmp_path / "in"), "--output", str(out)) == 1
+    rows = _rows(out)
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(seen)
+    zero = tmp_path / "in" / "zero.png"
+    assert rows["zero"]["status"] == f"error: {zero}: file is empty (0 bytes); re-export or remove it"
+    assert rows["corrupt"]["status"].startswith(f"error: {tmp_path / 'in' / 'corrupt.jpg'}: not a readable image")
+    assert rows["zero"]["px_background"] == ""
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "zero.png: file is empty" in errors[1] and "corrupt.jpg" in errors[0]
+    assert "5 ok, 0 skipped (existing), 2 failed" in caplog.text
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path, model, capsys):
+    (tmp_path / "empty").mkdir()
+    _write_images(tmp_path / "in")
+    cases = [
+        (["--model", str(model), "--input", str(tmp_path / "empty")],
+         f"error: {tmp_path / 'empty'}: no image files (.png, .jpg, .jpeg, .tif, .tiff, .bmp) in this folder"),
+        (["--model", str(model), "--input", str(tmp_path / "in" / "*.tif")],
+         f"error: {tmp_path / 'in' / '*.tif'}: the pattern matches no files"),
+        (["--model", str(model), "--input", str(tmp_path / "in"), "--overlap", "1.5"],
+         "error: --overlap 1.5: input should be less than 1"),
+        (["--model", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in")],
+         None),
+        (["--model", str(tmp_path / "missing.onnx"), "--input", str(tmp_path / "in")], None),
+    ]
+    for args, expected in cases:
+        if "--output" not in args:
+            args = [*args, "--output", str(tmp_path / "out")]
+        assert _predict(*args) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        assert expected is None or lines[0] == expected
+    assert "missing.onnx" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing was written by a refused run
+
+
+def test_resolve_inputs_and_plan_checks(tmp_path, predictor):
+    _write_images(tmp_path / "in")
+    (tmp_path / "in" / ".hidden.png").write_bytes(b"")
+    assert [p.name for p in resolve_inputs(str(tmp_path / "in"))] == ["a.png", "g.png", "r1.png", "r2.png", "r3.png"]
+    assert [p.name for p in resolve_inputs(str(tmp_path / "in" / "r*.png"))] == ["r1.png", "r2.png", "r3.png"]
+    assert resolve_inputs(str(tmp_path / "in" / "g.png")) == [tmp_path / "in" / "g.png"]
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "in" / "a.jpg")
+    with pytest.raises(UserError, match="a.jpg and .*a.png would both write .*out/a.png; rename one"):
+        predict_folder(predictor, resolve_inputs(str(tmp_path / "in")), tmp_path / "out")
+    with pytest.raises(UserError, match="is the folder of input .*; choose another --output"):
+        predict_folder(predictor, [tmp_path / "in" / "g.png"], tmp_path / "in")
+    assert not (tmp_path / "out").exists()
+
+
+def test_large_images_refused_unless_allowed(tmp_path, model, predictor, monkeypatch, caplog):
+    Image.fromarray(_gradient(60, 50, 3)).save(tmp_path / "big.png")  # 3000 pixels
+    summary = predict_folder(predictor, [tmp_path / "big.png"], tmp_path / "o1", max_pixels=2999)
+    assert summary.failed == 1 and "decompression bomb" in _rows(tmp_path / "o1")["big"]["status"]
+    assert predict_folder(predictor, [tmp_path / "big.png"], tmp_path / "o2", max_pixels=3000).ok == 1
+    # The CLI keeps Pillow's limit (2 x MAX_IMAGE_PIXELS) unless --allow-large-images.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    args = ["--model", str(model), "--input", str(tmp_path / "big.png")]
+    assert _predict(*args, "--output", str(tmp_path / "o3")) == 1
+    assert "refused as a possible decompression bomb" in _rows(tmp_path / "o3")["big"]["status"]
+    assert _predict(*args, "--output", str(tmp_path / "o4"), "--allow-large-images") == 0
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's global is restored after the call
+    monkeypatch.undo()
+    assert np.asarray(Image.open(tmp_path / "o4" / "big.png")).shape == (60, 50)
+
+
+def test_params_yaml_predict_section_gives_defaults(tmp_path, model, monkeypatch):
+    raw = tiny_dict()
+    raw["predict"].update(blend="constant", batch_size=2, overlap=0.5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    _write_images(tmp_path / "in")
+    seen: list[dict] = []
+
+    def spy(uri, **kwargs):
+        seen.append(kwargs)
+        return load_predictor(uri, **kwargs)
+
+    monkeypatch.setattr("serving.predictor.load_predictor", spy)
+    assert _predict("--model", str(model), "--input", "in", "--output", "out", "--batch-size", "3") == 0
+    assert seen[0] == dict(tile_size=None, overlap=0.5, blend="constant", batch_size=3, tta=False, threads=None)
+
+
+def test_console_script_runs_without_tensorflow(tmp_path, model):
+    """`flexunet predict` end to end in a fresh process where importing TensorFlow fails."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "class Block:  # records, then refuses, any attempt (even a guarded optional import)\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'keras'):\n"
+        "            with open(os.environ['IMPORT_LOG'], 'a') as fh:\n"
+        "                fh.write(name + '\\n')\n"
+        "            raise ImportError(f'{name} must not be imported by flexunet predict')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    _write_images(tmp_path / "in")
+    (tmp_path / "in" / "zero.png").write_bytes(b"")
+    exe = Path(sys.executable).with_name("flexunet")
+    attempts = tmp_path / "imports.log"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{blocker}:{REPO}", "IMPORT_LOG": str(attempts)}
+    out = subprocess.run([str(exe), "predict", "--model", str(model), "--input", str(tmp_path / "in"),
+                          "--output", str(tmp_path / "out"), "--overlay"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert not attempts.exists(), attempts.read_text()
+    assert "Traceback" not in out.stderr
+    assert f"{tmp_path / 'in' / 'zero.png'}: file is empty (0 bytes)" in out.stderr
+    assert "predicted 6 images: 5 ok, 0 skipped (existing), 1 failed" in out.stderr
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 5
