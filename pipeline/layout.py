@@ -20,10 +20,34 @@ SPLITS = ("train", "valid", "test")
 TKV_EXTRA = "tkv_extra"
 
 
+class _Under:
+    """A fixed path under the project root, read as an attribute: layout.model_file."""
+
+    def __init__(self, relative: str, doc: str = ""):
+        self.relative, self.__doc__ = Path(relative), doc or relative
+
+    def __get__(self, layout: Layout | None, owner: type) -> Any:
+        return self if layout is None else layout.root / self.relative
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
     params: Params
+
+    models = _Under("models")
+    model_file = _Under("models/model.keras")
+    onnx_file = _Under("models/model.onnx")
+    registered_file = _Under("models/registered.json", "What the register stage did: name, version, aliases.")
+    run_file = _Under("models/train_run.json", "Hand-off from train to later stages: MLflow run id and URI.")
+    tuned_params_file = _Under("tune/best_params.yaml", "The tune stage's best values (train.use_tuned_params).")
+    train_overrides_file = _Under("tune/train_overrides.yaml", "What train depends on in dvc.yaml: the best "
+                                  "values if train.use_tuned_params, else empty (new trials retrain only then).")
+    metrics = _Under("metrics")
+    plots = _Under("plots")
+    dvclive = _Under("dvclive")
+    predictions = _Under("outputs/mini_test_predictions")
+    tiled_predictions = _Under("outputs/tiled_predictions")
 
     @property
     def data_dir(self) -> Path:
@@ -32,59 +56,6 @@ class Layout:
     @property
     def manifest(self) -> Path:
         return self.data_dir / "manifest.json"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def model_file(self) -> Path:
-        return self.models / "model.keras"
-
-    @property
-    def onnx_file(self) -> Path:
-        return self.models / "model.onnx"
-
-    @property
-    def registered_file(self) -> Path:
-        """What the register stage did: model name, version, aliases (not run-cached)."""
-        return self.models / "registered.json"
-
-    @property
-    def run_file(self) -> Path:
-        """Hand-off from train to later stages: MLflow run id and tracking URI."""
-        return self.models / "train_run.json"
-
-    @property
-    def tuned_params_file(self) -> Path:
-        """The tune stage's best values; train uses them if train.use_tuned_params."""
-        return self.root / "tune" / "best_params.yaml"
-
-    @property
-    def train_overrides_file(self) -> Path:
-        """What train depends on in dvc.yaml: the best values if train.use_tuned_params,
-        else empty -- so new trials retrain only when training uses them."""
-        return self.root / "tune" / "train_overrides.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def dvclive(self) -> Path:
-        return self.root / "dvclive"
-
-    @property
-    def predictions(self) -> Path:
-        return self.root / "outputs" / "mini_test_predictions"
-
-    @property
-    def tiled_predictions(self) -> Path:
-        return self.root / "outputs" / "tiled_predictions"
 
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest.is_file():

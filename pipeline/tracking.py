@@ -1,4 +1,4 @@
-"""The only module that talks to MLflow.
+"""The pipeline's one module that talks to MLflow (in serving/, only pyfunc.py does: the [mlflow] extra).
 
 Where runs go: $MLFLOW_TRACKING_URI, else `mlflow.tracking_uri` from params, else
 `sqlite:///<project root>/mlflow.db`. A relative sqlite path is resolved against the

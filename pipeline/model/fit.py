@@ -71,7 +71,8 @@ def compile_model(params: Params, steps_per_epoch: int = 1, all_metrics: bool = 
 def _callbacks(layout: Layout, run, state: TrainingState | None, snapshot: Snapshot | None,
                stage: bool, stage_callbacks: list) -> tuple[list, TimeGuard | None]:
     """The training callbacks. stage=False is a tuning trial: no files (checkpoints,
-    DVCLive), no panels (the train stage passes them in stage_callbacks), no time guard and no resume state, only the per-epoch MLflow curves."""
+    DVCLive), no panels (the train stage passes those in `stage_callbacks`), no time guard
+    and no resume state, only the per-epoch MLflow curves."""
     t = layout.params.train
     schedule: list = []   # callbacks whose state carries from epoch to epoch
     if t.keep_weights == "best" and state is not None:

@@ -5,8 +5,9 @@ Each trial trains through pipeline.model.fit.fit -- the train stage's own loop -
 its value is the best validation mean foreground Dice over the epochs validated: every
 epoch when a pruner is set (the per-epoch value feeds it), else the last epoch only.
 Several `flexunet tune` processes on the same storage cooperate: each starts a trial
-only while complete + pruned + running trials are fewer than `tune.n_trials`, so together they stop at the study's total. Storage, naming and the
-handling of dead workers: pipeline.study.
+only while complete + pruned + running trials are fewer than `tune.n_trials`, so
+together they stop at the study's total. Storage, naming and the handling of dead
+workers: pipeline.study.
 
 Outputs (all or nothing): tune/best_params.yaml (the values train uses when
 train.use_tuned_params), metrics/tune.json, plots/tune_history.png and

@@ -87,12 +87,12 @@ def test_seed_metric_accumulates_over_the_epoch():
 
 def test_cosine_schedule_decays_to_the_floor():
     t = TrainParams(lr_schedule="cosine", learning_rate_reducer=False, learning_rate=1e-3, epochs=10,
-                    min_lr_fraction=0.02)
+                    min_lr_fraction=0.02, warmup_epochs=0)
     schedule = learning_rate(t, steps_per_epoch=5)
     assert float(schedule(0)) == pytest.approx(1e-3)
     assert float(schedule(25)) == pytest.approx(0.5 * (1e-3 + 2e-5), rel=1e-4)
     assert float(schedule(50)) == pytest.approx(2e-5, rel=1e-4)
-    assert learning_rate(TrainParams(learning_rate=3e-4), 5) == pytest.approx(3e-4)
+    assert learning_rate(TrainParams(learning_rate=3e-4, lr_schedule="constant"), 5) == pytest.approx(3e-4)
 
 
 def test_precision_auto_follows_the_cpu_flags(tmp_path):
@@ -146,7 +146,7 @@ def test_tiny_flexunet_learns_a_trivial_task():
         ids[i, y:y + 12, x:x + 12] = 1
     images = np.stack([ids * 200 + 20] * 3, axis=-1).astype(np.float32) + rng.normal(0, 10, (48, 32, 32, 3))
     cfg = ModelParams(image_width=32, image_height=32, num_classes=2, base_filters=4, base_kernels=(5, 5),
-                      num_layers=3, dropout_rate=0.0)
+                      num_layers=3, dropout_rate=0.0, normalization=False)
     model = build_flexunet(cfg)
     model.compile(keras.optimizers.Adam(1e-2), "categorical_crossentropy", metrics=[ClassOverlap(1, "dice")])
     onehot = np.eye(2, dtype=np.float32)[ids]
