@@ -12,7 +12,7 @@ cache, no MLflow store, no Optuna study. It does this once per machine profile:
   train.onednn is false, so it runs its Eigen kernels, which the wheel compiles for AVX
   without FMA and which therefore are the same instructions on every x86-64 CPU (and what
   TensorFlow runs on AVX2-only CPUs by its own policy). onnxruntime has no such switch:
-  export's parity figures and the predict stage may differ in the last bits.
+  export's parity figures and the evaluate_tiled stage may differ in the last bits.
 
 Then it compares what the issue asks to be equal: the dataset fingerprint, the best trial
 and its value, the epochs run, and the test Dice. Results: benchmarks/results/repro_time.json
