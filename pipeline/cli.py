@@ -1,7 +1,10 @@
 """`flexunet <stage>`: parse arguments, load params once, call the stage function.
 
 Errors a user can fix print as one line (`error: <file>: <problem>`) and exit 2; pass
---debug for the traceback and TensorFlow's own log output.
+--debug for the traceback and TensorFlow's own log output. `flexunet predict` (serving/cli.py)
+runs in the light install (`pip install flexunet`); every other command needs the
+`flexunet[pipeline]` extra and says so in one line without it. This module imports only the
+standard library, PyYAML and common/ at module level.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ import yaml
 from common.errors import UserError
 
 log = logging.getLogger("flexunet")
+
+# Top-level modules of the `flexunet[pipeline]` extra (pyproject.toml): every command but
+# `predict` needs them; the light install (`pip install flexunet`) has none of them.
+PIPELINE_EXTRA = frozenset({"tensorflow", "keras", "mlflow", "dvc", "dvclive", "tf2onnx", "onnx", "optuna",
+                            "pydantic", "matplotlib", "nibabel", "scipy", "pandas"})
 
 
 def quiet_tensorflow(debug: bool, onednn: bool | None = None) -> None:
@@ -142,67 +150,6 @@ def cmd_check(args: argparse.Namespace) -> None:
           f"{layout.params.model.num_layers} levels)")
 
 
-def _predict_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Predictor kwargs: flags over params.yaml's `predict` section (if any) over PredictParams defaults."""
-    from pydantic import ValidationError
-
-    from pipeline.config.schema import PredictParams
-    from pipeline.config.load import load_params
-
-    base = PredictParams()
-    params_path = Path(args.params or "params.yaml")
-    if args.params or params_path.is_file():
-        try:
-            base = load_params(params_path).predict
-        except UserError as exc:
-            if args.params:  # asked for explicitly: its problem is the user's to fix
-                raise
-            log.warning("%s: ignored for predict defaults (%s)", params_path, exc)
-    names = ("tile_size", "overlap", "blend", "batch_size", "tta", "threads")
-    flags = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    try:
-        settings = PredictParams.model_validate({**base.model_dump(), **flags})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        flag = "--" + str(err["loc"][0]).replace("_", "-")
-        raise UserError(f"{flag} {err.get('input')!r}: {err['msg'].lower()}") from None
-    return settings.model_dump(include=set(names))
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Batch prediction through onnxruntime: serving/ only, TensorFlow is never imported."""
-    from serving.batch import predict_folder, resolve_inputs
-
-    settings = _predict_settings(args)  # flags and inputs first: a typo fails before the model loads
-    inputs = resolve_inputs(args.input)
-    from serving.predictor import load_predictor
-
-    predictor = load_predictor(args.model, **settings)
-    summary = predict_folder(predictor, inputs, Path(args.output), overwrite=args.overwrite,
-                             overlay=args.overlay, max_pixels=None if args.allow_large_images else "pillow")
-    return 1 if summary.failed else 0  # 1: some images failed, the others were written
-
-
-def add_predict_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="tiled ONNX prediction of a folder of images (no TensorFlow needed)")
-    p.add_argument("--model", required=True, help="model.onnx, or an MLflow URI such as models:/name@champion")
-    p.add_argument("--input", required=True, help="folder of images, or a quoted glob such as 'scans/*.tif'")
-    p.add_argument("--output", required=True, help="folder for <stem>.png masks and predictions.csv")
-    p.add_argument("--tile-size", type=int, help="window side in px (default: params or the model's size)")
-    p.add_argument("--overlap", type=float, help="fraction of a window shared with its neighbour, [0, 1) (0.25)")
-    p.add_argument("--blend", choices=["gaussian", "constant"], help="window weighting (gaussian)")
-    p.add_argument("--batch-size", type=int, help="windows per onnxruntime call (4)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip test-time augmentation with the model card's flips (2-4x compute)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="predict again images whose mask exists")
-    p.add_argument("--overlay", action="store_true", help="also write overlays/<stem>.png")
-    p.add_argument("--allow-large-images", action="store_true",
-                   help="accept images above Pillow's decompression-bomb limit (~179 MP)")
-    p.add_argument("--params", default=None,
-                   help="take defaults from this file's predict section (default: ./params.yaml if present)")
-    p.set_defaults(func=cmd_predict)
-
-
 def cmd_deps(args: argparse.Namespace) -> int:
     """Each stage's code, read from its imports; --check: compare with dvc.yaml's deps."""
     from pipeline import codegraph
@@ -210,6 +157,10 @@ def cmd_deps(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
     if args.mermaid:
         print(codegraph.mermaid(root))
+        return 0
+    if args.write:
+        changed = codegraph.write_deps(root)
+        print(f"dvc.yaml: code deps rewritten for {', '.join(changed)}" if changed else "dvc.yaml: already right")
         return 0
     if args.check:
         problems = codegraph.dep_problems(root)
@@ -222,7 +173,7 @@ def cmd_deps(args: argparse.Namespace) -> int:
             print(f"pipeline/stages/{stage}.py imports the stage(s) {', '.join(others)}; move what they share "
                   f"out of pipeline/stages/", file=sys.stderr)
         if problems or crossing:
-            print("fix dvc.yaml from `flexunet deps` (each stage lists exactly the files printed)", file=sys.stderr)
+            print("fix it with `flexunet deps --write` (each stage then lists exactly the files it runs)", file=sys.stderr)
             return 1
         print("dvc.yaml: every stage lists exactly the code it runs; no stage imports another")
         return 0
@@ -290,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deps", help="the code each DVC stage runs, from its imports (--check: against dvc.yaml)")
     p.add_argument("--root", default=".", help="project root holding dvc.yaml (default: .)")
     p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml lists too few or too many files")
+    p.add_argument("--write", action="store_true", help="rewrite each stage's code deps in dvc.yaml to what it runs")
     p.add_argument("--mermaid", action="store_true", help="print the package import graph as a mermaid chart")
     p.set_defaults(func=cmd_deps)
+    from serving.cli import add_predict_parser  # the light install's command: no TensorFlow, no pydantic
+
     add_predict_parser(sub)
     return parser
 
@@ -311,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if args.debug or missing not in PIPELINE_EXTRA:
+            raise
+        print(f"error: `flexunet {args.command}` needs the pipeline extra ({missing} is not installed): "
+              f"pip install 'flexunet[pipeline]'", file=sys.stderr)
         return 2
     return int(status or 0)
 

@@ -45,8 +45,7 @@ class OnnxSession:
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
-    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
-        raise UserError(f"threads {threads!r}: must be a positive integer (or unset for all cores)")
+    """threads: intra-op threads, None for one per core (TilingSettings.threads, checked there)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 0 if threads is None else int(threads)
     opts.inter_op_num_threads = 1

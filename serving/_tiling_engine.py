@@ -1,13 +1,12 @@
-"""Internals of serving.tiling: batch assembly, flip TTA, band accumulation, seam statistics.
+"""Internals of serving.tiling: batch assembly, flip TTA, band accumulation.
 
 Kept apart so tiling.py reads as the documented public API; nothing here is public.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -152,55 +151,3 @@ class BandAccumulator:
             buf[buf.shape[0] - n:] = 0
         row0, self.row0 = self.row0, upto
         return row0, band
-
-
-@dataclass
-class SeamStats:
-    """Disagreement of neighbouring windows in their overlap (filled by iter_bands).
-
-    mean_abs_diff: mean |p_a - p_b| over overlap pixels and classes.
-    argmax_disagreement: fraction of overlap pixels whose two argmax classes differ.
-    Skipped windows are left out. NaN when no two predicted windows overlap.
-    """
-
-    abs_sum: float = 0.0
-    values: int = 0
-    disagree: int = 0
-    pixels: int = 0
-    _row_y: int = -1
-    _row: dict[int, np.ndarray | None] = field(default_factory=dict, repr=False)
-    _prev_y: int = -1
-    _prev: dict[int, np.ndarray | None] = field(default_factory=dict, repr=False)
-    _left: tuple[int, np.ndarray | None] | None = field(default=None, repr=False)
-
-    @property
-    def mean_abs_diff(self) -> float:
-        return self.abs_sum / self.values if self.values else math.nan
-
-    @property
-    def argmax_disagreement(self) -> float:
-        return self.disagree / self.pixels if self.pixels else math.nan
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {"seam_mean_abs_diff": self.mean_abs_diff,
-                "seam_argmax_disagreement": self.argmax_disagreement, "seam_pixels": self.pixels}
-
-    def add(self, y: int, x: int, p: np.ndarray | None, tile_hw: tuple[int, int]) -> None:
-        th, tw = tile_hw
-        if y != self._row_y:  # a new window row: the finished one becomes "above"
-            self._prev_y, self._prev, self._row_y, self._row, self._left = self._row_y, self._row, y, {}, None
-        if p is not None:
-            if self._left is not None and self._left[1] is not None and self._left[0] + tw > x:
-                xa, pa = self._left
-                self._compare(pa[:, x - xa:], p[:, : xa + tw - x])
-            above = self._prev.get(x)
-            if above is not None and self._prev_y + th > y:
-                self._compare(above[y - self._prev_y:], p[: self._prev_y + th - y])
-        self._left = (x, p)
-        self._row[x] = p
-
-    def _compare(self, a: np.ndarray, b: np.ndarray) -> None:
-        self.abs_sum += float(np.abs(a - b).sum(dtype=np.float64))
-        self.values += a.size
-        self.disagree += int((a.argmax(-1) != b.argmax(-1)).sum())
-        self.pixels += a.shape[0] * a.shape[1]

@@ -6,12 +6,14 @@ Outputs in `output_dir`:
 - `overlays/<stem>.png` (overlay=True): the image with each non-background class tinted
   in its colour at alpha 0.4; background pixels are the image untouched.
 - `predictions.csv`: one row per input file: file, height, width, `px_<class name>` pixel
-  counts (they sum to height x width), seconds (read + predict + write), status
-  (`ok`, `skipped-existing` or `error: <one-line message>`).
+  counts (they sum to height x width), tiles (windows the image needed), skipped_tiles
+  (windows not run because they hold no tissue: TilingSettings.tissue_threshold; their
+  pixels are background), seconds (read + predict + write), status (`ok`,
+  `skipped-existing` or `error: <one-line message>`).
 
 Resume: an input whose mask already exists is not predicted again unless overwrite=True.
-Its row is rebuilt from the mask on disk (counts, size) plus the previous table's seconds,
-so the table always describes the masks actually present (a missing overlay is drawn
+Its row is rebuilt from the mask on disk (counts, size) plus the previous table's tiles
+and seconds, so the table always describes the masks actually present (a missing overlay is drawn
 from the existing mask, without predicting). Every file is written atomically
 (common.atomic: temp file beside the target, then rename), so an interrupted run never
 leaves a half-written mask or table. The table is rewritten whole after each image (at
@@ -41,10 +43,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.atomic import write_text
-from serving.card import ModelCard
 from common.errors import UserError
 from common.imageio import (IMAGE_SUFFIXES, MaxPixels, list_images, open_image, read_image,
                              save_palette_png, save_rgb_png)
+from serving.card import ModelCard
+from serving.tissue import TileCount
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class Predictor(Protocol):
     card: ModelCard
     tile_size: int
 
-    def predict(self, image: np.ndarray) -> np.ndarray: ...
+    def predict(self, image: np.ndarray, tiles: TileCount | None = None) -> np.ndarray: ...
 
 
 @dataclass
@@ -73,6 +76,8 @@ class BatchSummary:
     failed: int = 0
     megapixels: float = 0.0
     predict_seconds: float = 0.0          # sum of the predicted images' seconds
+    tiles: int = 0                        # windows of the predicted images
+    skipped_tiles: int = 0                # of which skipped as background (no tissue)
     wall_seconds: float = 0.0
     csv_path: Path | None = None
     errors: list[str] = field(default_factory=list)
@@ -86,8 +91,10 @@ class BatchSummary:
         return self.megapixels / self.predict_seconds if self.predict_seconds > 0 else 0.0
 
     def line(self) -> str:
+        background = f", {self.skipped_tiles} of {self.tiles} windows skipped as background" \
+            if self.skipped_tiles else ""
         return (f"predicted {self.total} images: {self.ok} ok, {self.skipped} skipped (existing), "
-                f"{self.failed} failed; {self.megapixels:.3g} MP at {self.mp_per_s:.3g} MP/s, "
+                f"{self.failed} failed; {self.megapixels:.3g} MP at {self.mp_per_s:.3g} MP/s{background}, "
                 f"{self.wall_seconds:.1f} s in all; table {self.csv_path}")
 
 
@@ -165,6 +172,8 @@ def _count(summary: BatchSummary, row: dict[str, Any]) -> None:
         summary.ok += 1
         summary.megapixels += row["height"] * row["width"] / 1e6
         summary.predict_seconds += row["seconds"]
+        summary.tiles += row["tiles"]
+        summary.skipped_tiles += row["skipped_tiles"]
     elif status == STATUS_SKIPPED:
         summary.skipped += 1
     else:
@@ -185,16 +194,18 @@ def _one_image(predictor: Predictor, path: Path, output_dir: Path, *, overwrite:
             if overlay and not overlay_path.exists():
                 image = read_image(path, card.channels, max_pixels)
                 save_rgb_png(overlay_path, overlay_image(image, ids, card.colours))
-            seconds = (previous or {}).get("seconds", "")
-            return _row(path, ids, card.num_classes, seconds, STATUS_SKIPPED)
+            kept = {k: (previous or {}).get(k, "") for k in ("tiles", "skipped_tiles", "seconds")}
+            return _row(path, ids, card.num_classes, STATUS_SKIPPED, **kept)
         image = read_image(path, card.channels, max_pixels)
-        ids = np.asarray(predictor.predict(image))
+        tiles = TileCount()
+        ids = np.asarray(predictor.predict(image, tiles=tiles))
         if ids.shape != image.shape[:2]:
             raise RuntimeError(f"predictor returned shape {ids.shape} for a {image.shape[:2]} image")
         save_palette_png(mask_path, ids, card.colours)
         if overlay:
             save_rgb_png(overlay_path, overlay_image(image, ids, card.colours))
-        return _row(path, ids, card.num_classes, round(time.perf_counter() - t0, 4), STATUS_OK)
+        return _row(path, ids, card.num_classes, STATUS_OK, tiles=tiles.tiles, skipped_tiles=tiles.skipped,
+                    seconds=round(time.perf_counter() - t0, 4))
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop a 10 000-image batch
         message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         message = " ".join(message.split())  # one line, whatever the exception said
@@ -221,11 +232,12 @@ def _existing_mask(mask_path: Path, num_classes: int) -> np.ndarray | None:
     return ids
 
 
-def _row(path: Path, ids: np.ndarray, num_classes: int, seconds: Any, status: str) -> dict[str, Any]:
+def _row(path: Path, ids: np.ndarray, num_classes: int, status: str, **measured: Any) -> dict[str, Any]:
+    """A table row from a mask; measured: tiles, skipped_tiles, seconds."""
     counts = np.bincount(ids.ravel(), minlength=num_classes)
     row: dict[str, Any] = {"file": str(path), "height": ids.shape[0], "width": ids.shape[1]}
     row.update({f"#{k}": int(c) for k, c in enumerate(counts[:num_classes])})
-    row.update(seconds=seconds, status=status)
+    row.update(measured, status=status)
     return row
 
 
@@ -250,10 +262,13 @@ def overlay_image(image: np.ndarray, ids: np.ndarray, colours: list[tuple[int, i
 class _Table:
     """predictions.csv: rows keyed by input file, rewritten whole and atomically."""
 
+    MEASURED = ("tiles", "skipped_tiles", "seconds", "status")
+
     def __init__(self, path: Path, class_names: list[str]):
         self.path = path
         self.class_names = class_names
-        self.columns = ["file", "height", "width", *(f"px_{n}" for n in class_names), "seconds", "status"]
+        self.columns = ["file", "height", "width", *(f"px_{n}" for n in class_names), *self.MEASURED]
+        self.keys = ["file", "height", "width", *(f"#{k}" for k in range(len(class_names))), *self.MEASURED]
         self.rows: dict[str, dict[str, Any]] = self._previous_rows()
 
     def _previous_rows(self) -> dict[str, dict[str, Any]]:
@@ -268,7 +283,7 @@ class _Table:
 
     def _internal(self, row: dict[str, str]) -> dict[str, Any]:
         """CSV row -> the internal form (class counts under '#k')."""
-        out: dict[str, Any] = {k: row[k] for k in ("file", "height", "width", "seconds", "status")}
+        out: dict[str, Any] = {k: row[k] for k in ("file", "height", "width", *self.MEASURED)}
         out.update({f"#{k}": row[f"px_{n}"] for k, n in enumerate(self.class_names)})
         return out
 
@@ -276,7 +291,6 @@ class _Table:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(self.columns)
-        keys = ["file", "height", "width", *(f"#{k}" for k in range(len(self.class_names))), "seconds", "status"]
         for row in self.rows.values():
-            writer.writerow([row.get(k, "") for k in keys])
+            writer.writerow([row.get(k, "") for k in self.keys])
         write_text(self.path, buf.getvalue())

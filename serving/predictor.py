@@ -1,13 +1,15 @@
 """TiledPredictor: an exported FlexUNet (ONNX) over images of any size, without TensorFlow.
 
-    predictor = TiledPredictor.from_uri("models:/flexunet-kidney-t2w@champion")  # or a .onnx path
+    predictor = TiledPredictor.from_onnx("model.onnx", TilingSettings(overlap=0.5))  # or overlap=0.5
     ids = predictor.predict(image)            # uint8 (H, W) class ids, bounded memory
     probs = predictor.predict_proba(image)    # float32 (H, W, K)
 
 The model carries its ModelCard (channels, classes, size multiple, training size) in its
-ONNX metadata, so no params.yaml is read. Windows, blending and streaming are
-serving.tiling's; this module adds the onnxruntime session, input conversion, argument
-checks with one-line UserErrors, and the optional histology background skip.
+ONNX metadata, so no params.yaml is read. The knobs are serving.settings.TilingSettings
+(validated there); windows, blending and streaming are serving.tiling's; the histology
+background skip is serving.tissue's. This module adds the onnxruntime session, input
+conversion and the checks that need the model (tile size vs its size multiple, fixed
+input dimensions), each a one-line UserError.
 
 Input conversion (the rules of common.imageio.to_uint8_array, for arrays):
 - (H, W) or (H, W, 1) grey: used as is by a 1-channel model; replicated to RGB for a
@@ -23,91 +25,47 @@ Input conversion (the rules of common.imageio.to_uint8_array, for arrays):
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
 from serving._onnx_session import OnnxSession, open_session
 from serving.card import ModelCard
 from serving.labels import foreground_mass, unify_foreground
-from common.errors import UserError
-from serving.tiling import BLENDS, SeamStats, iter_bands, seam_disagreement
+from serving.settings import TilingSettings
+from serving.tiling import iter_bands
+from serving.tissue import TileCount, TissueSkip
 
 log = logging.getLogger(__name__)
 
-MAX_TILE_SIZE = 4096          # a 4096 tile x batch 4 x 3 classes is already ~800 MB of outputs
-URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "file:/")
-# Background skip: a pixel is background when it is near-white (brightest channel >=
-# WHITE_LEVEL) and nearly grey (max - min <= GREY_SPREAD): a glass slide, not stained tissue.
-# A window whose tissue fraction is below MIN_TISSUE_FRACTION is not run and counts as class 0.
-WHITE_LEVEL = 220
-GREY_SPREAD = 25
-MIN_TISSUE_FRACTION = 0.01
-
-
-def tissue_fraction(tile: np.ndarray) -> float:
-    """Fraction of a tile's pixels that are not near-white glass (see WHITE_LEVEL above)."""
-    hi = tile.max(axis=-1)
-    lo = tile.min(axis=-1)
-    background = (hi >= WHITE_LEVEL) & (hi.astype(np.int16) - lo <= GREY_SPREAD)
-    return 1.0 - float(background.mean())
-
-
-def is_background(tile: np.ndarray) -> bool:
-    """skip_fn for histology: True when the tile holds less than 1 % tissue."""
-    return tissue_fraction(tile) < MIN_TISSUE_FRACTION
 
 
 class TiledPredictor:
-    """Sliding-window prediction with an ONNX FlexUNet; see serving.tiling for the method."""
+    """Sliding-window prediction with an ONNX FlexUNet; see serving.tiling for the method.
 
-    def __init__(self, session: OnnxSession, card: ModelCard, *, tile_size: int | None = None,
-                 overlap: float = 0.25, blend: str = "gaussian", batch_size: int = 4, tta: bool = False,
-                 skip_background: bool = False, source: str = "model"):
+    settings: a TilingSettings (None: the defaults); its tile_size, when unset, becomes the
+    card's training size, so `predictor.settings` holds what is actually used.
+    """
+
+    def __init__(self, session: OnnxSession, card: ModelCard, settings: TilingSettings | None = None,
+                 source: str = "model"):
         self.session, self.card, self.source = session, card, source
-        self.tile_size = _check_tile(card.tile_size if tile_size is None else tile_size, card, source)
-        if not 0.0 <= float(overlap) < 1.0:
-            raise UserError(f"overlap {overlap}: must be in [0, 1) (a fraction of the tile, e.g. 0.25)")
-        if blend not in BLENDS:
-            raise UserError(f"blend {blend!r}: must be one of {', '.join(BLENDS)}")
-        if int(batch_size) < 1:
-            raise UserError(f"batch size {batch_size}: must be >= 1")
-        self.overlap, self.blend, self.batch_size = float(overlap), blend, int(batch_size)
-        self.tta, self.skip_background = bool(tta), bool(skip_background)
-        _check_fixed_dims(session, self.tile_size, self.batch_size * (1 + len(self._flips())), source)
+        settings = settings or TilingSettings()
+        self.settings = settings.replace(tile_size=settings.tile_size or card.tile_size)
+        self.tile_size: int = _check_tile(self.settings.tile_size, card, source)
+        _check_fixed_dims(session, self.tile_size, self.settings.batch_size * (1 + len(self._flips())), source)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_onnx(cls, path: Path | str, *, tile_size: int | None = None, overlap: float = 0.25,
-                  blend: str = "gaussian", batch_size: int = 4, tta: bool = False, threads: int | None = None,
-                  skip_background: bool = False) -> TiledPredictor:
-        """Load an exported .onnx file (its card from the metadata). threads: onnxruntime
-        intra-op threads (None: all cores)."""
-        session, card = open_session(Path(path), threads)
-        return cls(session, card, tile_size=tile_size, overlap=overlap, blend=blend, batch_size=batch_size,
-                   tta=tta, skip_background=skip_background, source=str(path))
-
-    @classmethod
-    def from_uri(cls, uri_or_path: str | Path, **kwargs: Any) -> TiledPredictor:
-        """A .onnx file, a folder holding one (rglob), or an MLflow URI (`models:/name@alias`,
-        `models:/name/3`, `runs:/<run id>/<path>`): its artifacts are downloaded to a temp
-        folder and the single *.onnx found there is loaded. Keywords: as from_onnx."""
-        text = str(uri_or_path)
-        if text.startswith(URI_SCHEMES):
-            with tempfile.TemporaryDirectory(prefix="flexunet-model-") as tmp:
-                folder = _download(text, Path(tmp))
-                predictor = cls.from_onnx(_find_onnx(folder, text), **kwargs)
-            predictor.source = text  # the session holds the model in memory: the temp copy can go
-            return predictor
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise UserError(f"{path}: model not found; pass a .onnx file, a folder holding one, "
-                            f"or an MLflow URI such as models:/<name>@champion")
-        return cls.from_onnx(_find_onnx(path, text) if path.is_dir() else path, **kwargs)
+    def from_onnx(cls, path: Path | str, settings: TilingSettings | None = None, **changes: Any) -> TiledPredictor:
+        """Load an exported .onnx file (its card from the metadata) with `settings`, or the
+        defaults, with `changes` (TilingSettings field names, e.g. overlap=0.5) applied."""
+        settings = (settings or TilingSettings()).replace(**changes)
+        session, card = open_session(Path(path), settings.threads)
+        return cls(session, card, settings, source=str(path))
 
     # ------------------------------------------------------------------ prediction
     def predict_fn(self, batch: np.ndarray) -> np.ndarray:
@@ -118,69 +76,57 @@ class TiledPredictor:
         """Convert an image to (H, W, card.channels) by the rules in the module docstring."""
         return convert_channels(image, self.card.channels)
 
-    def iter_bands(self, image: np.ndarray, seam_stats: SeamStats | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Finished bands (row0, float32 probabilities (rows, W, K)), top to bottom."""
-        return iter_bands(self.prepare(image), self.predict_fn, **self._tiling(), seam_stats=seam_stats)
+    def iter_bands(self, image: np.ndarray, tiles: TileCount | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Finished bands (row0, float32 probabilities (rows, W, K)), top to bottom. tiles:
+        filled with the number of windows and of windows skipped as background."""
+        return iter_bands(self.prepare(image), self.predict_fn, **self._tiling(tiles))
 
-    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+    def predict_proba(self, image: np.ndarray, tiles: TileCount | None = None) -> np.ndarray:
         """Class probabilities float32 (H, W, K). Holds H x W x K floats: for very large
         images prefer predict(), which keeps only the labels."""
         image = self.prepare(image)
         out = np.empty(image.shape[:2] + (self.card.num_classes,), dtype=np.float32)
-        for row0, band in iter_bands(image, self.predict_fn, **self._tiling()):
+        for row0, band in iter_bands(image, self.predict_fn, **self._tiling(tiles)):
             out[row0: row0 + band.shape[0]] = band
         return out
 
-    def predict(self, image: np.ndarray) -> np.ndarray:
+    def predict(self, image: np.ndarray, tiles: TileCount | None = None) -> np.ndarray:
         """Class ids uint8 (H, W): argmax of the blended probabilities, band by band, so peak
         memory is the input + labels + O(width x tile), not H x W x K floats. If the card
         says `single_foreground_class`, the foreground pixels then all get the class with
-        the largest summed probability over them (serving.labels)."""
+        the largest summed probability over them (serving.labels). tiles: as iter_bands."""
         image = self.prepare(image)
         labels = np.empty(image.shape[:2], dtype=np.uint8)
         mass = np.zeros(self.card.num_classes - 1)
-        for row0, band in iter_bands(image, self.predict_fn, **self._tiling()):
+        for row0, band in iter_bands(image, self.predict_fn, **self._tiling(tiles)):
             ids = labels[row0: row0 + band.shape[0]]
             ids[:] = band.argmax(axis=-1)
             if self.card.single_foreground_class:
                 mass += foreground_mass(band, ids)
         return unify_foreground(labels, mass) if self.card.single_foreground_class else labels
 
-    def seam_disagreement(self, image: np.ndarray) -> SeamStats:
-        """Neighbouring windows' disagreement in their overlaps (serving.tiling.seam_disagreement)."""
-        kw = {k: v for k, v in self._tiling().items() if k not in ("blend", "skip_fn")}
-        return seam_disagreement(self.prepare(image), self.predict_fn, **kw)
-
-    def _tiling(self) -> dict[str, Any]:
-        return {"tile_size": self.tile_size, "overlap": self.overlap, "blend": self.blend,
-                "batch_size": self.batch_size, "multiple": self.card.size_multiple, "tta": self._flips(),
-                "skip_fn": is_background if self.skip_background else None}
+    def _tiling(self, tiles: TileCount | None) -> dict[str, Any]:
+        """serving.tiling's keywords for these settings and this model."""
+        s = self.settings
+        skip = None if s.tissue_threshold is None and tiles is None else TissueSkip(s.tissue_threshold, tiles)
+        return {"tile_size": self.tile_size, "overlap": s.overlap, "blend": s.blend, "batch_size": s.batch_size,
+                "multiple": self.card.size_multiple, "tta": self._flips(), "skip_fn": skip}
 
     def _flips(self) -> tuple[str, ...]:
         """TTA flips: those the card says the model was trained with (kidney MRI: left-right only)."""
-        return tuple(self.card.tta_flips) if self.tta else ()
+        return tuple(self.card.tta_flips) if self.settings.tta else ()
 
     def __repr__(self) -> str:
-        return (f"TiledPredictor({self.source!r}, tile_size={self.tile_size}, overlap={self.overlap}, "
-                f"blend={self.blend!r}, batch_size={self.batch_size}, tta={self.tta})")
-
-
-def load_predictor(model: str | Path, **kwargs: Any) -> TiledPredictor:
-    """TiledPredictor.from_uri: a .onnx path, a folder holding one, or an MLflow model URI."""
-    return TiledPredictor.from_uri(model, **kwargs)
+        return f"TiledPredictor({self.source!r}, {self.settings})"
 
 
 # ---------------------------------------------------------------------- helpers
 def _check_tile(tile: int, card: ModelCard, source: str) -> int:
+    """The model's own rule for tile sizes (TilingSettings checked it is a positive int under the cap)."""
     m = card.size_multiple
-    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
-        raise UserError(f"tile size {tile!r}: must be a positive integer multiple of {m}")
-    if tile > MAX_TILE_SIZE:
-        raise UserError(f"tile size {tile} exceeds the cap of {MAX_TILE_SIZE} px (memory grows with its "
-                        f"square); use e.g. {max(m, MAX_TILE_SIZE // 4 // m * m)}")
     if tile % m:
         lo, hi = max(m, tile // m * m), (tile // m + 1) * m
-        raise UserError(f"tile size {tile} is not a multiple of {m}, the size multiple of {source} "
+        raise UserError(f"tile_size {tile} is not a multiple of {m}, the size multiple of {source} "
                         f"(2**(num_layers-1)); use {lo} or {hi}")
     return int(tile)
 
@@ -235,36 +181,3 @@ def _to_uint8_range(image: np.ndarray) -> np.ndarray:
         raise UserError(f"colour image of dtype {image.dtype} with values in [{lo:g}, {hi:g}]: "
                         f"expected 0..255; convert it to 8-bit first")
     return image
-
-
-def _download(uri: str, dst: Path) -> Path:
-    """MLflow artifacts of a models:/ or runs:/ URI -> a local folder (mlflow imported lazily)."""
-    try:
-        import mlflow
-        from mlflow.exceptions import MlflowException
-    except ImportError:
-        raise UserError(f"{uri}: MLflow URIs need mlflow installed (pip install mlflow); "
-                        f"or pass the .onnx file itself") from None
-    # MLFLOW_TRACKING_URI, when set, names the store explicitly: in a process that also
-    # logged elsewhere (tests, a notebook), mlflow's global URI would otherwise win.
-    store = os.environ.get("MLFLOW_TRACKING_URI") or None
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store,
-                                                        registry_uri=store))
-    except (MlflowException, OSError) as exc:
-        where = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{uri}: cannot download the model from MLflow at {where} ({first}); "
-                        f"check the name, version/alias and MLFLOW_TRACKING_URI") from None
-
-
-def _find_onnx(folder: Path, what: str) -> Path:
-    """The single *.onnx under `folder`; with several, model.onnx (fp32) wins."""
-    found = sorted(p for p in folder.rglob("*.onnx") if p.is_file())
-    if len(found) > 1:
-        found = [p for p in found if p.name == "model.onnx"] or found
-    if len(found) != 1:
-        names = ", ".join(str(p.relative_to(folder)) for p in found) or "none"
-        raise UserError(f"{what}: expected exactly one .onnx model in it, found {names}; "
-                        f"pass the .onnx file itself")
-    return found[0]

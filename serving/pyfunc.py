@@ -31,6 +31,9 @@ Response: `{"predictions": [...]}`, one record per image with
 `{"inputs": {"image": ["<base64>", ...]}}` work too. A bad image or option answers HTTP 400
 with a one-line message naming the row. In Python: `mlflow.pyfunc.load_model(uri).predict(
 pd.DataFrame({"image": [png_bytes]}))` takes raw bytes (or base64 text).
+
+This is the one serving module that imports mlflow (the `flexunet[mlflow]` extra): the
+predictor's models:/ and runs:/ URIs are downloaded by `download` here.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import base64
 import binascii
 import io
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc  # this module exists for MLflow; the rest of serving/ does not need it
@@ -47,6 +52,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from common.errors import ImageError, UserError
+from serving.settings import TilingSettings
 
 ONNX_ARTIFACT = "onnx"
 OPTIONAL_COLUMNS = {"overlap": "double", "tta": "boolean"}
@@ -105,31 +111,48 @@ def _cell(row: Any, column: str) -> Any:
     return value
 
 
+def download(uri: str, dst: Path) -> Path:
+    """MLflow artifacts of a models:/ or runs:/ URI -> a local folder (serving.predictor's URIs)."""
+    # MLFLOW_TRACKING_URI, when set, names the store explicitly: in a process that also
+    # logged elsewhere (tests, a notebook), mlflow's global URI would otherwise win.
+    store = os.environ.get("MLFLOW_TRACKING_URI") or None
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store,
+                                                        registry_uri=store))
+    except (MlflowException, OSError) as exc:
+        where = store or mlflow.get_tracking_uri()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{uri}: cannot download the model from MLflow at {where} ({first}); "
+                        f"check the name, version/alias and MLFLOW_TRACKING_URI") from None
+
+
 class FlexUNetPyfunc(mlflow.pyfunc.PythonModel):
-    """Tiled whole-image segmentation. model_config keys (all optional) are
-    TiledPredictor.from_onnx keywords: tile_size, overlap, blend, batch_size, tta, threads."""
+    """Tiled whole-image segmentation. model_config (all keys optional): TilingSettings
+    fields (tile_size, overlap, blend, batch_size, tta, threads, tissue_threshold)."""
 
     def load_context(self, context) -> None:
         from serving.predictor import TiledPredictor
 
-        config = dict(context.model_config or {})
-        kwargs = {k: v for k, v in config.items()
-                  if k in ("tile_size", "overlap", "blend", "batch_size", "tta", "threads")}
-        self.default = TiledPredictor.from_onnx(context.artifacts[ONNX_ARTIFACT], **kwargs)
+        config = {k: v for k, v in (context.model_config or {}).items() if k in TilingSettings.names()}
+        settings = TilingSettings.from_mapping(config, "model_config")
+        self.default = TiledPredictor.from_onnx(context.artifacts[ONNX_ARTIFACT], settings)
         self.card = self.default.card
 
-    def _predictor(self, overlap: Any, tta: Any):
+    def _predictor(self, row: int, overlap: Any, tta: Any):
         """The default predictor, or one with this row's overlap/tta sharing its onnxruntime
         session (cheap to build; nothing cached, so odd client values cannot pile up sessions)."""
         from serving.predictor import TiledPredictor
 
         d = self.default
-        overlap = d.overlap if overlap is None else float(overlap)
-        tta = d.tta if tta is None else bool(tta)
-        if (overlap, tta) == (d.overlap, d.tta):
+        changes = {k: v for k, v in (("overlap", overlap), ("tta", None if tta is None else bool(tta)))
+                   if v is not None}
+        try:
+            settings = d.settings.replace(**changes)
+        except UserError as exc:
+            raise UserError(f"row {row}: {exc}") from None
+        if settings == d.settings:
             return d
-        return TiledPredictor(d.session, d.card, tile_size=d.tile_size, overlap=overlap, blend=d.blend,
-                              batch_size=d.batch_size, tta=tta, source=d.source)
+        return TiledPredictor(d.session, d.card, settings, source=d.source)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
@@ -147,7 +170,7 @@ class FlexUNetPyfunc(mlflow.pyfunc.PythonModel):
         from common.imageio import palette_image
 
         image = decode_image(_image_bytes(row["image"], i), self.card.channels, i)
-        ids = self._predictor(_cell(row, "overlap"), _cell(row, "tta")).predict(image)
+        ids = self._predictor(i, _cell(row, "overlap"), _cell(row, "tta")).predict(image)
         buf = io.BytesIO()
         palette_image(ids, self.card.colours).save(buf, format="PNG")
         counts = np.bincount(ids.ravel(), minlength=self.card.num_classes)

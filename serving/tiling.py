@@ -25,21 +25,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
-from serving._tiling_engine import (
-    FLIPS, BandAccumulator, SeamStats, TileBatch, check_probs, make_batches, undo_tta,
-)
+from serving._tiling_engine import FLIPS, BandAccumulator, TileBatch, check_probs, make_batches, undo_tta
+from serving.settings import BLENDS, check_setting
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 SkipFn = Callable[[np.ndarray], bool]
-BLENDS = ("gaussian", "constant")
 
-__all__ = [
-    "BLENDS", "SeamStats", "importance_map", "iter_bands", "seam_disagreement",
-    "sliding_window_inference", "tta_flips", "window_starts",
-]
+__all__ = ["BLENDS", "importance_map", "iter_bands", "sliding_window_inference", "tta_flips", "window_starts"]
 
 
 def window_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -52,8 +48,7 @@ def window_starts(length: int, tile: int, overlap: float) -> list[int]:
     """
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    overlap = check_setting("overlap", overlap)
     if length <= tile:
         return [0]
     span = length - tile
@@ -76,10 +71,8 @@ def importance_map(tile_hw: tuple[int, int], blend: str = "gaussian", sigma_scal
     h, w = (int(v) for v in tile_hw)
     if h < 1 or w < 1:
         raise ValueError(f"tile_hw must be positive, got {tile_hw}")
-    if blend == "constant":
+    if check_setting("blend", blend) == "constant":
         return np.ones((h, w), dtype=np.float32)
-    if blend != "gaussian":
-        raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
     if sigma_scale <= 0:
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
 
@@ -132,19 +125,37 @@ def iter_bands(
     multiple: int = 1,
     tta: bool | Sequence[str] = False,
     skip_fn: SkipFn | None = None,
-    seam_stats: SeamStats | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Predict `image` window by window; yield `(row0, probs)` for each finished band of rows.
 
-    Arguments and defaults: as `sliding_window_inference`. Bands are float32 (rows, W, K)
-    for rows [row0, row0 + rows), top to bottom, covering H exactly once; a band is
-    yielded as soon as no later window touches its rows, so at most one tile-high band of
-    sums (plus one batch read ahead) is held: peak memory ~ W x tile x K floats.
+    Bands are float32 (rows, W, K) for rows [row0, row0 + rows), top to bottom, covering
+    H exactly once; a band is yielded as soon as no later window touches its rows, so at
+    most one tile-high band of sums (plus one batch read ahead) is held: peak memory
+    ~ W x tile x K floats. The knobs' rules are serving.settings's (bad values raise a
+    SettingsError, a ValueError).
+
+    image: (H, W) or (H, W, C), any dtype; tiles are cast to float32 one at a time, so a
+        uint8 gigapixel image is never copied as float.
+    predict_fn: batch float32 (B, th, tw, C) -> probabilities (B, th, tw, K) float32.
+    tile_size: window side (int) or (th, tw); must be a multiple of `multiple`.
+    overlap (0.25): minimum fraction of a window shared with its neighbour, in [0, 1);
+        0.5 doubles the compute per axis, 0 still overlaps when the size is not a multiple.
+    blend ("gaussian"): "gaussian" down-weights window borders (see importance_map);
+        "constant" averages overlapping windows equally.
+    batch_size (4): windows per predict_fn call. Every call has the same shape
+        (batch_size, or 4 x batch_size with TTA); the last batch is zero-padded.
+    multiple (1): the model's size multiple (2**(levels-1)); only validates tile_size.
+    tta (False): flip test-time augmentation: each window also goes through the model
+        flipped, the predictions flipped back and averaged. True: left-right, up-down and
+        both (4x compute); or a subset such as ("lr",) for anatomy with an up and a down.
+    skip_fn (None): skip_fn(tile) -> True skips the model for that window (e.g. no tissue:
+        serving.tissue.TissueSkip); a skipped window counts as class 0 with probability 1,
+        blended like any other. It sees each raw tile (the image dtype, padded image) once,
+        in raster order.
     """
     image = _as_hwc(image)
     th, tw = _tile_hw(tile_size, multiple)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_setting("batch_size", batch_size)
     height, width = image.shape[:2]
     padded = _pad_to_tile(image, th, tw)
     ys = window_starts(padded.shape[0], th, overlap)
@@ -159,10 +170,7 @@ def iter_bands(
             pending = reader.submit(next, batches, None)  # cut the next batch during compute
             probs = _predict(batch, predict_fn, (th, tw), flips)
             for (y, x), slot in zip(batch.windows, batch.slots):
-                tile_probs = None if slot < 0 else probs[slot]
-                acc.add(y, x, tile_probs)
-                if seam_stats is not None:
-                    seam_stats.add(y, x, tile_probs, (th, tw))
+                acc.add(y, x, None if slot < 0 else probs[slot])
                 if x == xs[-1]:  # window row done: rows above the next row's start are final
                     if acc.num_classes is None:  # every window so far was skipped
                         acc.set_classes(_probe_classes(predict_fn, padded, (th, tw), batch_size * (1 + len(flips))))
@@ -201,75 +209,19 @@ def _predict(batch: TileBatch, predict_fn: PredictFn, tile_hw: tuple[int, int], 
     return undo_tta(out, batch.num_real, batch.batch_size, flips) if flips else out[: batch.num_real]
 
 
-def sliding_window_inference(
-    image: np.ndarray,
-    predict_fn: PredictFn,
-    *,
-    tile_size: int | tuple[int, int],
-    overlap: float = 0.25,
-    blend: str = "gaussian",
-    batch_size: int = 4,
-    multiple: int = 1,
-    tta: bool | Sequence[str] = False,
-    skip_fn: SkipFn | None = None,
-    seam_stats: SeamStats | None = None,
-) -> np.ndarray:
+def sliding_window_inference(image: np.ndarray, predict_fn: PredictFn, **tiling: Any) -> np.ndarray:
     """Class probabilities (H, W, K) float32 of `image`, predicted window by window.
 
-    The bands of `iter_bands` written into one array: holds H x W x K floats, so for
-    gigapixel images use `iter_bands` (or TiledPredictor.predict, which keeps labels only).
-
-    image: (H, W) or (H, W, C), any dtype; tiles are cast to float32 one at a time, so a
-        uint8 gigapixel image is never copied as float.
-    predict_fn: batch float32 (B, th, tw, C) -> probabilities (B, th, tw, K) float32.
-    tile_size: window side (int) or (th, tw); must be a multiple of `multiple`.
-    overlap (0.25): minimum fraction of a window shared with its neighbour, in [0, 1);
-        0.5 doubles the compute per axis, 0 still overlaps when the size is not a multiple.
-    blend ("gaussian"): "gaussian" down-weights window borders (see importance_map);
-        "constant" averages overlapping windows equally.
-    batch_size (4): windows per predict_fn call. Every call has the same shape
-        (batch_size, or 4 x batch_size with TTA); the last batch is zero-padded.
-    multiple (1): the model's size multiple (2**(levels-1)); only validates tile_size.
-    tta (False): flip test-time augmentation: each window also goes through the model
-        flipped, the predictions flipped back and averaged. True: left-right, up-down and
-        both (4x compute); or a subset such as ("lr",) for anatomy with an up and a down.
-    skip_fn (None): skip_fn(tile) -> True skips the model for that window (e.g. no tissue);
-        a skipped window counts as class 0 with probability 1, blended like any other.
-        It sees the raw tile (the image dtype, padded image), in raster order.
-    seam_stats (None): a SeamStats to fill with neighbouring windows' disagreement.
+    MONAI's contract, array in, array out; the keywords (tile_size, overlap, blend,
+    batch_size, multiple, tta, skip_fn) and their defaults are `iter_bands`'s, whose bands
+    are written into one array. That holds H x W x K floats: for gigapixel images use
+    `iter_bands` (or TiledPredictor.predict, which keeps labels only).
     """
     out: np.ndarray | None = None
     height = _as_hwc(image).shape[0]
-    for row0, band in iter_bands(image, predict_fn, tile_size=tile_size, overlap=overlap, blend=blend,
-                                 batch_size=batch_size, multiple=multiple, tta=tta, skip_fn=skip_fn,
-                                 seam_stats=seam_stats):
+    for row0, band in iter_bands(image, predict_fn, **tiling):
         if out is None:
             out = np.empty((height,) + band.shape[1:], dtype=np.float32)
         out[row0: row0 + band.shape[0]] = band
     assert out is not None  # iter_bands always covers every row
     return out
-
-
-def seam_disagreement(
-    image: np.ndarray,
-    predict_fn: PredictFn,
-    *,
-    tile_size: int | tuple[int, int],
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    multiple: int = 1,
-    tta: bool | Sequence[str] = False,
-) -> SeamStats:
-    """Seam diagnostic: how much neighbouring windows disagree where they overlap.
-
-    Runs the tiler once and returns a SeamStats with `mean_abs_diff` (mean |p_a - p_b|
-    over classes and overlap pixels of left/right and top/bottom neighbours) and
-    `argmax_disagreement` (fraction of overlap pixels whose argmax class differs). A
-    model that uses its context well disagrees little; large values mean seams will show.
-    Both are NaN when no windows overlap (one window, or sizes that tile exactly at 0).
-    """
-    stats = SeamStats()
-    for _ in iter_bands(image, predict_fn, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
-                        multiple=multiple, tta=tta, seam_stats=stats):
-        pass
-    return stats

@@ -5,13 +5,18 @@ Loading and error messages live in pipeline.config.load."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
-from pipeline.config.search_space import TUNABLE, TuneParams, apply_values, extremes
+from pipeline.config.search_space import (
+    TUNABLE, Categorical, Dimension, FloatRange, IntRange, apply_values, check_odd_kernels, extremes,
+)
+from serving.settings import SettingsError, TilingSettings, check_setting
 
 RGB = tuple[int, int, int]
 _RGB_KEY = re.compile(r"^\s*\(?\s*(\d{1,3})\s*,\s*(\d{1,3})\s*,\s*(\d{1,3})\s*\)?\s*$")
@@ -132,9 +137,12 @@ class MaskParams(_Section):
     # The kidney-t2w colours: Chronic_Kidney_Disease red, Healthy_Control green.
     rgb_map: dict[RGB, int] = Field(default_factory=lambda: {(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2})
     class_names: list[str] = Field(default_factory=lambda: ["background", "CKD", "healthy"])
-    # Max Euclidean RGB distance at which an unknown colour snaps to the nearest map
-    # colour (JPEG masks); 0 = exact colours only.
-    color_tolerance: float = Field(0.0, ge=0, le=255)
+    # How a mask colour not in rgb_map is read (pipeline/data/masks.py): exact: an error;
+    # tolerance: snapped to its nearest map colour if within color_tolerance (Euclidean
+    # RGB distance) of a blend, a mix of two or three map colours (the class borders of
+    # a resized mask), else an error; nearest: every pixel snapped to its nearest map colour.
+    color_mode: Literal["exact", "tolerance", "nearest"] = "exact"
+    color_tolerance: float = Field(0.0, ge=0, le=255)   # color_mode: tolerance only
     # The foreground class is a property of the whole image (kidney-t2w: the subject's
     # diagnosis), so all foreground pixels of a prediction get one class (serving.labels).
     single_foreground_class: bool = True
@@ -164,6 +172,12 @@ class MaskParams(_Section):
             raise ValueError(
                 f"class_names has {len(self.class_names)} names for {len(ids)} rgb_map colours"
             )
+        if self.color_mode == "tolerance" and self.color_tolerance == 0:
+            raise ValueError("color_mode: tolerance needs color_tolerance > 0 (an RGB distance; "
+                             "the unknown-colour error names the value that maps every pixel)")
+        if self.color_mode != "tolerance" and self.color_tolerance != 0:
+            raise ValueError(f"color_tolerance {self.color_tolerance:g} is used only by color_mode: tolerance "
+                             f"(now {self.color_mode}); set color_mode: tolerance or color_tolerance: 0")
         return self
 
     @property
@@ -339,14 +353,31 @@ class RegisterParams(_Section):
     challenger_alias: str = "challenger"
 
 
-class PredictParams(_Section):
-    tile_size: int | None = Field(None, ge=8)     # null: the training image size
-    overlap: float = Field(0.25, ge=0, lt=1)
-    blend: Literal["gaussian", "constant"] = "gaussian"
-    batch_size: int = Field(4, ge=1)
-    tta: bool = False
-    threads: int | None = Field(None, ge=1)       # onnxruntime intra-op threads; null: all cores
-    seam_width: int = Field(8, ge=1)              # px either side of a tile seam for the seam Dice
+class _PredictSection(_Section):
+    """params.yaml `predict`: the predictor's knobs, serving.settings.TilingSettings's fields
+    (types, defaults and rules declared there once), and seam_width."""
+
+    @field_validator(*TilingSettings.names(), check_fields=False)
+    @classmethod
+    def _tiling_rule(cls, value: Any, info: ValidationInfo) -> Any:
+        try:
+            return check_setting(info.field_name, value)
+        except SettingsError as exc:
+            raise ValueError(exc.problem) from None
+
+    def tiling(self) -> TilingSettings:
+        """The predictor's settings: this section without seam_width."""
+        return TilingSettings(**self.model_dump(include=set(TilingSettings.names())))
+
+
+_TILING_HINTS = get_type_hints(TilingSettings)
+PredictParams = create_model(
+    "PredictParams", __base__=_PredictSection, __module__=__name__,
+    **{f.name: (_TILING_HINTS[f.name], f.default) for f in dataclasses.fields(TilingSettings)},
+    # px either side of an inner window border counted as seam in evaluate_tiled's seam Dice:
+    # an evaluation setting, not a predictor knob
+    seam_width=(int, Field(8, ge=1)),
+)
 
 
 class MlflowParams(_Section):
@@ -354,6 +385,51 @@ class MlflowParams(_Section):
     tracking_uri: str | None = None
     experiment_name: str = "flexunet-kidney-t2w"
     log_model: bool = True
+
+
+# params.yaml `tune`: study settings and the search space (entries: pipeline.config.search_space).
+class TuneParams(_Section):
+    # Study name prefix: the stored study is '<study_name>-<objective hash>' (pipeline.stages.tune),
+    # so changing what a trial means starts a new study instead of mixing results.
+    study_name: str = Field("flexunet-kidney-t2w", min_length=1)
+    # A journal file (path, relative to the project root; safe for several processes on
+    # one machine) or an RDB URL (sqlite:///optuna.db, postgresql://user@host/db) for
+    # several machines, where heartbeats mark a dead worker's trial failed.
+    storage: str = "optuna/flexunet.journal"
+    n_trials: int = Field(3, ge=1)                   # the study's total (complete + pruned), over all workers
+    # Opt-in time guard, per worker: no trial starts that would not end by then. Off by
+    # default: a study's result must not depend on the machine's speed.
+    timeout_minutes: float | None = Field(None, gt=0)
+    # Cost cap: a proposal whose model needs more forward GFLOP per image is pruned
+    # untrained (and not counted in n_trials). It bounds every trial and the final
+    # training with the best values, in FLOPs, whatever the machine.
+    max_gflop_per_image: float | None = Field(0.5, gt=0)
+    epochs_per_trial: int = Field(3, ge=1)
+    train_subset: int | None = Field(128, ge=1)      # train images per trial (a seeded sample); null = all
+    seed: int = 137                                  # TPE sampler seed (plus the worker number)
+    startup_trials: int = Field(3, ge=1)             # TPE: random trials before it models the space
+    pruner: Literal["median", "hyperband", "none"] = "none"
+    pruner_startup_trials: int = Field(2, ge=0)      # median: trials before pruning starts
+    pruner_warmup_epochs: int = Field(1, ge=0)       # epochs of a trial before it can be pruned
+    heartbeat_seconds: int = Field(30, ge=1)         # RDB storages: liveness signal of a running trial
+    enqueue_current: bool = True                     # trial 0 = the current params.yaml values
+    search_space: dict[str, Dimension] = Field(default_factory=lambda: {
+        "base_filters": Categorical(type="categorical", choices=[6, 8]),
+        "base_kernels": IntRange(type="int", low=3, high=5, step=2),
+        "learning_rate": FloatRange(type="float", low=1e-3, high=4e-3, log=True),
+    })
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_and_sound(cls, space: dict[str, Any]) -> dict[str, Any]:
+        if not space:
+            raise ValueError("is empty: name at least one of " + ", ".join(TUNABLE))
+        for name, dim in space.items():
+            if name not in TUNABLE:
+                raise ValueError(f"'{name}' cannot be tuned; tunable: {', '.join(TUNABLE)}")
+            if name == "base_kernels":
+                check_odd_kernels(dim)
+        return space
 
 
 class Params(_Section):

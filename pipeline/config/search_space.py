@@ -1,4 +1,5 @@
-"""The `tune` section of params.yaml: study settings and the search space, validated.
+"""The search space of the `tune` section (pipeline.config.schema.TuneParams): its entries
+and what the tune stage does with them.
 
 A search-space entry names a tunable parameter and how to sample it:
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Tunable name -> the params.yaml section it lives in.
 TUNABLE: dict[str, str] = {
@@ -74,51 +75,7 @@ def _check_range(low: float, high: float, log: bool) -> None:
         raise ValueError(f"log scale needs low > 0, got {low}")
 
 
-class TuneParams(_Entry):
-    # Study name prefix: the stored study is '<study_name>-<objective hash>' (pipeline.stages.tune),
-    # so changing what a trial means starts a new study instead of mixing results.
-    study_name: str = Field("flexunet-kidney-t2w", min_length=1)
-    # A journal file (path, relative to the project root; safe for several processes on
-    # one machine) or an RDB URL (sqlite:///optuna.db, postgresql://user@host/db) for
-    # several machines, where heartbeats mark a dead worker's trial failed.
-    storage: str = "optuna/flexunet.journal"
-    n_trials: int = Field(3, ge=1)                   # the study's total (complete + pruned), over all workers
-    # Opt-in time guard, per worker: no trial starts that would not end by then. Off by
-    # default: a study's result must not depend on the machine's speed.
-    timeout_minutes: float | None = Field(None, gt=0)
-    # Cost cap: a proposal whose model needs more forward GFLOP per image is pruned
-    # untrained (and not counted in n_trials). It bounds every trial and the final
-    # training with the best values, in FLOPs, whatever the machine.
-    max_gflop_per_image: float | None = Field(0.5, gt=0)
-    epochs_per_trial: int = Field(3, ge=1)
-    train_subset: int | None = Field(128, ge=1)      # train images per trial (a seeded sample); null = all
-    seed: int = 137                                  # TPE sampler seed (plus the worker number)
-    startup_trials: int = Field(3, ge=1)             # TPE: random trials before it models the space
-    pruner: Literal["median", "hyperband", "none"] = "none"
-    pruner_startup_trials: int = Field(2, ge=0)      # median: trials before pruning starts
-    pruner_warmup_epochs: int = Field(1, ge=0)       # epochs of a trial before it can be pruned
-    heartbeat_seconds: int = Field(30, ge=1)         # RDB storages: liveness signal of a running trial
-    enqueue_current: bool = True                     # trial 0 = the current params.yaml values
-    search_space: dict[str, Dimension] = Field(default_factory=lambda: {
-        "base_filters": Categorical(type="categorical", choices=[6, 8]),
-        "base_kernels": IntRange(type="int", low=3, high=5, step=2),
-        "learning_rate": FloatRange(type="float", low=1e-3, high=4e-3, log=True),
-    })
-
-    @field_validator("search_space")
-    @classmethod
-    def _known_and_sound(cls, space: dict[str, Any]) -> dict[str, Any]:
-        if not space:
-            raise ValueError("is empty: name at least one of " + ", ".join(TUNABLE))
-        for name, dim in space.items():
-            if name not in TUNABLE:
-                raise ValueError(f"'{name}' cannot be tuned; tunable: {', '.join(TUNABLE)}")
-            if name == "base_kernels":
-                _odd_kernels(dim)
-        return space
-
-
-def _odd_kernels(dim: Any) -> None:
+def check_odd_kernels(dim: Any) -> None:
     if isinstance(dim, FloatRange):
         raise ValueError("'base_kernels' must be 'int' or 'categorical' (kernel sizes are odd integers)")
     values = dim.values() if isinstance(dim, IntRange) else dim.choices

@@ -7,7 +7,9 @@ size, predicted once, labels resized back):
 
 - `tiled_*` / `resized_*`: per-class and mean foreground Dice of both;
 - `seam_*` / `interior_*`: Dice inside strips of `predict.seam_width` px either side of
-  every inner window border vs everywhere else, so a blending problem shows up as a gap.
+  every inner window border vs everywhere else, so a blending problem shows up as a gap;
+- `tiles` / `skipped_tiles`: windows run over all images, and those skipped as background
+  (`predict.tissue_threshold`).
 Images no larger than a tile have no seams; their seam metrics are absent (null).
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.data.pairs import find_pairs
+from pipeline.data.pairs import mini_test_pairs
 from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
 from pipeline.panels import make_panel
@@ -63,9 +65,8 @@ def resized_prediction(predictor: TiledPredictor, image: np.ndarray, size: int) 
 
 def evaluate_tiled(layout: Layout) -> dict[str, Any]:
     p, q = layout.params, layout.params.predict
-    predictor = TiledPredictor.from_onnx(layout.onnx_file, tile_size=q.tile_size, overlap=q.overlap, blend=q.blend,
-                                         batch_size=q.batch_size, tta=q.tta, threads=q.threads)
-    pairs = find_pairs(layout.data_dir / "mini_test")
+    predictor = TiledPredictor.from_onnx(layout.onnx_file, q.tiling())
+    pairs = mini_test_pairs(layout.data_dir, fallback=p.dataset.num_mini_test)   # no mini_test: test images
     out_dir = layout.tiled_predictions
     outputs = [out_dir, layout.metrics / "tiled.json", layout.plots / "tiled_panel.png"]
     n, names, tile = p.model.num_classes, p.mask.class_names, predictor.tile_size
@@ -87,7 +88,8 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
                 colours = p.mask.colours
                 panel_rows.append((image, ids_to_rgb(truth, colours), ids_to_rgb(tiled, colours)))
         report: dict[str, Any] = {"images": len(pairs), "tile_size": tile, "overlap": q.overlap, "blend": q.blend,
-                                  "tta": q.tta, "failed": summary.failed,
+                                  "tta": q.tta, "tissue_threshold": q.tissue_threshold, "failed": summary.failed,
+                                  "tiles": summary.tiles, "skipped_tiles": summary.skipped_tiles,
                                   "megapixels_per_second": round(summary.mp_per_s, 4)}
         for key, matrix in conf.items():
             report.update(dice_scores(matrix, names, f"{key}_") if matrix.sum() else

@@ -84,23 +84,24 @@ def _version_tags(layout: Layout, run_id: str, tracking_uri: str, card: ModelCar
 
 def _log_models(layout: Layout, run_id: str, card: ModelCard) -> str:
     """Log the ONNX flavour and the pyfunc wrapper into the training run; return the pyfunc URI."""
+    import common
     import serving
     from serving import pyfunc
 
     p = layout.params
     image = _example_image(layout, card)
-    config = {k: v for k, v in p.predict.model_dump().items()
-              if k in ("tile_size", "overlap", "blend", "batch_size", "tta", "threads") and v is not None}
+    config = {k: v for k, v in p.predict.tiling().as_dict().items() if v is not None}
     with tempfile.TemporaryDirectory() as tmp, \
             start_run(p.mlflow, find_project_root(layout.root), run_id=run_id) as run:
-        # A clean copy of the package: the served model imports `serving` from it when the
-        # flexunet package is not installed (any --env-manager).
-        code = Path(tmp) / "serving"
-        shutil.copytree(Path(serving.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # Clean copies of the packages: the served model imports `serving` (and the `common`
+        # it uses) from them when the flexunet package is not installed (any --env-manager).
+        code = [Path(tmp) / pkg.__name__ for pkg in (serving, common)]
+        for pkg, dst in zip((serving, common), code):
+            shutil.copytree(Path(pkg.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         run.log_onnx_model(layout.onnx_file, image[None].astype(np.float32), name=ONNX_NAME)
         return run.log_pyfunc_model(
             pyfunc.FlexUNetPyfunc(), name=PYFUNC_NAME, artifacts={pyfunc.ONNX_ARTIFACT: str(layout.onnx_file)},
-            code_paths=[str(code)], signature=pyfunc.signature(card.class_names),
+            code_paths=[str(c) for c in code], signature=pyfunc.signature(card.class_names),
             input_example=pyfunc.input_example(image), model_config=config)
 
 

@@ -17,7 +17,9 @@ from PIL import Image
 from pipeline.cli import main
 from serving.batch import CSV_NAME, predict_folder, resolve_inputs
 from common.errors import UserError
-from serving.predictor import load_predictor
+from serving.load import load_predictor
+from serving.settings import TilingSettings
+from serving.tiling import window_starts
 from tests.conftest import tiny_dict
 from tests.onnx_models import make_tiny_onnx
 
@@ -83,7 +85,8 @@ def test_masks_overlays_and_table(tmp_path, monkeypatch, model, predictor):
     out = tmp_path / "out"
     rows = _rows(out)
     assert sorted(rows) == sorted(seen) and list(rows["r1"]) == [
-        "file", "height", "width", "px_background", "px_healthy", "px_CKD", "seconds", "status"]
+        "file", "height", "width", "px_background", "px_healthy", "px_CKD", "tiles", "skipped_tiles", "seconds",
+        "status"]
     for name, rgb in seen.items():
         mask = Image.open(out / f"{name}.png")
         assert mask.mode == "P" and mask.getpalette()[:9] == [v for c in COLOURS for v in c]
@@ -95,7 +98,9 @@ def test_masks_overlays_and_table(tmp_path, monkeypatch, model, predictor):
         counts = [int(row[f"px_{n}"]) for n in NAMES]
         assert row["status"] == "ok" and (int(row["height"]), int(row["width"])) == rgb.shape[:2]
         assert counts == np.bincount(ids.ravel(), minlength=3).tolist() and sum(counts) == ids.size
-        assert float(row["seconds"]) > 0
+        assert float(row["seconds"]) > 0 and int(row["skipped_tiles"]) == 0
+        assert int(row["tiles"]) == len(window_starts(max(rgb.shape[0], 32), 32, 0.25)) * \
+            len(window_starts(max(rgb.shape[1], 32), 32, 0.25))
         over = np.asarray(Image.open(out / "overlays" / f"{name}.png"))
         assert over.shape == rgb.shape
         np.testing.assert_array_equal(over[ids == 0], rgb[ids == 0])  # background left transparent
@@ -122,7 +127,7 @@ def test_resume_skips_existing_and_overwrite_rewrites(tmp_path, model):
     for name in ("r1", "r3", "g", "a"):
         assert (out / f"{name}.png").stat().st_mtime_ns == 10**18
         assert rows[name]["status"] == "skipped-existing"
-        assert rows[name]["px_CKD"] == first[name]["px_CKD"] and rows[name]["seconds"] == first[name]["seconds"]
+        assert all(rows[name][k] == first[name][k] for k in ("px_CKD", "tiles", "skipped_tiles", "seconds"))
     assert _predict(*args, "--overwrite") == 0
     assert all(m.stat().st_mtime_ns != 10**18 for m in masks)
     assert {r["status"] for r in _rows(out).values()} == {"ok"}
@@ -136,11 +141,11 @@ def test_interrupted_run_keeps_a_consistent_table(tmp_path, predictor):
     class Interrupted:
         card, tile_size, calls = predictor.card, predictor.tile_size, 0
 
-        def predict(self, image):
+        def predict(self, image, tiles=None):
             self.calls += 1
             if self.calls == 3:
                 raise KeyboardInterrupt
-            return predictor.predict(image)
+            return predictor.predict(image, tiles)
 
     with pytest.raises(KeyboardInterrupt):
         predict_folder(Interrupted(), inputs, out, csv_interval=3600)  # only the final write can save the rows
@@ -179,7 +184,10 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, model, capsys):
         (["--model", str(model), "--input", str(tmp_path / "in" / "*.tif")],
          f"error: {tmp_path / 'in' / '*.tif'}: the pattern matches no files"),
         (["--model", str(model), "--input", str(tmp_path / "in"), "--overlap", "1.5"],
-         "error: --overlap 1.5: input should be less than 1"),
+         "error: --overlap 1.5: must be in [0, 1): the fraction of a window shared with its neighbour, e.g. 0.25"),
+        (["--model", str(model), "--input", str(tmp_path / "in"), "--tissue-threshold", "300"],
+         "error: --tissue-threshold 300: must be a grey level 1..255 (220 suits PAS histology), "
+         "or 0/unset for no background skip"),
         (["--model", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in")],
          None),
         (["--model", str(tmp_path / "missing.onnx"), "--input", str(tmp_path / "in")], None),
@@ -231,15 +239,35 @@ def test_params_yaml_predict_section_gives_defaults(tmp_path, model, monkeypatch
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     _write_images(tmp_path / "in")
-    seen: list[dict] = []
+    seen: list[TilingSettings] = []
 
-    def spy(uri, **kwargs):
-        seen.append(kwargs)
-        return load_predictor(uri, **kwargs)
+    def spy(uri, settings):
+        seen.append(settings)
+        return load_predictor(uri, settings)
 
-    monkeypatch.setattr("serving.predictor.load_predictor", spy)
+    monkeypatch.setattr("serving.load.load_predictor", spy)
     assert _predict("--model", str(model), "--input", "in", "--output", "out", "--batch-size", "3") == 0
-    assert seen[0] == dict(tile_size=None, overlap=0.5, blend="constant", batch_size=3, tta=False, threads=None)
+    assert seen[0] == TilingSettings(overlap=0.5, blend="constant", batch_size=3)
+    # a typo in the section names the file and the key; an explicit --params makes it an error
+    raw["predict"]["overlapp"] = 0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert _predict("--model", str(model), "--input", "in", "--output", "o2", "--params", "params.yaml") == 2
+
+
+def test_blank_glass_is_skipped_counted_and_background(tmp_path, model, predictor):
+    """tissue_threshold: windows of bare (white) glass are not run, are counted in the CSV and are class 0."""
+    slide = _gradient(64, 96, 4)
+    slide[:, 64:] = 245                                 # the right third is blank glass
+    Image.fromarray(slide).save(tmp_path / "slide.png")
+    args = ["--model", str(model), "--input", str(tmp_path / "slide.png"), "--overlap", "0"]
+    assert _predict(*args, "--output", str(tmp_path / "plain")) == 0
+    assert _predict(*args, "--output", str(tmp_path / "skip"), "--tissue-threshold", "220") == 0
+    plain, skip = _rows(tmp_path / "plain")["slide"], _rows(tmp_path / "skip")["slide"]
+    assert (plain["tiles"], plain["skipped_tiles"]) == ("6", "0")
+    assert (skip["tiles"], skip["skipped_tiles"]) == ("6", "2")   # 2 x 3 windows, the right column is glass
+    ids = np.asarray(Image.open(tmp_path / "skip" / "slide.png"))
+    assert ids[:, 64:].max() == 0 and int(skip["px_background"]) >= 64 * 32
+    np.testing.assert_array_equal(ids[:, :64], np.asarray(Image.open(tmp_path / "plain" / "slide.png"))[:, :64])
 
 
 def test_console_script_runs_without_tensorflow(tmp_path, model):

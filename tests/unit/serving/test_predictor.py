@@ -3,6 +3,7 @@ conversion, background skip, MLflow URIs and every bad-input error (one line eac
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from common.errors import UserError
-from serving.predictor import MAX_TILE_SIZE, TiledPredictor, is_background, load_predictor, tissue_fraction
+from serving.load import load_predictor
+from serving.predictor import TiledPredictor
+from serving.settings import MAX_TILE_SIZE, TilingSettings
+from serving.tissue import TileCount, TissueSkip, tissue_mask
 from tests.onnx_models import make_tiny_onnx, tiny_card, tiny_model_proto
 
 
@@ -93,11 +97,14 @@ def test_batched_unbatched_tta_and_bands_agree(models):
     assert np.array_equal(np.concatenate([b for _, b in bands]), predictor.predict_proba(image))
 
 
-def test_seam_diagnostic_reports_border_effects(models):
-    stats = TiledPredictor.from_onnx(models["rgb"]).seam_disagreement(_image(80, 80))
-    assert stats.pixels > 0 and 0 < stats.mean_abs_diff < 0.5 and 0 <= stats.argmax_disagreement < 0.5
-    flat = TiledPredictor.from_onnx(models["pixelwise"]).seam_disagreement(_image(40, 40))
-    assert flat.mean_abs_diff < 1e-6 and flat.argmax_disagreement == 0
+def test_settings_object_and_keyword_changes_are_the_same(models):
+    settings = TilingSettings(overlap=0.5, blend="constant", batch_size=3)
+    a = TiledPredictor.from_onnx(models["rgb"], settings)
+    b = TiledPredictor.from_onnx(models["rgb"], overlap=0.5, blend="constant", batch_size=3)
+    assert a.settings == b.settings == settings.replace(tile_size=32)   # unset tile: the card's size
+    image = _image(50, 70)
+    assert np.array_equal(a.predict_proba(image), b.predict_proba(image))
+    _raises("unknown setting.*overlapp", TiledPredictor.from_onnx, models["rgb"], overlapp=0.5)
 
 
 # ---------------------------------------------------------------------- input conversion
@@ -134,13 +141,17 @@ def test_background_skip_runs_only_tissue_tiles(models):
     white = np.full((32, 32, 3), 240, np.uint8)
     pink = white.copy()
     pink[8:24, 8:24] = (200, 120, 170)
-    assert tissue_fraction(white) == 0 and is_background(white)
-    assert tissue_fraction(pink) == 0.25 and not is_background(pink)
-    assert not is_background(np.full((32, 32, 3), 150, np.uint8))   # grey tissue is not glass
+    assert not tissue_mask(white, 220).any() and tissue_mask(pink, 220).mean() == 0.25
+    assert tissue_mask(white, 241).all()                            # the threshold is the rule's parameter
+    assert tissue_mask(np.full((32, 32, 3), 150, np.uint8), 220).all()   # grey tissue is not glass
+    count = TileCount()
+    skip = TissueSkip(220, count)
+    assert skip(white) and not skip(pink) and (count.tiles, count.skipped) == (2, 1)
+    assert not TissueSkip(None)(white)                              # unset: nothing is skipped
 
     slide = np.full((64, 128, 3), 245, np.uint8)
     slide[10:30, 70:100] = (180, 90, 160)
-    predictor = TiledPredictor.from_onnx(models["rgb"], overlap=0.0, batch_size=1, skip_background=True)
+    predictor = TiledPredictor.from_onnx(models["rgb"], overlap=0.0, batch_size=1, tissue_threshold=220)
     seen: list[float] = []
     run = predictor.session
 
@@ -150,8 +161,10 @@ def test_background_skip_runs_only_tissue_tiles(models):
             return run(batch)
 
     predictor.session = Spy()
-    labels = predictor.predict(slide)
+    tiles = TileCount()
+    labels = predictor.predict(slide, tiles)
     assert len(seen) == 2                                    # 8 windows, only 2 hold tissue
+    assert (tiles.tiles, tiles.skipped) == (8, 6)
     assert labels[:, :64].max() == 0 and labels[32:, :].max() == 0
     plain = TiledPredictor.from_onnx(models["rgb"], overlap=0.0).predict(slide)
     assert np.array_equal(labels[:32, 64:], plain[:32, 64:])
@@ -181,6 +194,14 @@ def test_folders_and_mlflow_run_uri(models, tmp_path, monkeypatch):
     msg = _raises("models:/nope@champion: cannot download the model from MLflow", load_predictor,
                   "models:/nope@champion")
     assert uri in msg
+
+
+def test_mlflow_uri_without_mlflow_names_the_extra(monkeypatch, models):
+    monkeypatch.delitem(sys.modules, "serving.pyfunc", raising=False)
+    monkeypatch.setitem(sys.modules, "mlflow", None)     # as if mlflow were not installed
+    _raises(r"models:/m@champion: MLflow URIs need the mlflow extra: pip install 'flexunet\[mlflow\]'",
+            load_predictor, "models:/m@champion")
+    _raises("overlap 2", load_predictor, "models:/m@champion", overlap=2)   # settings fail first
 
 
 def test_missing_and_corrupt_model_files(tmp_path):
@@ -222,13 +243,16 @@ def test_models_breaking_the_contract(tmp_path):
 
 def test_bad_settings(models):
     path = models["rgb"]
-    msg = _raises(f"exceeds the cap of {MAX_TILE_SIZE}", load_predictor, path, tile_size=8192)
+    msg = _raises(f"tile_size 8192: exceeds the cap of {MAX_TILE_SIZE}", load_predictor, path, tile_size=8192)
     assert "use e.g." in msg
-    _raises("tile size 30 is not a multiple of 4.*use 28 or 32", load_predictor, path, tile_size=30)
-    _raises("tile size 0", load_predictor, path, tile_size=0)
-    for overlap in (-0.1, 1.0, 1.5):
+    _raises("tile_size 30 is not a multiple of 4.*use 28 or 32", load_predictor, path, tile_size=30)
+    _raises("tile_size 0: must be a positive integer", load_predictor, path, tile_size=0)
+    for overlap in (-0.1, 1.0, 1.5, True, "0.5"):
         _raises(r"overlap .*must be in \[0, 1\)", load_predictor, path, overlap=overlap)
-    _raises("blend 'linear'", load_predictor, path, blend="linear")
-    _raises("batch size 0", load_predictor, path, batch_size=0)
+    _raises("blend 'linear': must be one of gaussian, constant", load_predictor, path, blend="linear")
+    _raises("batch_size 0", load_predictor, path, batch_size=0)
     _raises("threads 0", load_predictor, path, threads=0)
+    _raises("tta 'yes': must be true or false", load_predictor, path, tta="yes")
+    _raises("tissue_threshold 256", load_predictor, path, tissue_threshold=256)
+    assert TilingSettings(tissue_threshold=0).tissue_threshold is None     # 0 = off, like unset
     assert load_predictor(path, tile_size=64, threads=1).tile_size == 64

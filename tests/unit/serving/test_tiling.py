@@ -8,9 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from serving.tiling import (
-    importance_map, iter_bands, seam_disagreement, sliding_window_inference, tta_flips, window_starts,
-)
+from serving.tiling import importance_map, iter_bands, sliding_window_inference, tta_flips, window_starts
 
 SIZES = [1, 2, 3, 7, 31, 32, 33, 47, 63, 64, 65, 97, 101, 127, 128, 129, 131, 255, 256, 257, 521, 1009]
 
@@ -274,17 +272,3 @@ def test_tiles_are_read_while_the_model_runs():
 
     sliding_window_inference(_image(100, 100), plus_one, tile_size=32, skip_fn=skip)
     assert threads and all(name.startswith("tile-reader") for name in threads)
-
-
-# ---------------------------------------------------------------------- seam diagnostic
-def test_seam_disagreement_zero_for_pixelwise_models_positive_otherwise():
-    image = _image(100, 100)
-    exact = seam_disagreement(image, lambda x: x / 255.0, tile_size=32)
-    assert exact.pixels > 0 and exact.mean_abs_diff == 0.0 and exact.argmax_disagreement == 0.0
-    shifted = seam_disagreement(image, position_model, tile_size=32)
-    assert shifted.mean_abs_diff > 0.01
-    # overlap pixels: horizontal pairs + vertical pairs of the 4 x 4 windows at [0, 23, 45, 68]
-    overlaps = [9, 10, 9]
-    assert shifted.pixels == 2 * 4 * 32 * sum(overlaps)
-    alone = seam_disagreement(_image(20, 20), position_model, tile_size=32)
-    assert alone.pixels == 0 and math.isnan(alone.mean_abs_diff)

@@ -1,0 +1,86 @@
+"""`flexunet predict`: batch prediction through onnxruntime, in the light install.
+
+Needs only the base distribution (onnxruntime, NumPy, Pillow, tqdm, PyYAML): TensorFlow
+and pydantic are never imported. The settings come from the flags, over the `predict`
+section of params.yaml (read with PyYAML into serving.settings.TilingSettings), over
+TilingSettings' defaults. pipeline/cli.py registers the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.errors import UserError
+from serving.settings import TilingSettings, add_arguments, from_arguments
+
+log = logging.getLogger("flexunet")
+
+# Keys of params.yaml's `predict` section that the evaluate_tiled stage reads, not the predictor.
+EVALUATION_KEYS = ("seam_width",)
+
+
+def read_predict_section(path: Path) -> TilingSettings:
+    """TilingSettings from `path`'s `predict` section (absent: the defaults)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections")
+    section = (raw or {}).get("predict")
+    if section is None:
+        return TilingSettings()
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: 'predict' must be a mapping of settings, got {type(section).__name__}")
+    return TilingSettings.from_mapping(section, f"{path}: predict", ignore=EVALUATION_KEYS)
+
+
+def predict_settings(args: argparse.Namespace) -> TilingSettings:
+    """Flags over the params file's `predict` section (--params, or ./params.yaml if there)."""
+    base = TilingSettings()
+    path = Path(args.params or "params.yaml")
+    if args.params or path.is_file():
+        try:
+            base = read_predict_section(path)
+        except UserError as exc:
+            if args.params:  # asked for explicitly: its problem is the user's to fix
+                raise
+            log.warning("%s: ignored for predict defaults (%s)", path, exc)
+    return from_arguments(args, base)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Batch prediction: exit status 0 all written, 1 some images failed (the rest written)."""
+    from serving.batch import predict_folder, resolve_inputs
+
+    settings = predict_settings(args)  # flags and inputs first: a typo fails before the model loads
+    inputs = resolve_inputs(args.input)
+    from serving.load import load_predictor
+
+    predictor = load_predictor(args.model, settings)
+    summary = predict_folder(predictor, inputs, Path(args.output), overwrite=args.overwrite,
+                             overlay=args.overlay, max_pixels=None if args.allow_large_images else "pillow")
+    return 1 if summary.failed else 0
+
+
+def add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="tiled ONNX prediction of a folder of images (the light install suffices)")
+    p.add_argument("--model", required=True, help="model.onnx, or an MLflow URI such as models:/name@champion")
+    p.add_argument("--input", required=True, help="folder of images, or a quoted glob such as 'scans/*.tif'")
+    p.add_argument("--output", required=True, help="folder for <stem>.png masks and predictions.csv")
+    add_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="predict again images whose mask exists")
+    p.add_argument("--overlay", action="store_true", help="also write overlays/<stem>.png")
+    p.add_argument("--allow-large-images", action="store_true",
+                   help="accept images above Pillow's decompression-bomb limit (~179 MP)")
+    p.add_argument("--params", default=None,
+                   help="take defaults from this file's predict section (default: ./params.yaml if present)")
+    p.set_defaults(func=cmd_predict)

@@ -1,0 +1,89 @@
+"""The light install: `pip install flexunet` (no extras) into a fresh venv runs `flexunet predict`,
+has no TensorFlow, and every other command says in one line which extra to install."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.onnx_models import make_tiny_onnx
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE_FILES = ("pyproject.toml", "README.md", "common", "pipeline", "serving")
+# What pip prints when it cannot reach the package registry (the only reason to skip).
+OFFLINE = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
+           "Network is unreachable", "ProxyError", "Could not fetch URL", "No route to host")
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def light_venv(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A fresh venv holding the repo's base distribution only (pip's cache keeps this fast)."""
+    root = tmp_path_factory.mktemp("light")
+    src = root / "src"  # a copy, so pip's build writes nothing into the work tree
+    for name in PACKAGE_FILES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy2(path, src / name)
+    venv = root / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-c",
+                str(REPO / "requirements-lock.txt"), str(src)], env, root, timeout=1200)
+    if pip.returncode != 0:
+        if any(sign in pip.stderr + pip.stdout for sign in OFFLINE):
+            pytest.skip("pip cannot reach the package registry: " + pip.stderr.strip().splitlines()[-1])
+        pytest.fail(f"pip install of the base distribution failed:\n{pip.stderr[-3000:]}")
+    return venv, env
+
+
+def test_base_install_has_no_pipeline_dependencies(light_venv, tmp_path):
+    venv, env = light_venv
+    for module in ("tensorflow", "pydantic", "mlflow"):
+        out = _run([str(venv / "bin" / "python"), "-c", f"import {module}"], env, tmp_path)
+        assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr, (module, out.stderr)
+
+
+def test_predict_writes_masks_and_table(light_venv, tmp_path):
+    venv, env = light_venv
+    model = make_tiny_onnx(tmp_path / "model.onnx")
+    (tmp_path / "in").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in" / "scan.png")
+    out = _run([str(venv / "bin" / "flexunet"), "predict", "--model", str(model), "--input", "in",
+                "--output", "out"], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    mask = Image.open(tmp_path / "out" / "scan.png")
+    assert mask.mode == "P" and mask.size == (70, 45)
+    with (tmp_path / "out" / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["skipped_tiles"] == "0"
+
+
+def test_other_commands_name_the_extra_in_one_line(light_venv, tmp_path):
+    venv, env = light_venv
+    exe = str(venv / "bin" / "flexunet")
+    for args, extra in ((["train"], "pipeline"), (["check"], "pipeline"),
+                        (["predict", "--model", "models:/m@champion", "--input", ".", "--output", "o"], "mlflow")):
+        (tmp_path / "x.png").write_bytes(b"")  # predict needs an input before it looks at the model
+        out = _run([exe, *args], env, tmp_path)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, (args, out.stderr)
+        assert lines[0].startswith("error: ") and f"pip install 'flexunet[{extra}]'" in lines[0], lines
