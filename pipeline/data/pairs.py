@@ -6,15 +6,20 @@ not dataset.py, so they start without loading TensorFlow.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.masks import read_mask
+from pipeline.data.masks import UnknownColours, read_mask
 from common.errors import DataError
 from pipeline.config.schema import MaskParams
 from common.imageio import list_images, read_image
+
+log = logging.getLogger(__name__)
+# Smallest image side a source imports: below it there is no image to resize or tile.
+MIN_SIDE = 8
 
 
 @dataclass(frozen=True)
@@ -50,19 +55,37 @@ def _by_stem(paths: list[Path]) -> dict[str, Path]:
 
 
 def validate_pairs(pairs: list[Pair], mask: MaskParams, size: tuple[int, int] | None = None,
-                   desc: str = "checking") -> None:
-    """Open every pair once: readable, same size (and `size` if given), known colours."""
+                   desc: str = "checking", min_side: int = 0) -> None:
+    """Open every pair once: readable, same size (and `size` if given, no side under
+    `min_side`), known colours. Unknown colours are gathered over all masks into one error
+    (the first file, how many more, the setting that maps every pixel of them all)."""
+    unknown: list[UnknownColours] = []
     for pair in tqdm(pairs, desc=desc, unit="pair", leave=False, disable=len(pairs) < 50):
-        check_pair(pair, read_image(pair.image), read_mask(pair.mask, mask), size)
+        try:
+            ids = read_mask(pair.mask, mask)
+        except UnknownColours as exc:
+            unknown.append(exc)
+            continue
+        check_pair(pair, read_image(pair.image), ids, size, min_side)
+    if unknown:
+        colours: dict = {}
+        for exc in unknown:
+            for colour, n in exc.colours.items():
+                colours[colour] = colours.get(colour, 0) + n
+        raise UnknownColours(unknown[0].source, colours, mask, more_sources=len(unknown) - 1)
 
 
-def check_pair(pair: Pair, image, ids, size: tuple[int, int] | None = None) -> None:
-    """The decoded pair agrees with itself (and with the model `size`, (width, height), if given)."""
+def check_pair(pair: Pair, image, ids, size: tuple[int, int] | None = None, min_side: int = 0) -> None:
+    """The decoded pair agrees with itself (and with the model `size`, (width, height), if
+    given); neither side is under `min_side`."""
     if image.shape[:2] != ids.shape:
         raise DataError(
             f"{pair.image}: image is {image.shape[1]}x{image.shape[0]} but its mask "
             f"{pair.mask.name} is {ids.shape[1]}x{ids.shape[0]}"
         )
+    if min(image.shape[:2]) < min_side:
+        raise DataError(f"{pair.image}: {image.shape[1]}x{image.shape[0]} px is too small to import; "
+                        f"every side must be at least {min_side} px")
     if size is not None and image.shape[:2] != (size[1], size[0]):
         raise DataError(
             f"{pair.image}: {image.shape[1]}x{image.shape[0]} differs from the model size "
@@ -73,4 +96,16 @@ def check_pair(pair: Pair, image, ids, size: tuple[int, int] | None = None) -> N
 def load_split(data_dir: Path, split: str, mask: MaskParams, size: tuple[int, int]) -> list[Pair]:
     pairs = find_pairs(data_dir / split)
     validate_pairs(pairs, mask, size, desc=f"checking {split}")
+    return pairs
+
+
+def mini_test_pairs(data_dir: Path, count: int | None = None, fallback: int = 6) -> list[Pair]:
+    """The first `count` (None: all) mini_test pairs: what the panels, epoch-change and
+    tiled inference show. A dataset without mini_test images (an imagemask import without
+    that folder) falls back to the first `count` (None: `fallback`) test pairs, logged."""
+    images = data_dir / "mini_test" / "images"
+    if images.is_dir() and list_images(images):
+        return find_pairs(data_dir / "mini_test")[:count]
+    pairs = find_pairs(data_dir / "test")[:count if count is not None else fallback]
+    log.info("%s has no mini_test images: using the first %d test images instead", data_dir, len(pairs))
     return pairs

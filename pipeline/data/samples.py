@@ -1,4 +1,5 @@
-"""A few mini_test pairs as arrays: the images the panels and epoch-change inference show."""
+"""A few mini_test pairs as arrays: the images the panels and epoch-change inference show
+(the first test pairs when the dataset has no mini_test images: pairs.mini_test_pairs)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,24 @@ from PIL import Image
 
 from common.imageio import read_image
 from pipeline.data.masks import ids_to_rgb, read_mask
-from pipeline.data.pairs import find_pairs
+from pipeline.data.pairs import Pair, mini_test_pairs
 from pipeline.layout import Layout
 
 
-def load_infer_samples(layout: Layout, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """First `count` mini_test pairs at model size (large images resized, as the seed's
-    plain inference did; tiled inference keeps them whole)."""
+def load_infer_samples(layout: Layout, count: int, pairs: list[Pair] | None = None
+                       ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """First `count` mini_test pairs (or the given `pairs`) at model size (large images
+    resized, as the seed's plain inference did; tiled inference keeps them whole)."""
     p = layout.params
     size = (p.model.image_width, p.model.image_height)
-    pairs = find_pairs(layout.data_dir / "mini_test")[:count]
+    pairs = mini_test_pairs(layout.data_dir, count) if pairs is None else pairs
     images, truths = [], []
     for pair in pairs:
         image = read_image(pair.image, p.model.image_channels)
         ids = read_mask(pair.mask, p.mask)
         if image.shape[:2] != (size[1], size[0]):
-            image = np.asarray(Image.fromarray(image.squeeze()).resize(size, Image.BILINEAR))
+            plane = image[..., 0] if image.shape[2] == 1 else image
+            image = np.asarray(Image.fromarray(plane).resize(size, Image.BILINEAR))
             image = image.reshape(size[1], size[0], -1)
             ids = np.asarray(Image.fromarray(ids).resize(size, Image.NEAREST))
         images.append(image)
@@ -33,7 +36,7 @@ def load_infer_samples(layout: Layout, count: int) -> tuple[np.ndarray, list[np.
 def load_large_samples(layout: Layout, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """First `count` mini_test pairs at their own size, for tiled inference."""
     p = layout.params
-    pairs = find_pairs(layout.data_dir / "mini_test")[:count]
+    pairs = mini_test_pairs(layout.data_dir, count)
     images = [read_image(pair.image, p.model.image_channels) for pair in pairs]
     truths = [ids_to_rgb(read_mask(pair.mask, p.mask), p.mask.colours) for pair in pairs]
     return images, truths

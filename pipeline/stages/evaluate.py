@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import plots
+from pipeline.data.pairs import mini_test_pairs
 from pipeline.data.samples import load_infer_samples
 from pipeline.data.tfdata import find_pairs, load_split, make_dataset
 from pipeline.layout import TKV_EXTRA, Layout
@@ -76,10 +77,11 @@ def extra_counts(model: keras.Model, layout: Layout) -> dict[str, tuple[int, int
 def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
     """Predict mini_test (plain, model size), save palette masks and one panel; return it."""
     p = layout.params
-    images, truths = load_infer_samples(layout, p.evaluate.num_panels)
+    pairs = mini_test_pairs(layout.data_dir, p.evaluate.num_panels)   # no mini_test: the first test images
+    images, truths = load_infer_samples(layout, len(pairs), pairs)
     probs = model.predict(images.astype(np.float32), verbose=0, batch_size=p.evaluate.batch_size)
     colours = np.asarray(p.mask.colours, dtype=np.uint8)
-    stems = [pair.image.stem for pair in find_pairs(layout.data_dir / "mini_test")]  # the samples' order
+    stems = [pair.image.stem for pair in pairs]
     labels = to_labels(probs, single_foreground_class=p.mask.single_foreground_class)
     for stem, ids in zip(stems, labels):
         save_palette_png(layout.predictions / f"{stem}.png", ids, p.mask.colours)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline import plots
 from pipeline.data.sources import ingest
 from pipeline.data.synthetic import glomeruli, kidney_t2w
-from pipeline.data.masks import ids_to_rgb
+from pipeline.data.masks import SnapCount, ids_to_rgb
 from common.errors import ParamsError
 from pipeline.layout import SPLITS, TKV_EXTRA, Layout
 from pipeline.config.schema import DatasetParams, Params
@@ -38,6 +38,7 @@ class Writer:
     colours: list[tuple[int, int, int]]
     counts: dict[str, int] = field(default_factory=dict)
     pixels: dict[str, np.ndarray] = field(default_factory=dict)
+    snaps: dict[str, SnapCount] = field(default_factory=dict)   # per split, for the sources that read colour masks
 
     def __post_init__(self) -> None:
         for split in FOLDERS:
@@ -51,12 +52,29 @@ class Writer:
             for kind in ("images", "masks"):
                 (self.root / split / kind).mkdir(parents=True, exist_ok=True)
             self.counts[split], self.pixels[split] = 0, np.zeros(len(self.colours), dtype=np.int64)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         save_rgb_png(self.root / split / "images" / f"{stem}.png", image)
         save_rgb_png(self.root / split / "masks" / f"{stem}.png", ids_to_rgb(ids, self.colours))
         self.counts[split] += 1
         self.pixels[split] += np.bincount(ids.reshape(-1), minlength=len(self.colours))
+
+    def snap_count(self, split: str) -> SnapCount:
+        """Where a source adds the mask pixels it read for `split`, and how many it snapped."""
+        return self.snaps.setdefault(split, SnapCount())
+
+    def snap_report(self, params: Params) -> dict[str, Any]:
+        """Pixels read from the source's colour masks and how many were snapped to a map
+        colour by mask.color_mode, per split and in total (empty: no colour masks read)."""
+        if not self.snaps:
+            return {}
+        splits = {s: {"snapped": c.snapped, "pixels": c.pixels} for s, c in self.snaps.items()}
+        snapped, pixels = sum(c.snapped for c in self.snaps.values()), sum(c.pixels for c in self.snaps.values())
+        return {"mask_colours": {"color_mode": params.mask.color_mode, "color_tolerance": params.mask.color_tolerance,
+                                 "snapped_pixels": snapped, "mask_pixels": pixels,
+                                 "snapped_fraction": round(snapped / max(pixels, 1), 6), "splits": splits}}
 
 
 def split_groups(keys: list[str], labels: list[str], cfg: DatasetParams) -> dict[str, str]:
@@ -183,12 +201,16 @@ def prepare(layout: Layout) -> dict[str, Any]:
             "dataset": cfg.name, "source": cfg.source, "seed": cfg.seed, "image_size": cfg.image_size,
             "class_names": params.mask.class_names,
             "rgb_map": {"({},{},{})".format(*c): i for c, i in params.mask.rgb_map.items()},
-            "counts": writer.counts, "fingerprint": fingerprint(staging), **details,
+            "counts": writer.counts, "fingerprint": fingerprint(staging), **writer.snap_report(params), **details,
         }
         write_json(staging / "manifest.json", manifest)
     write_json(layout.metrics / "dataset.json", stats)
     plots.dataset_statistics(stats, layout.plots / "dataset_statistics.png")
     log.info("%s: %s -> %s", cfg.name, writer.counts, layout.data_dir)
+    if snaps := writer.snap_report(params):
+        report = snaps["mask_colours"]
+        log.info("mask colours: %d of %d pixels snapped to a map colour (color_mode %s)",
+                 report["snapped_pixels"], report["mask_pixels"], params.mask.color_mode)
     return manifest
 
 
@@ -196,4 +218,5 @@ def _statistics(params: Params, writer: Writer) -> dict[str, Any]:
     fractions = {s: (px / max(px.sum(), 1)).round(6).tolist() for s, px in writer.pixels.items() if s in FOLDERS}
     return {"dataset": params.dataset.name, "images": {s: n for s, n in writer.counts.items() if s in FOLDERS},
             "class_fraction": fractions,
-            "class_names": params.mask.class_names, "class_colours": [list(c) for c in params.mask.colours]}
+            "class_names": params.mask.class_names, "class_colours": [list(c) for c in params.mask.colours],
+            **writer.snap_report(params)}

@@ -1,9 +1,10 @@
 """Real datasets -> the seed layout data/<name>/{train,valid,test,mini_test}/{images,masks}.
 
 - imagemask: an existing folder in the seed's layout (`<raw>/{train,valid,test}/{images,masks}`,
-  optional `mini_test`), validated pair by pair (readable, same size, only rgb_map
-  colours) and imported: images resized to the model size (bilinear) with their masks
-  (nearest); mini_test keeps its own size (tiled inference).
+  optional `mini_test`), validated pair by pair (readable, same size, no side under
+  pairs.MIN_SIDE px, colours read by mask.color_mode) and imported: images resized to the
+  model size (bilinear) with their masks (nearest); mini_test keeps its own size (tiled
+  inference). Without mini_test, the panels use the first test images.
 - glomeruli-png: whole images `<raw>/images/<stem>.png` with masks `<raw>/masks/<stem>.png`
   (the 1024 px HuBMAP set) -> training tiles of the model size, spread evenly over each
   image with `dataset.tile_overlap` (nnU-Net's window spacing, as the tiled predictor
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.data.sources import nifti
 from pipeline.data.masks import read_mask
-from pipeline.data.pairs import find_pairs, validate_pairs
+from pipeline.data.pairs import MIN_SIDE, find_pairs, validate_pairs
 from common.errors import DataError
 from pipeline.layout import TKV_EXTRA
 from pipeline.config.schema import Params
@@ -49,7 +50,8 @@ def raw_folder(params: Params, project_root: Path) -> Path:
 def _resize(image: np.ndarray, ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     if image.shape[:2] == (size, size):
         return image, ids
-    small = np.asarray(Image.fromarray(image.squeeze()).resize((size, size), Image.BILINEAR))
+    plane = image[..., 0] if image.shape[2] == 1 else image
+    small = np.asarray(Image.fromarray(plane).resize((size, size), Image.BILINEAR))
     return small.reshape(size, size, -1), np.asarray(Image.fromarray(ids).resize((size, size), Image.NEAREST))
 
 
@@ -60,18 +62,21 @@ def import_imagemask(params: Params, raw: Path, writer) -> dict[str, Any]:
     if missing:
         raise DataError(f"{raw}: split folder(s) {missing} missing; expected {raw}/<split>/images and /masks "
                         f"for train, valid and test (mini_test optional)")
+    by_folder = {folder: find_pairs(raw / folder) for folder in folders}
     seen: dict[str, Path] = {}
     for folder in SPLIT_FOLDERS:   # one image in two splits would leak test data into training
-        for pair in find_pairs(raw / folder):
+        for pair in by_folder[folder]:
             if pair.image.stem in seen:
                 raise DataError(f"{pair.image}: duplicate stem {pair.image.stem!r} (also {seen[pair.image.stem]}); "
                                 f"an image may be in one split only")
             seen[pair.image.stem] = pair.image
-    for folder in folders:
-        pairs = find_pairs(raw / folder)
-        validate_pairs(pairs, params.mask, desc=f"checking {folder}")
+    # All folders at once: one error sums up the unknown colours of every mask.
+    validate_pairs([p for pairs in by_folder.values() for p in pairs], params.mask, desc="checking imagemask",
+                   min_side=MIN_SIDE)
+    for folder, pairs in by_folder.items():
         for pair in tqdm(pairs, desc=f"importing {folder}", unit="pair", leave=False):
-            image, ids = read_image(pair.image, channels), read_mask(pair.mask, params.mask)
+            image = read_image(pair.image, channels)
+            ids = read_mask(pair.mask, params.mask, writer.snap_count(folder))
             if folder != "mini_test":
                 image, ids = _resize(image, ids, size)
             writer.write(folder, pair.image.stem, image, ids)
@@ -81,15 +86,16 @@ def import_imagemask(params: Params, raw: Path, writer) -> dict[str, Any]:
 def import_glomeruli(params: Params, raw: Path, writer, split_of) -> dict[str, Any]:
     cfg, tile = params.dataset, params.dataset.image_size
     pairs = find_pairs(raw)
-    validate_pairs(pairs, params.mask, desc="checking glomeruli")
+    validate_pairs(pairs, params.mask, desc="checking glomeruli", min_side=MIN_SIDE)
     splits = split_of([p.image.stem for p in pairs], ["all"] * len(pairs))
     records, n_mini = [], 0
     for pair in tqdm(pairs, desc="glomeruli images", unit="image"):
-        image, ids = read_image(pair.image, params.model.image_channels), read_mask(pair.mask, params.mask)
+        split = splits[pair.image.stem]
+        image = read_image(pair.image, params.model.image_channels)
+        ids = read_mask(pair.mask, params.mask, writer.snap_count(split))
         h, w = ids.shape
         if h < tile or w < tile:
             raise DataError(f"{pair.image}: {w}x{h} is smaller than one {tile} px tile; lower dataset.image_size")
-        split = splits[pair.image.stem]
         for y in window_starts(h, tile, cfg.tile_overlap):
             for x in window_starts(w, tile, cfg.tile_overlap):
                 writer.write(split, f"{pair.image.stem}_y{y}_x{x}", image[y:y + tile, x:x + tile],

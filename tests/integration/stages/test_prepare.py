@@ -70,6 +70,7 @@ def test_statistics_chart_and_json(layout):
     prepare(layout)
     stats = json.loads((layout.metrics / "dataset.json").read_text())
     assert set(stats["images"]) == {"train", "valid", "test", "mini_test"}
+    assert "mask_colours" not in stats   # generated masks: no colours read, none snapped
     for fractions in stats["class_fraction"].values():
         assert sum(fractions) == pytest.approx(1.0, abs=1e-4) and fractions[0] > 0.5
     with Image.open(layout.plots / "dataset_statistics.png") as img:

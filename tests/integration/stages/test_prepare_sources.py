@@ -407,3 +407,101 @@ def test_imagemask_image_in_two_splits_is_an_error(tmp_path):
         (raw / "test" / kind / "test0.png").rename(raw / "test" / kind / "train1.png")
     with pytest.raises(DataError, match=r"train1.png: duplicate stem 'train1'.*one split only"):
         prepare(_layout(tmp_path, "imagemask"))
+
+
+# --------------------------------------------------------------------------- imagemask: the seed's own exports
+def _imagemask(root: Path, mask: dict | None = None, model: dict | None = None) -> Layout:
+    raw = tiny_dict()
+    raw["dataset"].update(source="imagemask", raw=str(root / "data" / "raw" / "kidney-t2w"))
+    raw["mask"].update(mask or {})
+    raw["model"].update(model or {})
+    return Layout(root, params_from_dict(raw))
+
+
+def _resized_seed_layout(root: Path) -> Path:
+    """The seed's data as its generator wrote it: grayscale slices and masks drawn in the map
+    colours at 24 px, then resized to 64 px with bilinear filtering (Pillow), so every
+    kidney edge is a blend; CKD (red) and healthy (green) kidneys touch in the odd slices.
+    No mini_test."""
+    raw = root / "data" / "raw" / "kidney-t2w"
+    rng = np.random.default_rng(3)
+    for split, n in (("train", 4), ("valid", 2), ("test", 3)):
+        for kind in ("images", "masks"):
+            (raw / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            ids = np.zeros((24, 24), np.uint8)
+            ids[6:18, 4:11], ids[6:18, 13:20] = 1 + i % 2, 2
+            if i % 2:
+                ids[10:14, 11:13] = 1
+            palette = Image.fromarray(ids, mode="P")
+            palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+            palette.convert("RGB").resize((64, 64), Image.BILINEAR).save(raw / split / "masks" / f"{split}{i}.png")
+            Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8), mode="L").save(
+                raw / split / "images" / f"{split}{i}.png")
+    return raw
+
+
+def test_imagemask_resized_masks_are_named_as_blends_then_snapped_and_reported(tmp_path):
+    raw = _resized_seed_layout(tmp_path)
+    with pytest.raises(DataError) as err:
+        prepare(_imagemask(tmp_path))
+    msg = str(err.value)
+    assert msg.startswith(f"{raw / 'train' / 'masks' / 'train0.png'} (and 8 more masks): colour(s) not in mask.rgb_map")
+    assert "all are blends of two or three map colours" in msg and "\n" not in msg
+    assert "mask.color_mode: tolerance with color_tolerance: 1 maps every pixel" in msg
+
+    layout = _imagemask(tmp_path, {"color_mode": "tolerance", "color_tolerance": 1})
+    manifest = prepare(layout)
+    report = manifest["mask_colours"]
+    assert report["color_mode"] == "tolerance" and report["mask_pixels"] == 9 * 64 * 64
+    assert {s: v["pixels"] for s, v in report["splits"].items()} == {"train": 4 * 4096, "valid": 2 * 4096,
+                                                                     "test": 3 * 4096}
+    assert 0 < report["snapped_pixels"] == sum(v["snapped"] for v in report["splits"].values())
+    assert report["snapped_fraction"] == pytest.approx(report["snapped_pixels"] / report["mask_pixels"], abs=1e-6)
+    assert json.loads((layout.metrics / "dataset.json").read_text())["mask_colours"] == report
+    exact = _imagemask(tmp_path / "exact").params.mask   # the imported masks hold map colours only
+    ids = read_mask(layout.data_dir / "train" / "masks" / "train1.png", exact)
+    assert set(np.unique(ids).tolist()) == {0, 1, 2}
+    _resized_seed_layout(tmp_path / "n")   # every unknown colour is a blend: nearest maps them alike
+    assert prepare(_imagemask(tmp_path / "n", {"color_mode": "nearest"}))["fingerprint"] == manifest["fingerprint"]
+
+    mask = np.asarray(Image.open(raw / "valid" / "masks" / "valid1.png")).copy()
+    mask[0, 0] = (0, 0, 255)   # a foreign colour stays an error in tolerance mode
+    Image.fromarray(mask).save(raw / "valid" / "masks" / "valid1.png")
+    with pytest.raises(DataError, match=r"valid1.png: colour\(s\) not in mask.rgb_map: \(0, 0, 255\) x 1 px; "
+                                        r"none is a blend of map colours"):
+        prepare(layout)
+
+
+def test_imagemask_without_mini_test_panels_use_the_first_test_images(tmp_path, caplog):
+    from pipeline.data.samples import load_large_samples
+    from pipeline.model.flexunet import build_flexunet
+    from pipeline.stages.evaluate import save_mini_test
+
+    _resized_seed_layout(tmp_path)
+    layout = _imagemask(tmp_path, {"color_mode": "nearest"})
+    assert prepare(layout)["counts"]["mini_test"] == 0
+    with caplog.at_level("INFO", logger="pipeline.data.pairs"):
+        panel = save_mini_test(build_flexunet(layout.params.model), layout)   # untrained: only the plumbing
+    assert "has no mini_test images: using the first 2 test images instead" in caplog.text
+    assert sorted(p.name for p in layout.predictions.iterdir()) == ["test0.png", "test1.png"]
+    assert (layout.plots / "mini_test_panel.png").is_file() and panel.ndim == 3
+    images, truths = load_large_samples(layout, 3)   # the tiled epoch-change inference's samples
+    assert [i.shape for i in images] == [(32, 32, 3)] * 3 and len(truths) == 3
+
+
+def test_imagemask_degenerate_image_is_refused_in_one_line(tmp_path):
+    raw = _seed_layout(tmp_path)
+    Image.fromarray(np.zeros((1, 40), np.uint8)).save(raw / "test" / "images" / "test1.png")
+    Image.fromarray(np.zeros((1, 40, 3), np.uint8)).save(raw / "test" / "masks" / "test1.png")
+    with pytest.raises(DataError, match=r"test/images/test1.png: 40x1 px is too small to import; every side must "
+                                        r"be at least 8 px$"):
+        prepare(_layout(tmp_path, "imagemask"))
+
+
+def test_imagemask_into_a_one_channel_model(tmp_path):
+    _seed_layout(tmp_path)
+    layout = _imagemask(tmp_path, model={"image_channels": 1})
+    prepare(layout)
+    with Image.open(layout.data_dir / "train" / "images" / "train0.png") as img:
+        assert img.size == (32, 32) and img.mode == "RGB"
