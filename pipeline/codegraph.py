@@ -8,8 +8,9 @@ no less its code. cli.py is listed, but its own imports are not followed: it imp
 every command lazily, and only stage X's runs.
 
 `flexunet deps` prints each stage's modules; `flexunet deps --check` exits 1 when
-dvc.yaml lists too few or too many (tests/integration/test_dvc_deps.py runs it), and
-`flexunet deps --mermaid` draws the package graph for docs/architecture.md.
+dvc.yaml lists too few or too many (tests/unit/test_codegraph.py runs it), `flexunet
+deps --write` rewrites those lists in dvc.yaml, and `flexunet deps --mermaid` draws the
+package graph for docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -117,6 +118,38 @@ def dep_problems(root: Path) -> dict[str, dict[str, list[str]]]:
         if missing or extra:
             problems[name] = {"missing": missing, "extra": extra}
     return problems
+
+
+def write_deps(root: Path) -> list[str]:
+    """Rewrite the code (.py) entries of each stage's deps in dvc.yaml to what the stage
+    runs, keeping every other line (data deps, comments) as it is; return the stages changed."""
+    path = root / "dvc.yaml"
+    lines = path.read_text(encoding="utf-8").split("\n")
+    out: list[str] = []
+    stage, in_deps, changed = None, False, []
+    before = {name: {str(d) for d in s.get("deps", []) if str(d).endswith(".py")}
+              for name, s in dvc_stages(root).items()}
+    for line in lines:
+        if in_deps and not line.startswith("      - "):
+            runs = code_files(root, stage_modules(root, stage)) if stage_of_command(cmd) == stage else []
+            out += [f"      - {f}" for f in runs]
+            if set(runs) != before.get(stage, set()):
+                changed.append(stage)
+            in_deps = False
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage, cmd = line.strip().rstrip(":"), ""
+        if line.startswith("    cmd:"):
+            cmd = line.split(":", 1)[1].strip()
+        if line.rstrip() == "    deps:":
+            in_deps = True
+        elif in_deps and line.split("#")[0].strip().endswith(".py"):
+            continue
+        out.append(line)
+    text = "\n".join(out)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return changed
 
 
 def stage_imports(root: Path) -> dict[str, set[str]]:

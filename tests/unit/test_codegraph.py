@@ -81,3 +81,20 @@ def test_check_names_the_missing_file_and_the_crossing_import(tmp_path):
     assert out.returncode == 1
     assert "dvc.yaml stage a: missing pipeline/shared.py" in out.stderr
     assert "pipeline/stages/b.py imports the stage(s) a" in out.stderr
+
+
+def test_write_rewrites_only_the_code_deps_and_keeps_the_rest(tmp_path):
+    root = _package(tmp_path, {
+        "pipeline/__init__.py": "", "pipeline/stages/__init__.py": "", "pipeline/config/__init__.py": "",
+        "pipeline/cli.py": "", "pipeline/layout.py": "", "pipeline/config/load.py": "",
+        "pipeline/shared.py": "", "pipeline/stages/a.py": "def f():\n    from pipeline import shared\n",
+    })
+    (root / "dvc.yaml").write_text(
+        "# header kept\nstages:\n  a:\n    cmd: flexunet a\n    deps:\n      - data/x   # a data dep, kept\n"
+        "      - pipeline/gone.py\n    outs:\n      - out\n")
+    assert codegraph.write_deps(root) == ["a"]
+    text = (root / "dvc.yaml").read_text()
+    assert text.startswith("# header kept\n") and "      - data/x   # a data dep, kept\n" in text
+    assert "gone.py" not in text and "      - pipeline/shared.py\n" in text and "    outs:\n      - out" in text
+    assert codegraph.dep_problems(root) == {}
+    assert codegraph.write_deps(root) == []

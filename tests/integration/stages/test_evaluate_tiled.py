@@ -11,10 +11,11 @@ from pipeline.data.masks import read_mask
 from pipeline.stages.prepare import prepare
 from pipeline.layout import Layout
 from pipeline.config.load import params_from_dict
-from pipeline.scoring.confusion import confusion, dice_scores
 from pipeline.stages.evaluate_tiled import evaluate_tiled, seam_mask
 from pipeline.tracking import start_run
 from common.atomic import write_json
+from common.errors import UserError
+from pipeline.scoring.confusion import confusion, dice_scores
 from tests.conftest import tiny_dict
 from tests.onnx_models import make_tiny_onnx
 
@@ -28,17 +29,6 @@ def test_seam_mask_marks_inner_window_borders_only():
     mask = seam_mask(32, 80, 32, 0.5, 2)
     assert set(np.flatnonzero(mask[0])) == {14, 15, 16, 17, 30, 31, 32, 33, 46, 47, 48, 49, 62, 63, 64, 65}
     assert not seam_mask(32, 32, 32, 0.25, 4).any()  # one window: no seams
-
-
-def test_dice_scores_by_hand():
-    truth = np.array([0, 1, 1, 2, 2, 2])
-    pred = np.array([0, 1, 0, 2, 2, 1])
-    scores = dice_scores(confusion(truth, pred, 3), ["bg", "a", "b"], "x_")
-    assert scores["x_dice_a"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))
-    assert scores["x_dice_b"] == pytest.approx(2 * 2 / (2 * 2 + 0 + 1))
-    assert scores["x_mean_foreground_dice"] == pytest.approx((0.5 + 0.8) / 2)
-    absent = dice_scores(confusion(np.zeros(4, int), np.zeros(4, int), 3), ["bg", "a", "b"], "y_")
-    assert absent["y_dice_a"] is None and absent["y_mean_foreground_dice"] is None
 
 
 @pytest.fixture
@@ -76,11 +66,14 @@ def test_tiled_evaluation_writes_masks_metrics_and_panel(glomeruli_layout):
     assert report["seam_mean_foreground_dice"] is not None and "seam_cost" in report
     assert report["resized_mean_foreground_dice"] is not None
     assert (layout.tiled_predictions / "predictions.csv").is_file()
+    # 64 px images, 32 px tiles at overlap 0.25: 3 x 3 windows each; no tissue skip by default
+    assert report["tiles"] == 9 * len(images) and report["skipped_tiles"] == 0
+    assert report["tissue_threshold"] is None
 
 
 def test_failed_tiled_evaluation_leaves_no_outputs(glomeruli_layout):
     layout = glomeruli_layout
     layout.onnx_file.write_bytes(b"not an onnx model")
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="not a readable ONNX model"):
         evaluate_tiled(layout)
     assert not (layout.metrics / "tiled.json").exists() and not layout.tiled_predictions.exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.scoring.confusion import Accumulator
 from serving.labels import to_labels
 from serving.predictor import TiledPredictor
 from tests.onnx_models import make_tiny_onnx
@@ -57,26 +56,6 @@ def test_background_only_and_two_class_images_are_unchanged(k):
     if k == 2:
         classes = (np.arange(25).reshape(5, 5) % 2).astype(np.uint8)
         np.testing.assert_array_equal(to_labels(_probs(classes, k=2), single_foreground_class=True), classes)
-
-
-def test_accumulator_reports_the_rule_and_the_pixelwise_argmax():
-    truth = np.zeros((1, 4, 4), np.uint8)
-    truth[0, :2] = 2                                   # 8 healthy pixels
-    pred = truth.copy()
-    pred[0, 0, :2] = 1                                 # 2 of them predicted CKD (weakly)
-    conf = np.where(pred == 1, 0.5, 0.9)
-    onehot = np.eye(3, dtype=np.float32)[truth]
-    names = ["background", "CKD", "healthy"]
-    single = Accumulator(3, single_foreground_class=True)
-    single.update(onehot, _probs(pred, conf), 0.0)
-    m = single.metrics(names)
-    assert m["dice_healthy"] == 1.0 and m["dice_CKD"] is None  # CKD in neither truth nor labels
-    assert m["pixelwise_dice_healthy"] == pytest.approx(2 * 6 / (2 * 6 + 2))
-    assert m["pixelwise_dice_CKD"] == 0.0
-    plain = Accumulator(3)
-    plain.update(onehot, _probs(pred, conf), 0.0)
-    assert plain.metrics(names)["dice_healthy"] == m["pixelwise_dice_healthy"]
-    assert not any(k.startswith("pixelwise_") for k in plain.metrics(names))
 
 
 def test_banded_predict_applies_the_card_rule_over_the_whole_image(tmp_path):
