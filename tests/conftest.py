@@ -1,7 +1,7 @@
 """Shared fixtures: tiny params (32 px, 3 levels) so the whole suite runs on 2 CPU cores.
 
 tests/unit/ mirrors the packages (one file per module); tests/integration/ runs stages,
-subprocesses and real trainings, and is marked `slow`.
+real trainings, SIGKILL drills and a whole `dvc repro`, and is marked `slow`.
 
 The suite runs on one pytest-xdist worker per core, a whole module per worker
 (pyproject's addopts). The slowest modules are handed out first, so the others fill in
@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -29,6 +30,9 @@ from pipeline.layout import Layout  # noqa: E402
 from pipeline.config.schema import Params  # noqa: E402
 from pipeline.config.load import params_from_dict  # noqa: E402
 
+if TYPE_CHECKING:
+    import keras
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +44,7 @@ _SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_export", "test_train_resu
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:   # tests/integration/: stages, subprocesses, real training; `-m "not slow"` skips them
+    for item in items:   # tests/integration/: stages, real trainings, drills; `-m "not slow"` skips them
         if "integration" in item.nodeid.split("/"):
             item.add_marker(pytest.mark.slow)
 
@@ -67,6 +71,27 @@ def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
         raw["mask"] = {"rgb_map": {"(0,0,0)": 0, "(255,0,0)": 1}, "class_names": ["background", "glomerulus"]}
         raw["model"]["num_classes"] = 2
     return raw
+
+
+def class_probs(classes: np.ndarray, confidence: np.ndarray | float = 0.8, k: int = 3) -> np.ndarray:
+    """Probabilities whose argmax is `classes`, the winner holding `confidence`."""
+    conf = np.broadcast_to(np.asarray(confidence, dtype=np.float32), classes.shape)
+    p = np.repeat(((1 - conf) / (k - 1))[..., None], k, axis=-1).astype(np.float32)
+    np.put_along_axis(p, classes[..., None].astype(np.int64), conf[..., None], axis=-1)
+    return p
+
+
+def randomised(model: keras.Model, seed: int) -> keras.Model:
+    """Random weights of He scale (so logits stay moderate and a small error shows in the
+    probabilities), BatchNorm statistics included (variance kept positive)."""
+    rng = np.random.default_rng(seed)
+    weights = []
+    for w, v in zip(model.get_weights(), model.weights):
+        fan_in = int(np.prod(w.shape[:-1])) if w.ndim > 1 else 1
+        weights.append(rng.uniform(0.5, 1.5, w.shape) if "variance" in v.path
+                       else rng.normal(0, (2 / fan_in) ** 0.5 if w.ndim > 1 else 0.1, w.shape))
+    model.set_weights([w.astype(np.float32) for w in weights])
+    return model
 
 
 @pytest.fixture

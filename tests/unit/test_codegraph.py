@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline import codegraph
@@ -32,9 +33,7 @@ def test_the_mask_reader_is_a_dep_of_every_stage_that_reads_masks():
 
 def test_package_init_files_hold_no_code():
     """They are left out of the deps, so they must not run anything."""
-    for init in sorted(REPO.glob("*/**/__init__.py")):
-        if init.parts[len(REPO.parts)] not in codegraph.FIRST_PARTY:
-            continue
+    for init in sorted(p for package in codegraph.FIRST_PARTY for p in (REPO / package).glob("**/__init__.py")):
         body = ast.parse(init.read_text()).body
         stmts = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
         assert all(isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant) for s in stmts), init
@@ -98,3 +97,16 @@ def test_write_rewrites_only_the_code_deps_and_keeps_the_rest(tmp_path):
     assert "gone.py" not in text and "      - pipeline/shared.py\n" in text and "    outs:\n      - out" in text
     assert codegraph.dep_problems(root) == {}
     assert codegraph.write_deps(root) == []
+
+
+def test_a_bare_package_import_takes_the_whole_package_and_relative_imports_are_refused(tmp_path):
+    root = _package(tmp_path, {
+        "pipeline/__init__.py": "", "pipeline/stages/__init__.py": "", "serving/__init__.py": "",
+        "serving/a.py": "", "serving/sub/__init__.py": "", "serving/sub/b.py": "",
+        "pipeline/stages/register.py": "def log():\n    import serving\n    return serving.__file__\n",
+        "pipeline/stages/bad.py": "from .register import log\n",
+    })
+    assert codegraph.closure(root, ["pipeline.stages.register"]) == {
+        "pipeline.stages.register", "serving", "serving.a", "serving.sub", "serving.sub.b"}
+    with pytest.raises(ValueError, match=r"bad.py:1: relative import"):
+        codegraph.imports_of(root, "pipeline.stages.bad")

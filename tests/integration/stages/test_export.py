@@ -1,4 +1,5 @@
-"""Export stage: ONNX contract (named dynamic input, card metadata), TF parity, int8, clean failure."""
+"""Export stage: ONNX contract (named dynamic input, card metadata), TF parity, int8, clean failure,
+space-to-depth levels."""
 
 from __future__ import annotations
 
@@ -8,18 +9,22 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import keras
 import numpy as np
 import onnx
 import pytest
 
+from common.errors import ParamsError
 from pipeline.stages.prepare import prepare
-from pipeline.model.flexunet import load_model
-from pipeline.stages.export import ExportError, card_for, export, int8_file, session, to_onnx, tta_flips
+from pipeline.model.flexunet import build_flexunet, load_model
+from pipeline.model.space_to_depth import Unsupported, rewrite
+from pipeline.stages.export import (ExportError, card_for, export, int8_file, session, space_to_depth_levels, to_onnx,
+                                    tta_flips)
 from pipeline.layout import Layout
 from pipeline.config.load import params_from_dict
 from pipeline.tracking import run_status
-from serving.card import METADATA_KEY, ModelCard
-from tests.conftest import tiny_dict
+from serving.card import METADATA_KEY, ModelCard, read_card
+from tests.conftest import randomised, tiny_dict
 
 
 def _params(**export_overrides):
@@ -136,3 +141,45 @@ def test_unsupported_opset_is_a_clear_error_and_writes_nothing(exported, tmp_pat
     with pytest.raises(ExportError, match=r"m.onnx: tf2onnx conversion at opset 99 failed"):
         to_onnx(model, tmp_path / "m.onnx", card_for(layout.params, None, None), opset=99)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- space-to-depth at export
+def test_unsupported_graph_is_refused_and_export_names_the_switch(tmp_path):
+    inp = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="strided")(inp)
+    out = keras.layers.Conv2DTranspose(3, 2, strides=2, activation="softmax", name="head")(x)
+    model = keras.Model(inp, out)
+    with pytest.raises(Unsupported, match="strided: only stride-1"):
+        rewrite(model)
+    card = card_for(params_from_dict(tiny_dict()), None, None)
+    with pytest.raises(ExportError, match=r"m.onnx: cannot compute 1 level\(s\) on 2x2 phases .* "
+                                          r"set export.space_to_depth: 0"):
+        to_onnx(model, tmp_path / "m.onnx", card, phase_levels=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_with_phases_matches_keras_and_says_so_in_its_card(tmp_path):
+    raw = tiny_dict()
+    params = params_from_dict(raw)
+    assert space_to_depth_levels(params) == 1  # auto: 4 filters of 5x5 on phases, 8 of 3x3 not
+    keras.utils.set_random_seed(0)
+    model = randomised(build_flexunet(params.model, dynamic_size=True), seed=5)
+    path = to_onnx(model, tmp_path / "m.onnx", card_for(params, None, None), phase_levels=2)
+    assert read_card(path).extra["space_to_depth_levels"] == "2"  # what the file computes
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"SpaceToDepth", "DepthToSpace"} <= ops
+    x = np.random.default_rng(6).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
+    probs = session(path).run(None, {"image": x})[0]
+    # random weights give large logits, so float32 rounding shows: the export's parity target
+    np.testing.assert_allclose(probs, np.asarray(model(x, training=False)), atol=1e-4)
+
+    raw["model"]["base_kernels"] = [3, 3]
+    assert space_to_depth_levels(params_from_dict(raw)) == 0  # 4x the work: the plain graph
+    raw["export"]["space_to_depth"] = 2
+    assert space_to_depth_levels(params_from_dict(raw)) == 2
+    raw["export"]["space_to_depth"] = 3  # of a 3-level model (e.g. tuned shallower): its bottom stays
+    assert space_to_depth_levels(params_from_dict(raw)) == 2
+    for bad in ("sometimes", -1, True):  # YAML true would otherwise pass as 1
+        raw["export"]["space_to_depth"] = bad
+        with pytest.raises(ParamsError, match=r"'export.space_to_depth': .*a number of levels \(0 = off"):
+            params_from_dict(raw)

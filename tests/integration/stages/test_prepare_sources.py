@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +15,7 @@ from PIL import Image
 
 from pipeline.data.masks import read_mask
 from pipeline.stages.prepare import prepare
-from common.errors import DataError
+from common.errors import DataError, ParamsError
 from pipeline.layout import Layout
 from pipeline.config.load import params_from_dict
 from tests.conftest import tiny_dict
@@ -318,7 +319,7 @@ def test_bad_raw_data_params_are_named(dataset, message):
     raw["dataset"].update(dataset)
     if raw["dataset"]["name"] == "glomeruli":
         raw = {**tiny_dict("glomeruli"), "dataset": {**tiny_dict("glomeruli")["dataset"], **dataset}}
-    with pytest.raises(Exception) as err:
+    with pytest.raises(ParamsError, match=re.escape(message)) as err:
         params_from_dict(raw, source="params.yaml")
     assert message in str(err.value) and "params.yaml" in str(err.value)
 

@@ -1,4 +1,4 @@
-"""Mask colours <-> class ids, image conversion rules, and bad-file errors."""
+"""Mask colours <-> class ids, colour modes, and bad-mask errors."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from pydantic import ValidationError
 
 from pipeline.config.load import params_from_dict
 from pipeline.data.masks import SnapCount, UnknownColours, ids_to_rgb, nearness, read_mask, rgb_to_ids
-from common.errors import DataError, ImageError, ParamsError
+from common.errors import DataError, ParamsError
 from pipeline.config.schema import MaskParams
 from tests.conftest import tiny_dict
-from common.imageio import read_image, save_palette_png
 
 MASK = MaskParams(rgb_map={(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2}, class_names=["bg", "CKD", "healthy"])
 
@@ -26,18 +25,6 @@ def test_colours_and_ids_round_trip():
     rgb = ids_to_rgb(ids, MASK.colours)
     assert rgb.shape == (6, 5, 3) and tuple(rgb[ids == 1][0]) == (255, 0, 0)
     np.testing.assert_array_equal(rgb_to_ids(rgb, MASK), ids)
-
-
-def test_palette_png_has_seed_colours_and_reads_back(tmp_path):
-    ids = _ids()
-    path = tmp_path / "pred.png"
-    save_palette_png(path, ids, MASK.colours)
-    with Image.open(path) as img:
-        assert img.mode == "P"
-        assert img.getpalette()[:9] == [0, 0, 0, 255, 0, 0, 0, 255, 0]
-        np.testing.assert_array_equal(np.asarray(img.convert("RGB"))[ids == 2][0], [0, 255, 0])
-    np.testing.assert_array_equal(read_mask(path, MASK), ids)
-    assert not list(tmp_path.glob(".*")), "atomic write left a temp file"
 
 
 def test_unknown_colour_names_file_colour_and_count(tmp_path):
@@ -165,43 +152,3 @@ def test_rgba_mask_drops_alpha(tmp_path):
     rgba = np.concatenate([ids_to_rgb(ids, MASK.colours), np.full((6, 5, 1), 128, np.uint8)], axis=2)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
     np.testing.assert_array_equal(read_mask(tmp_path / "a.png", MASK), ids)
-
-
-def test_image_conversion_rules(tmp_path):
-    grey = np.arange(30, dtype=np.uint8).reshape(6, 5)
-    Image.fromarray(grey, mode="L").save(tmp_path / "g.png")
-    out = read_image(tmp_path / "g.png")
-    assert out.shape == (6, 5, 3) and (out[..., 0] == grey).all() and (out[..., 2] == grey).all()
-
-    deep = (np.arange(30, dtype=np.uint16).reshape(6, 5) * 100 + 1000)
-    Image.fromarray(deep).save(tmp_path / "d.png")
-    out = read_image(tmp_path / "d.png")
-    assert out.min() == 0 and out.max() == 255 and out[0, 1, 0] == round(100 * 255 / 2900)
-
-    rgba = np.dstack([np.full((6, 5), v, np.uint8) for v in (10, 20, 30, 0)])
-    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
-    assert tuple(read_image(tmp_path / "a.png")[0, 0]) == (10, 20, 30)
-
-    pal = Image.fromarray(np.ones((6, 5), np.uint8), mode="P")
-    pal.putpalette([0, 0, 0, 9, 8, 7] + [0] * 762)
-    pal.save(tmp_path / "p.png")
-    assert tuple(read_image(tmp_path / "p.png")[2, 2]) == (9, 8, 7)
-
-    rgb = np.dstack([np.full((6, 5), v, np.uint8) for v in (200, 100, 50)])
-    Image.fromarray(rgb).save(tmp_path / "c.png")
-    assert read_image(tmp_path / "c.png", channels=1).shape == (6, 5, 1)
-    assert read_image(tmp_path / "c.png", channels=1)[0, 0, 0] == round(200 * 0.299 + 100 * 0.587 + 50 * 0.114)
-
-
-def test_unreadable_and_empty_images(tmp_path):
-    (tmp_path / "zero.png").write_bytes(b"")
-    with pytest.raises(ImageError, match=r"zero.png: file is empty \(0 bytes\)"):
-        read_image(tmp_path / "zero.png")
-    (tmp_path / "junk.png").write_bytes(b"not a png at all")
-    with pytest.raises(ImageError, match="junk.png: not a readable image"):
-        read_image(tmp_path / "junk.png")
-    good = tmp_path / "cut.png"
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(good)
-    good.write_bytes(good.read_bytes()[:60])
-    with pytest.raises(ImageError, match="cut.png: not a readable image"):
-        read_image(good)

@@ -1,5 +1,5 @@
-"""Pair validation over many masks, degenerate images, and the mini_test fallback of the
-samples the panels and epoch-change inference show."""
+"""Folder validation errors, pair validation over many masks, degenerate images, and the
+mini_test fallback."""
 
 from __future__ import annotations
 
@@ -10,12 +10,42 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import DataError
+from common.errors import DataError, ImageError
 from pipeline.data.masks import UnknownColours
-from pipeline.data.pairs import MIN_SIDE, find_pairs, mini_test_pairs, validate_pairs
-from pipeline.data.samples import load_infer_samples, load_large_samples
-from pipeline.layout import Layout
-from tests.unit.data.test_tfdata import MASK, write_split
+from pipeline.data.pairs import MIN_SIDE, find_pairs, load_split, mini_test_pairs, validate_pairs
+from tests.unit.data.conftest import MASK, write_data, write_split
+
+
+def test_pairs_and_pair_errors(tmp_path):
+    split = write_split(tmp_path / "train")
+    assert [p.image.name for p in find_pairs(split)] == ["0.png", "1.png", "2.png", "3.png"]
+    (split / "masks" / "2.png").unlink()
+    with pytest.raises(DataError, match=r"images/2.png: mask missing \(expected .*masks/2.png\)"):
+        find_pairs(split)
+    (split / "images" / "2.png").unlink()
+    (split / "images" / "1.png").unlink()
+    with pytest.raises(DataError, match=r"masks/1.png: image missing"):
+        find_pairs(split)
+    empty = tmp_path / "valid"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    with pytest.raises(DataError, match="valid: split is empty"):
+        find_pairs(empty)
+    with pytest.raises(DataError, match="test/images: folder missing"):
+        find_pairs(tmp_path / "test")
+
+
+def test_size_mismatch_and_bad_files(tmp_path):
+    split = write_split(tmp_path / "train")
+    Image.fromarray(np.zeros((16, 12, 3), np.uint8)).save(split / "masks" / "0.png")
+    with pytest.raises(DataError, match=r"0.png: image is 16x16 but its mask 0.png is 12x16"):
+        validate_pairs(find_pairs(split), MASK)
+    split = write_split(tmp_path / "valid")
+    with pytest.raises(DataError, match="differs from the model size 32x32"):
+        load_split(tmp_path, "valid", MASK, (32, 32))
+    (split / "images" / "3.png").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"3.png: file is empty"):
+        validate_pairs(find_pairs(split), MASK)
 
 
 def test_unknown_colours_of_all_masks_make_one_error(tmp_path):
@@ -42,22 +72,11 @@ def test_degenerate_images_are_refused_in_one_line(tmp_path):
         validate_pairs(find_pairs(split), MASK, min_side=MIN_SIDE)
 
 
-def _data(root, mini: bool):
-    data = root / "data" / "kidney-t2w"
-    write_split(data / "test", n=5, size=32)
-    if mini:
-        write_split(data / "mini_test", n=3, size=48, seed=1)
-    else:   # what prepare leaves when the import has no mini_test: empty folders
-        (data / "mini_test" / "images").mkdir(parents=True)
-        (data / "mini_test" / "masks").mkdir()
-    return data
-
-
 def test_mini_test_pairs_fall_back_to_the_first_test_images(tmp_path, caplog):
-    with_mini = _data(tmp_path / "a", mini=True)
+    with_mini = write_data(tmp_path / "a", mini=True)
     assert [p.image.parent.parent.name for p in mini_test_pairs(with_mini)] == ["mini_test"] * 3
     assert len(mini_test_pairs(with_mini, 2)) == 2
-    without = _data(tmp_path / "b", mini=False)
+    without = write_data(tmp_path / "b", mini=False)
     with caplog.at_level(logging.INFO, logger="pipeline.data.pairs"):
         pairs = mini_test_pairs(without, 2)
     assert [p.image for p in pairs] == [p.image for p in find_pairs(without / "test")][:2]
@@ -65,15 +84,3 @@ def test_mini_test_pairs_fall_back_to_the_first_test_images(tmp_path, caplog):
     assert len(mini_test_pairs(without, fallback=4)) == 4 and len(mini_test_pairs(without)) == 5   # 5 < 6
     shutil.rmtree(without / "mini_test")   # no folder at all: the same
     assert len(mini_test_pairs(without, 3)) == 3
-
-
-def test_samples_without_mini_test_are_test_images(tmp_path, tiny_params):
-    _data(tmp_path, mini=False)
-    layout = Layout(tmp_path, tiny_params)
-    images, truths = load_infer_samples(layout, 2)
-    assert images.shape == (2, 32, 32, 3) and len(truths) == 2 and truths[0].shape == (32, 32, 3)
-    large, large_truths = load_large_samples(layout, 3)
-    assert len(large) == len(large_truths) == 3
-    _data(tmp_path / "m", mini=True)
-    images, _ = load_infer_samples(Layout(tmp_path / "m", tiny_params), 2)   # 48 px mini_test resized
-    assert images.shape == (2, 32, 32, 3)

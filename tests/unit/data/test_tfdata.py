@@ -1,70 +1,16 @@
-"""Folder validation errors and the tf.data pipeline (one-hot, augmentation, determinism)."""
+"""The tf.data pipeline (one-hot, augmentation, determinism)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 from PIL import Image
 
-from pipeline.data.tfdata import (
-    epoch_order, find_pairs, load_arrays, load_split, make_dataset, training_stream, validate_pairs,
-)
-from pipeline.data.masks import ids_to_rgb
-from common.errors import DataError
-from pipeline.config.schema import AugmentParams, MaskParams
+from pipeline.data.tfdata import epoch_order, find_pairs, load_arrays, make_dataset, training_stream
+from pipeline.config.schema import AugmentParams
+from tests.unit.data.conftest import MASK, write_split
 
-MASK = MaskParams(rgb_map={(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2}, class_names=["bg", "CKD", "healthy"])
 GEOMETRY_ONLY = AugmentParams(flip=True, rot90=True, max_rotation_deg=0, max_zoom=0, max_shift=0,
                               brightness=0, contrast=0)
-
-
-def write_split(root: Path, n: int = 4, size: int = 16, seed: int = 0) -> Path:
-    """Images whose grey level encodes the class (class * 100 + 20), so image and mask
-    can be checked against each other after augmentation."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir(parents=True)
-    for i in range(n):
-        ids = np.zeros((size, size), np.uint8)
-        y, x = rng.integers(0, size // 2, 2)
-        ids[y:y + size // 3, x:x + size // 4] = 1 + i % 2
-        Image.fromarray(np.stack([ids * 100 + 20] * 3, -1).astype(np.uint8)).save(root / "images" / f"{i}.png")
-        Image.fromarray(ids_to_rgb(ids, MASK.colours)).save(root / "masks" / f"{i}.png")
-    return root
-
-
-def test_pairs_and_pair_errors(tmp_path):
-    split = write_split(tmp_path / "train")
-    assert [p.image.name for p in find_pairs(split)] == ["0.png", "1.png", "2.png", "3.png"]
-    (split / "masks" / "2.png").unlink()
-    with pytest.raises(DataError, match=r"images/2.png: mask missing \(expected .*masks/2.png\)"):
-        find_pairs(split)
-    (split / "images" / "2.png").unlink()
-    (split / "images" / "1.png").unlink()
-    with pytest.raises(DataError, match=r"masks/1.png: image missing"):
-        find_pairs(split)
-    empty = tmp_path / "valid"
-    (empty / "images").mkdir(parents=True)
-    (empty / "masks").mkdir()
-    with pytest.raises(DataError, match="valid: split is empty"):
-        find_pairs(empty)
-    with pytest.raises(DataError, match="test/images: folder missing"):
-        find_pairs(tmp_path / "test")
-
-
-def test_size_mismatch_and_bad_files(tmp_path):
-    split = write_split(tmp_path / "train")
-    Image.fromarray(np.zeros((16, 12, 3), np.uint8)).save(split / "masks" / "0.png")
-    with pytest.raises(DataError, match=r"0.png: image is 16x16 but its mask 0.png is 12x16"):
-        validate_pairs(find_pairs(split), MASK)
-    split = write_split(tmp_path / "valid")
-    with pytest.raises(DataError, match="differs from the model size 32x32"):
-        load_split(tmp_path, "valid", MASK, (32, 32))
-    (split / "images" / "3.png").write_bytes(b"")
-    with pytest.raises(Exception, match=r"3.png: file is empty"):
-        validate_pairs(find_pairs(split), MASK)
 
 
 def test_dataset_yields_one_hot_batches(tmp_path):

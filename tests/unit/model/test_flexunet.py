@@ -1,5 +1,5 @@
-"""FlexUNet follows the seed's rules (pipeline/model/flexunet.py, architecture.py); a tiny
-model learns a trivial task."""
+"""FlexUNet follows the seed's rules (pipeline/model/flexunet.py); a tiny model learns a
+trivial task."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.model.losses import ClassOverlap
-from pipeline.model.architecture import dilation_schedule, kernel_schedule
 from pipeline.model.flexunet import as_float32, build_flexunet
 from pipeline.config.schema import ModelParams
-
-
-def test_kernel_and_dilation_schedules():
-    assert kernel_schedule((11, 11), 8) == [(11, 11), (9, 9), (7, 7), (5, 5), (3, 3), (3, 3), (3, 3), (3, 3)]
-    assert kernel_schedule((7, 5), 3) == [(7, 5), (5, 3), (3, 3)]
-    assert dilation_schedule((3, 3), 5) == [(3, 3), (2, 2), (1, 1), (1, 1), (1, 1)]
 
 
 def _convs(model, prefix):

@@ -1,21 +1,16 @@
-"""The export-time space-to-depth rewrite computes the same function as the Keras model."""
+"""The space-to-depth rewrite (pipeline.model.space_to_depth) computes the same function as the Keras model."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-import onnx
 import pytest
 
-from pipeline.stages.export import ExportError, card_for, session, space_to_depth_levels, to_onnx
-from serving.card import read_card
 from pipeline.model.flexunet import build_flexunet
-from common.errors import ParamsError
 from pipeline.config.schema import ModelParams
-from pipeline.config.load import params_from_dict
 from pipeline.model.space_to_depth import (Unsupported, channel_index, levels_that_pay_off, multiply_add_ratio,
                                      phase_kernel, relative_conv_time, rewrite, transpose_kernel)
-from tests.conftest import tiny_dict
+from tests.conftest import randomised
 
 
 # ------------------------------------------------------------------ NumPy references
@@ -118,19 +113,6 @@ def test_multiply_add_ratio_and_how_many_levels_pay_off():
 
 
 # ------------------------------------------------------------------ whole models
-def _randomised(model: keras.Model, seed: int) -> keras.Model:
-    """Random weights of He scale (so logits stay moderate and a small error shows in the
-    probabilities), BatchNorm statistics included (variance kept positive)."""
-    rng = np.random.default_rng(seed)
-    weights = []
-    for w, v in zip(model.get_weights(), model.weights):
-        fan_in = int(np.prod(w.shape[:-1])) if w.ndim > 1 else 1
-        weights.append(rng.uniform(0.5, 1.5, w.shape) if "variance" in v.path
-                       else rng.normal(0, (2 / fan_in) ** 0.5 if w.ndim > 1 else 0.1, w.shape))
-    model.set_weights([w.astype(np.float32) for w in weights])
-    return model
-
-
 @pytest.mark.parametrize("cfg,shape,levels", [
     (dict(base_filters=4, base_kernels=(7, 5), num_layers=3, dilation=(2, 1), normalization=True, dropout_rate=0.1),
      (2, 32, 48, 3), 1),
@@ -142,7 +124,7 @@ def _randomised(model: keras.Model, seed: int) -> keras.Model:
 def test_rewritten_model_computes_the_same_probabilities(cfg, shape, levels):
     params = ModelParams(**{"num_classes": 3, "image_width": 32, "image_height": 32, **cfg})  # H/W left open
     keras.utils.set_random_seed(0)
-    model = _randomised(build_flexunet(params, dynamic_size=True), seed=3)
+    model = randomised(build_flexunet(params, dynamic_size=True), seed=3)
     nodes_before = len(model.get_layer("enc1_conv0")._inbound_nodes)
     fast = rewrite(model, levels)
     x = np.random.default_rng(4).uniform(0, 255 if params.input_normalize else 1, shape).astype(np.float32)
@@ -166,7 +148,7 @@ def test_rewrite_of_layers_the_flexunet_does_not_use():
     x = keras.layers.BatchNormalization(center=False)(x)
     x = keras.layers.Concatenate()([inp, x])
     out = keras.layers.Conv2D(4, 1, activation="log_softmax")(x)
-    model = _randomised(keras.Model(inp, out), seed=7)
+    model = randomised(keras.Model(inp, out), seed=7)
     x = np.random.default_rng(8).normal(size=(2, 12, 8, 2)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(rewrite(model)(x)), np.asarray(model(x, training=False)), atol=2e-5)
 
@@ -182,44 +164,3 @@ def test_unsupported_layers_are_refused(make, message):
     inp = keras.Input((None, None, 3))
     with pytest.raises(Unsupported, match=message):
         rewrite(keras.Model(inp, make(inp)))
-
-
-def test_unsupported_graph_is_refused_and_export_names_the_switch(tmp_path):
-    inp = keras.Input((None, None, 3), name="image")
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="strided")(inp)
-    out = keras.layers.Conv2DTranspose(3, 2, strides=2, activation="softmax", name="head")(x)
-    model = keras.Model(inp, out)
-    with pytest.raises(Unsupported, match="strided: only stride-1"):
-        rewrite(model)
-    card = card_for(params_from_dict(tiny_dict()), None, None)
-    with pytest.raises(ExportError, match=r"m.onnx: cannot compute 1 level\(s\) on 2x2 phases .* "
-                                          r"set export.space_to_depth: 0"):
-        to_onnx(model, tmp_path / "m.onnx", card, phase_levels=1)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_onnx_with_phases_matches_keras_and_says_so_in_its_card(tmp_path):
-    raw = tiny_dict()
-    params = params_from_dict(raw)
-    assert space_to_depth_levels(params) == 1  # auto: 4 filters of 5x5 on phases, 8 of 3x3 not
-    keras.utils.set_random_seed(0)
-    model = _randomised(build_flexunet(params.model, dynamic_size=True), seed=5)
-    path = to_onnx(model, tmp_path / "m.onnx", card_for(params, None, None), phase_levels=2)
-    assert read_card(path).extra["space_to_depth_levels"] == "2"  # what the file computes
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert {"SpaceToDepth", "DepthToSpace"} <= ops
-    x = np.random.default_rng(6).uniform(0, 255, (2, 64, 32, 3)).astype(np.float32)
-    probs = session(path).run(None, {"image": x})[0]
-    # random weights give large logits, so float32 rounding shows: the export's parity target
-    np.testing.assert_allclose(probs, np.asarray(model(x, training=False)), atol=1e-4)
-
-    raw["model"]["base_kernels"] = [3, 3]
-    assert space_to_depth_levels(params_from_dict(raw)) == 0  # 4x the work: the plain graph
-    raw["export"]["space_to_depth"] = 2
-    assert space_to_depth_levels(params_from_dict(raw)) == 2
-    raw["export"]["space_to_depth"] = 3  # of a 3-level model (e.g. tuned shallower): its bottom stays
-    assert space_to_depth_levels(params_from_dict(raw)) == 2
-    for bad in ("sometimes", -1, True):  # YAML true would otherwise pass as 1
-        raw["export"]["space_to_depth"] = bad
-        with pytest.raises(ParamsError, match=r"'export.space_to_depth': .*a number of levels \(0 = off"):
-            params_from_dict(raw)

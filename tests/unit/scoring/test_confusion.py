@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.scoring.confusion import Accumulator, confusion, dice_scores, overlap_metrics
-from tests.unit.serving.test_labels import _probs
+from tests.conftest import class_probs
 
 
 def test_dice_scores_by_hand():
@@ -40,12 +40,12 @@ def test_accumulator_reports_the_rule_and_the_pixelwise_argmax():
     onehot = np.eye(3, dtype=np.float32)[truth]
     names = ["background", "CKD", "healthy"]
     single = Accumulator(3, single_foreground_class=True)
-    single.update(onehot, _probs(pred, conf), 0.0)
+    single.update(onehot, class_probs(pred, conf), 0.0)
     m = single.metrics(names)
     assert m["dice_healthy"] == 1.0 and m["dice_CKD"] is None  # CKD in neither truth nor labels
     assert m["pixelwise_dice_healthy"] == pytest.approx(2 * 6 / (2 * 6 + 2))
     assert m["pixelwise_dice_CKD"] == 0.0
     plain = Accumulator(3)
-    plain.update(onehot, _probs(pred, conf), 0.0)
+    plain.update(onehot, class_probs(pred, conf), 0.0)
     assert plain.metrics(names)["dice_healthy"] == m["pixelwise_dice_healthy"]
     assert not any(k.startswith("pixelwise_") for k in plain.metrics(names))

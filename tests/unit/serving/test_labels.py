@@ -8,15 +8,8 @@ import pytest
 
 from serving.labels import to_labels
 from serving.predictor import TiledPredictor
+from tests.conftest import class_probs
 from tests.onnx_models import make_tiny_onnx
-
-
-def _probs(classes: np.ndarray, confidence: np.ndarray | float = 0.8, k: int = 3) -> np.ndarray:
-    """Probabilities whose argmax is `classes`, the winner holding `confidence`."""
-    conf = np.broadcast_to(np.asarray(confidence, dtype=np.float32), classes.shape)
-    p = np.repeat(((1 - conf) / (k - 1))[..., None], k, axis=-1).astype(np.float32)
-    np.put_along_axis(p, classes[..., None].astype(np.int64), conf[..., None], axis=-1)
-    return p
 
 
 def test_plain_rule_is_the_argmax():
@@ -30,12 +23,12 @@ def test_one_class_per_image_keeps_the_foreground_and_takes_the_larger_mass():
     classes[1:4, 1:4] = 2        # 9 pixels of class 2 at 0.6
     classes[4:6, 4:6] = 1        # 4 pixels of class 1 at 0.9: less summed mass than class 2
     conf = np.where(classes == 1, 0.9, 0.6)
-    labels = to_labels(_probs(classes, conf), single_foreground_class=True)
+    labels = to_labels(class_probs(classes, conf), single_foreground_class=True)
     np.testing.assert_array_equal(labels != 0, classes != 0)
     assert set(np.unique(labels[classes != 0])) == {2}
     # mass, not pixel count: the same 4 pixels at 0.9 vs 9 at 0.3 -> class 1 wins
     conf = np.where(classes == 1, 0.9, 0.34)
-    assert set(np.unique(to_labels(_probs(classes, conf), single_foreground_class=True)[classes != 0])) == {1}
+    assert set(np.unique(to_labels(class_probs(classes, conf), single_foreground_class=True)[classes != 0])) == {1}
 
 
 def test_one_class_per_image_decides_each_image_of_a_batch_alone():
@@ -44,18 +37,18 @@ def test_one_class_per_image_decides_each_image_of_a_batch_alone():
     classes[0, 3, 0] = 2
     classes[1, 2:] = 2
     classes[1, 0, 0] = 1
-    labels = to_labels(_probs(classes), single_foreground_class=True)
+    labels = to_labels(class_probs(classes), single_foreground_class=True)
     assert set(np.unique(labels[0][classes[0] != 0])) == {1}
     assert set(np.unique(labels[1][classes[1] != 0])) == {2}
 
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_background_only_and_two_class_images_are_unchanged(k):
-    empty = _probs(np.zeros((5, 5), np.uint8), k=k)
+    empty = class_probs(np.zeros((5, 5), np.uint8), k=k)
     np.testing.assert_array_equal(to_labels(empty, single_foreground_class=True), 0)
     if k == 2:
         classes = (np.arange(25).reshape(5, 5) % 2).astype(np.uint8)
-        np.testing.assert_array_equal(to_labels(_probs(classes, k=2), single_foreground_class=True), classes)
+        np.testing.assert_array_equal(to_labels(class_probs(classes, k=2), single_foreground_class=True), classes)
 
 
 def test_banded_predict_applies_the_card_rule_over_the_whole_image(tmp_path):
