@@ -9,7 +9,7 @@ bit-for-bit one. Needs the dataset (`dvc repro prepare`).
 
     python benchmarks/kernel_choice.py [--kernels 3,11] [--seeds 137,7,23] [--onednn-for 11]
 
-Results: benchmarks/results/kernel_choice.json (and .md, the table in the README).
+Results: benchmarks/results/kernel_choice.json (and .md, the table in docs/results.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import write_results  # noqa: E402
+from bench_results import write_results  # noqa: E402
 from train_throughput import machine_summary  # noqa: E402
 
 

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import write_results  # noqa: E402
+from bench_results import write_results  # noqa: E402
 from train_throughput import machine_summary  # noqa: E402
 
 NUMPY_AVX512_TARGETS = "X86_V4 AVX512_ICL AVX512_SPR"

@@ -104,7 +104,7 @@ def export_all(params_path: Path, out: Path) -> dict[str, Any]:
     from pipeline.cli import quiet_tensorflow
 
     quiet_tensorflow(debug=False)
-    from benchmarks.common import default_model
+    from benchmarks.bench_results import default_model
     from pipeline.stages.export import card_for, session, space_to_depth_levels, to_onnx
     from pipeline.config.load import load_params
 

@@ -23,7 +23,7 @@ its peak RSS is its own (VmHWM from /proc/self/status):
     python benchmarks/tiled_inference.py [--quick] [--params params.yaml]
 
 --quick: 1024 image, 4096 stream, one repetition. Results: benchmarks/results/tiled_inference.json
-and .md (the README table). Timings are the best of --repeats runs after a warm-up.
+and .md (the table in docs/benchmarks.md). Timings are the best of --repeats runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime
     import tensorflow as tf
 
-    from benchmarks.common import default_model
+    from benchmarks.bench_results import default_model
     from pipeline.stages.export import card_for, space_to_depth_levels, to_onnx
     from pipeline.config.load import load_params
 

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import write_results  # noqa: E402
+from bench_results import write_results  # noqa: E402
 
 MODES = {"portable": "0", "onednn": "1"}
 KERNELS = (3, 5, 7, 11)

@@ -1,6 +1,6 @@
 """Reading images into model-ready uint8 arrays, and writing palette PNG masks.
 
-Conversion rules for input images (documented in the README, tested):
+Conversion rules for input images (documented in docs/data.md, tested):
 - 8-bit RGB: used as is. RGBA / LA: alpha is dropped. Palette (P): expanded through
   its palette. CMYK/YCbCr etc.: converted to RGB by Pillow.
 - 8-bit grayscale (L) or 1-bit: replicated to 3 channels when the model takes RGB.

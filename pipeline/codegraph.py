@@ -4,7 +4,8 @@ A stage `X` is `flexunet X` (dvc.yaml `cmd`), which runs `pipeline/stages/X.py` 
 pipeline/cli.py after loading params (pipeline.config.load, pipeline.layout). Its code is
 the closure of those modules over first-party imports (common, pipeline, serving),
 imports inside functions included: export imports its converters lazily, and they are
-no less its code. cli.py is listed, but its own imports are not followed: it imports
+no less its code. A bare `import serving` takes the whole package: register copies its
+files into the served model. cli.py is listed, but its own imports are not followed: it imports
 every command lazily, and only stage X's runs.
 
 `flexunet deps` prints each stage's modules; `flexunet deps --check` exits 1 when
@@ -36,6 +37,18 @@ def module_path(root: Path, module: str) -> Path | None:
     return None
 
 
+def _is_package(root: Path, module: str) -> bool:
+    path = module_path(root, module)
+    return path is not None and path.name == "__init__.py"
+
+
+def package_modules(root: Path, package: str) -> set[str]:
+    """Every module of a first-party package (its files, e.g. copied into a served model)."""
+    base = root / Path(*package.split("."))
+    return {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            for p in base.rglob("*.py") if "__pycache__" not in p.parts}
+
+
 def _resolve(root: Path, module: str, names: list[str]) -> set[str]:
     """`from module import a, b`: the submodules among a, b, else the module itself."""
     subs = {f"{module}.{n}" for n in names if module_path(root, f"{module}.{n}") is not None}
@@ -55,8 +68,14 @@ def imports_of(root: Path, module: str) -> set[str]:
         if id(node) in typing_only:   # annotations only: never runs
             continue
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                found.add(alias.name)
+                if _is_package(root, alias.name):   # `import serving`: the package's files are used
+                    found |= package_modules(root, alias.name)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise ValueError(f"{path}:{node.lineno}: relative import; write the module's full name "
+                             f"(codegraph and dvc.yaml's deps follow absolute imports)")
+        elif isinstance(node, ast.ImportFrom) and node.module:
             found |= _resolve(root, node.module, [a.name for a in node.names])
     return {m for m in found if m.split(".")[0] in FIRST_PARTY and module_path(root, m) is not None}
 
@@ -126,7 +145,7 @@ def write_deps(root: Path) -> list[str]:
     path = root / "dvc.yaml"
     lines = path.read_text(encoding="utf-8").split("\n")
     out: list[str] = []
-    stage, in_deps, changed = None, False, []
+    stage, cmd, in_deps, changed = None, "", False, []
     before = {name: {str(d) for d in s.get("deps", []) if str(d).endswith(".py")}
               for name, s in dvc_stages(root).items()}
     for line in lines:

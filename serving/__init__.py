@@ -1,1 +1,1 @@
-"""flexunet serving: reading images and writing results without TensorFlow."""
+"""flexunet serving: tiled prediction with onnxruntime, without TensorFlow (the light `pip install flexunet`)."""

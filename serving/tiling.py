@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from serving._tiling_engine import FLIPS, BandAccumulator, TileBatch, check_probs, make_batches, undo_tta
-from serving.settings import BLENDS, check_setting
+from serving.settings import BLENDS, TilingSettings, check_setting
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 SkipFn = Callable[[np.ndarray], bool]
@@ -119,9 +119,9 @@ def iter_bands(
     predict_fn: PredictFn,
     *,
     tile_size: int | tuple[int, int],
-    overlap: float = 0.25,
-    blend: str = "gaussian",
-    batch_size: int = 4,
+    overlap: float = TilingSettings.overlap,
+    blend: str = TilingSettings.blend,
+    batch_size: int = TilingSettings.batch_size,
     multiple: int = 1,
     tta: bool | Sequence[str] = False,
     skip_fn: SkipFn | None = None,

@@ -41,7 +41,7 @@ class SplitFractions(_Section):
 
 # params.yaml `dataset.nifti`: how the kidney-nifti source reads the real T2W kidney set.
 #
-# Filename rule (documented in the README): image volumes are `<raw>/<images_dir>/<stem>.nii`
+# Filename rule (documented in docs/data.md, "Real data"): image volumes are `<raw>/<images_dir>/<stem>.nii`
 # or `.nii.gz`; each has a mask volume `<raw>/<masks_dir>/<stem><mask_suffix>.nii[.gz]`.
 # `scan_pattern` (a regular expression with the named groups `subject` and, optionally,
 # `scan`) is matched against the image stem to find the subject (a CSV row) and the scan

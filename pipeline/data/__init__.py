@@ -1,1 +1,1 @@
-"""Datasets: masks, synthetic generators, preparation and the tf.data input pipeline."""
+"""Datasets: masks, image/mask pairs, the synthetic generators, real-data sources and the tf.data input pipeline."""

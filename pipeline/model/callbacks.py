@@ -53,17 +53,16 @@ class EpochChangeTiledInference(keras.callbacks.Callback):
     """The seed's epoch_change_tiled_infer: the whole mini_test images (e.g. 1024 px
     histology) predicted through the same tiler serving uses, every epoch, logged as
     one panel with step=epoch. Windows are the model's own input size; overlap and
-    blending are the tiler's defaults (0.25, Gaussian), not `predict.*`, so tuning serving
-    never retrains the model."""
+    blending are the tiler's defaults (serving.settings.TilingSettings'), not `predict.*`,
+    so tuning serving never retrains the model."""
 
     def __init__(self, run: RunLogger, images: list[np.ndarray], truth_rgb: list[np.ndarray], colours,
-                 *, tile_size: int, overlap: float = 0.25, blend: str = "gaussian",
-                 key: str = "epoch_change_tiled_infer", single_foreground_class: bool = False):
+                 *, tile_size: int, key: str = "epoch_change_tiled_infer", single_foreground_class: bool = False):
         super().__init__()
         self.run, self.images, self.truth_rgb, self.key = run, images, truth_rgb, key
         self.colours = np.asarray(colours, dtype=np.uint8)
         self.single = single_foreground_class
-        self.tiling = {"tile_size": tile_size, "overlap": overlap, "blend": blend}
+        self.tiling = {"tile_size": tile_size}
 
     def on_epoch_end(self, epoch, logs=None):
         from serving.tiling import sliding_window_inference

@@ -10,7 +10,7 @@ What it does, in the training run named in models/train_run.json:
    test metrics of metrics/eval.json (`test_mean_foreground_dice`, ...), the dataset
    fingerprint, the git commit of the training run and the ONNX file's sha256.
 
-Alias rule (documented in the README):
+Alias rule (documented in docs/serving.md):
 - `challenger` always moves to the version just registered (or reused);
 - `champion` moves to it only if its test mean foreground Dice >= the current champion's
   (read from the champion version's `test_mean_foreground_dice` tag; a tie moves it, so

@@ -9,8 +9,9 @@ only while complete + pruned + running trials are fewer than `tune.n_trials`, so
 together they stop at the study's total. Storage, naming and the handling of dead
 workers: pipeline.study.
 
-Outputs (all or nothing): tune/best_params.yaml (the values train uses when
-train.use_tuned_params), metrics/tune.json, plots/tune_history.png and
+Outputs (all or nothing): tune/best_params.yaml (the study's best values),
+tune/train_overrides.yaml (what train depends on: those values if
+train.use_tuned_params, else empty), metrics/tune.json, plots/tune_history.png and
 plots/tune_importance.png (also logged to the study's parent MLflow run).
 """
 

@@ -1,1 +1,1 @@
-"""Shipped params files: `flexunet preset NAME` copies one over params.yaml."""
+"""Shipped presets: overlays of the keys they change; `flexunet preset NAME` writes one over the defaults into params.yaml."""

@@ -43,7 +43,7 @@ def raw_folder(params: Params, project_root: Path) -> Path:
     raw = raw if raw.is_absolute() else project_root / raw
     if not raw.is_dir() or not any(raw.iterdir()):
         raise DataError(f"{raw}: raw data folder missing or empty; put the {params.dataset.source} data there "
-                        f"(README, 'Real data') and track it with `dvc add {params.dataset.raw}`")
+                        f"(docs/data.md, 'Real data') and track it with `dvc add {params.dataset.raw}`")
     return raw
 
 

@@ -72,7 +72,7 @@ def discover(raw: Path, cfg: NiftiParams) -> list[ScanFiles]:
     images = _volumes_in(images_dir)
     if not images:
         raise DataError(f"{images_dir}: no .nii/.nii.gz image volumes; put the T2W scans there and their "
-                        f"kidney masks in {masks_dir} (see the README, 'Real data'), then `dvc add {raw}`")
+                        f"kidney masks in {masks_dir} (see docs/data.md, 'Real data'), then `dvc add {raw}`")
     masks = _volumes_in(masks_dir, cfg.mask_suffix)
     for stem in sorted(images.keys() - masks.keys()):
         raise DataError(f"{images[stem]}: mask missing (expected {masks_dir}/{stem}{cfg.mask_suffix}.nii.gz)")
