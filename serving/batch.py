@@ -1,4 +1,14 @@
-"""Batch prediction: a folder (or glob) of images -> palette masks, overlays and a CSV table.
+"""Batch prediction: a folder, glob or manifest of images -> palette masks, overlays and a CSV table.
+
+Inputs (resolve_inputs): a folder (its image files), a single image, a glob pattern, or a
+manifest: a .csv or .parquet file whose column `path` (or its only column) lists image
+paths or file:// URIs, relative ones taken from the manifest's folder (read_manifest).
+
+Engines: run_batch drives an engine that turns (input, previous row) jobs into table rows.
+LocalEngine predicts in this process; serving.ray_engine.RayEngine on Ray Data actors.
+Both call predict_image, the one function that predicts one image and writes its mask
+and overlay, so their outputs are the same files and rows. predict_folder is run_batch
+with the local engine.
 
 Outputs in `output_dir`:
 - `<stem>.png`: palette PNG of class ids, coloured with the card's colours (the seed's
@@ -23,7 +33,9 @@ killed run leaves an older complete table, and the next run rebuilds the missing
 from the masks. Rows of the previous table for files not among this run's inputs are
 kept when its columns match (same classes).
 
-A file that cannot be read or predicted is logged (one line), recorded as `error: ...`
+Rows are written sorted by file, whatever order the engine finished them in.
+
+A file that cannot be read or predicted is recorded as `error: ...` (and logged, one line)
 and skipped; the batch goes on and the summary's `failed` counts it.
 """
 
@@ -34,9 +46,11 @@ import glob
 import io
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from tqdm import tqdm
@@ -56,6 +70,9 @@ OVERLAY_DIR = "overlays"
 OVERLAY_ALPHA = 0.4
 STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped-existing"
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+MANIFEST_COLUMN = "path"
+RESUME_KEYS = ("tiles", "skipped_tiles", "seconds")   # what a skipped image's row keeps from the previous table
 
 
 class Predictor(Protocol):
@@ -99,10 +116,12 @@ class BatchSummary:
 
 
 def resolve_inputs(spec: str) -> list[Path]:
-    """A folder (its image files, sorted), a single file, or a glob pattern (sorted matches).
+    """A folder (its image files, sorted), a single file, a manifest (.csv / .parquet: its
+    listed paths, in its order; read_manifest), or a glob pattern (sorted matches).
 
-    Glob matches are not filtered by suffix: a file the user named explicitly and cannot
-    be read is reported as an error rather than silently ignored.
+    Glob matches and manifest entries are not filtered by suffix or existence: a file the
+    user named explicitly and cannot be read is reported as an error row rather than
+    silently ignored.
     """
     path = Path(spec)
     if path.is_dir():
@@ -111,36 +130,125 @@ def resolve_inputs(spec: str) -> list[Path]:
             raise UserError(f"{spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return found
     if path.is_file():
-        return [path]
+        return read_manifest(path) if path.suffix.lower() in MANIFEST_SUFFIXES else [path]
     if not glob.has_magic(spec):
-        raise UserError(f"{spec}: no such folder or file; pass a folder of images or a glob such as 'scans/*.png'")
+        raise UserError(f"{spec}: no such folder or file; pass a folder of images, a glob such as 'scans/*.png' "
+                        f"or a manifest ({' or '.join(MANIFEST_SUFFIXES)} with a column '{MANIFEST_COLUMN}')")
     found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
     if not found:
         raise UserError(f"{spec}: the pattern matches no files")
     return found
 
 
-def predict_folder(predictor: Predictor, inputs: list[Path], output_dir: Path, *, overwrite: bool = False,
-                   overlay: bool = False, max_pixels: MaxPixels = "pillow", csv_interval: float = 2.0,
-                   progress: bool | None = None) -> BatchSummary:
-    """Predict every input, writing masks, optional overlays and `predictions.csv` (see module doc).
+def read_manifest(path: Path) -> list[Path]:
+    """The images a manifest lists: a .csv (with a header row) or .parquet table whose column
+    `path` (or its only column) holds local paths or file:// URIs; relative paths are taken
+    from the manifest's folder. Parquet needs pyarrow (it comes with the [ray] extra)."""
+    columns, values = (_parquet_column if path.suffix.lower() == ".parquet" else _csv_column)(path)
+    if MANIFEST_COLUMN not in columns and len(columns) != 1:
+        raise UserError(f"{path}: a manifest needs a column '{MANIFEST_COLUMN}' of image paths "
+                        f"(or a single column); found {', '.join(map(str, columns)) or 'no columns'}")
+    entries = [str(v).strip() for v in values(MANIFEST_COLUMN if MANIFEST_COLUMN in columns else columns[0])
+               if v is not None and str(v).strip()]
+    if not entries:
+        raise UserError(f"{path}: the manifest lists no images")
+    return [_manifest_path(e, path) for e in entries]
+
+
+def _csv_column(path: Path) -> tuple[list[str], Callable[[str], list[Any]]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot read the manifest ({exc})") from None
+    return list(reader.fieldnames or []), lambda column: [r.get(column) for r in rows]
+
+
+def _parquet_column(path: Path) -> tuple[list[str], Callable[[str], list[Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise UserError(f"{path}: a Parquet manifest needs pyarrow: pip install pyarrow "
+                        f"(or 'flexunet[ray]'), or pass a .csv manifest") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own ArrowInvalid/OSError types
+        raise UserError(f"{path}: cannot read the manifest ({' '.join(str(exc).split())[:200]})") from None
+    return table.column_names, lambda column: table.column(column).to_pylist()
+
+
+def _manifest_path(entry: str, manifest: Path) -> Path:
+    """A manifest entry -> a local path (file:// URIs decoded; relative to the manifest's folder)."""
+    parsed = urlparse(entry)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
+        raise UserError(f"{manifest}: {entry}: only local paths and file:// URIs are read; "
+                        f"copy or mount the images locally")
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else manifest.parent / path
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What predict_image does with an image besides predicting it (the same for every image)."""
+
+    output_dir: Path
+    overwrite: bool = False
+    overlay: bool = False
+    max_pixels: MaxPixels = "pillow"
+
+
+Job = tuple[Path, "dict[str, Any] | None"]   # an input and its row in the previous table
+
+
+class Engine(Protocol):
+    """Turns jobs into table rows (predict_image's), in any order."""
+
+    card: ModelCard
+
+    def rows(self, jobs: list[Job], options: ImageOptions) -> Iterator[dict[str, Any]]: ...
+
+
+class LocalEngine:
+    """Predicts the images one after another in this process (the default engine)."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor, self.card = predictor, predictor.card
+
+    def rows(self, jobs: list[Job], options: ImageOptions) -> Iterator[dict[str, Any]]:
+        for path, previous in jobs:
+            yield predict_image(self.predictor, path, options, previous)
+
+
+def predict_folder(predictor: Predictor, inputs: list[Path], output_dir: Path, **kwargs: Any) -> BatchSummary:
+    """Predict every input in this process: run_batch with the local engine (see there)."""
+    return run_batch(LocalEngine(predictor), inputs, output_dir, **kwargs)
+
+
+def run_batch(engine: Engine, inputs: list[Path], output_dir: Path, *, overwrite: bool = False,
+              overlay: bool = False, max_pixels: MaxPixels = "pillow", csv_interval: float = 2.0,
+              progress: bool | None = None) -> BatchSummary:
+    """Predict every input through `engine`, writing masks, optional overlays and
+    `predictions.csv` (see module doc).
 
     max_pixels: decompression-bomb limit passed to common.imageio.read_image ("pillow":
     Pillow's limit; None: no limit). progress: tqdm bar (None: only on a terminal).
     """
     output_dir = Path(output_dir)
     _check_plan(inputs, output_dir)
-    card = predictor.card
-    table = _Table(output_dir / CSV_NAME, card.class_names)
+    options = ImageOptions(output_dir, overwrite=overwrite, overlay=overlay, max_pixels=max_pixels)
+    table = _Table(output_dir / CSV_NAME, engine.card.class_names)
     summary = BatchSummary(csv_path=table.path)
+    jobs = [(path, table.rows.get(str(path))) for path in inputs]
     started = last_write = time.monotonic()
     try:
-        with logging_redirect_tqdm():
-            bar = tqdm(inputs, desc="predict", unit="img", disable=None if progress is None else not progress)
-            for path in bar:
-                row = _one_image(predictor, path, output_dir, overwrite=overwrite, overlay=overlay,
-                                 max_pixels=max_pixels, previous=table.rows.get(str(path)))
-                table.rows[str(path)] = row
+        with logging_redirect_tqdm(), tqdm(total=len(jobs), desc="predict", unit="img",
+                                           disable=None if progress is None else not progress) as bar:
+            for row in engine.rows(jobs, options):
+                bar.update()
+                table.rows[row["file"]] = row
                 _count(summary, row)
                 if time.monotonic() - last_write >= csv_interval:
                     table.write()
@@ -177,39 +285,42 @@ def _count(summary: BatchSummary, row: dict[str, Any]) -> None:
     elif status == STATUS_SKIPPED:
         summary.skipped += 1
     else:
+        message = status.removeprefix("error: ")
         summary.failed += 1
-        summary.errors.append(status.removeprefix("error: "))
+        summary.errors.append(message)
+        log.error("%s", message if row["file"] in message else f"{row['file']}: {message}")
 
 
-def _one_image(predictor: Predictor, path: Path, output_dir: Path, *, overwrite: bool, overlay: bool,
-               max_pixels: MaxPixels, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """Predict (or reuse) one image and return its table row; never raises for a bad file."""
+def predict_image(predictor: Predictor, path: Path, options: ImageOptions,
+                  previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predict (or reuse) one image, write its mask (and overlay) atomically, and return its
+    table row; never raises for a bad file (its row says `error: ...`). previous: its row in
+    the previous table, whose RESUME_KEYS a skipped image keeps. Every engine runs this."""
     card = predictor.card
-    mask_path = output_dir / f"{path.stem}.png"
-    overlay_path = output_dir / OVERLAY_DIR / f"{path.stem}.png"
+    mask_path = options.output_dir / f"{path.stem}.png"
+    overlay_path = options.output_dir / OVERLAY_DIR / f"{path.stem}.png"
     t0 = time.perf_counter()
     try:
-        ids = None if overwrite else _existing_mask(mask_path, card.num_classes)
+        ids = None if options.overwrite else _existing_mask(mask_path, card.num_classes)
         if ids is not None:
-            if overlay and not overlay_path.exists():
-                image = read_image(path, card.channels, max_pixels)
+            if options.overlay and not overlay_path.exists():
+                image = read_image(path, card.channels, options.max_pixels)
                 save_rgb_png(overlay_path, overlay_image(image, ids, card.colours))
-            kept = {k: (previous or {}).get(k, "") for k in ("tiles", "skipped_tiles", "seconds")}
+            kept = {k: (previous or {}).get(k, "") for k in RESUME_KEYS}
             return _row(path, ids, card.num_classes, STATUS_SKIPPED, **kept)
-        image = read_image(path, card.channels, max_pixels)
+        image = read_image(path, card.channels, options.max_pixels)
         tiles = TileCount()
         ids = np.asarray(predictor.predict(image, tiles=tiles))
         if ids.shape != image.shape[:2]:
             raise RuntimeError(f"predictor returned shape {ids.shape} for a {image.shape[:2]} image")
         save_palette_png(mask_path, ids, card.colours)
-        if overlay:
+        if options.overlay:
             save_rgb_png(overlay_path, overlay_image(image, ids, card.colours))
         return _row(path, ids, card.num_classes, STATUS_OK, tiles=tiles.tiles, skipped_tiles=tiles.skipped,
                     seconds=round(time.perf_counter() - t0, 4))
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop a 10 000-image batch
         message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        message = " ".join(message.split())  # one line, whatever the exception said
-        log.error("%s", message if str(path) in message else f"{path}: {message}")
+        message = " ".join(message.split())  # one line, whatever the exception said; run_batch logs it
         log.debug("traceback for %s", path, exc_info=True)
         return {"file": str(path), "seconds": round(time.perf_counter() - t0, 4), "status": f"error: {message}"}
 
@@ -291,6 +402,6 @@ class _Table:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(self.columns)
-        for row in self.rows.values():
+        for _, row in sorted(self.rows.items()):   # by file: the same table whatever the engine's order
             writer.writerow([row.get(k, "") for k in self.keys])
         write_text(self.path, buf.getvalue())

@@ -59,24 +59,53 @@ def predict_settings(args: argparse.Namespace) -> TilingSettings:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Batch prediction: exit status 0 all written, 1 some images failed (the rest written)."""
-    from serving.batch import predict_folder, resolve_inputs
+    from serving.batch import LocalEngine, resolve_inputs, run_batch
 
+    if args.engine != "ray" and (args.address is not None or args.workers is not None):
+        raise UserError("--address and --workers are options of --engine ray")
     settings = predict_settings(args)  # flags and inputs first: a typo fails before the model loads
     inputs = resolve_inputs(args.input)
-    from serving.load import load_predictor
+    if args.engine == "ray":
+        engine = ray_engine_class()(args.model, settings, workers=1 if args.workers is None else args.workers,
+                                    address=args.address)
+    else:
+        from serving.load import load_predictor
 
-    predictor = load_predictor(args.model, settings)
-    summary = predict_folder(predictor, inputs, Path(args.output), overwrite=args.overwrite,
-                             overlay=args.overlay, max_pixels=None if args.allow_large_images else "pillow")
+        engine = LocalEngine(load_predictor(args.model, settings))
+    summary = run_batch(engine, inputs, Path(args.output), overwrite=args.overwrite,
+                        overlay=args.overlay, max_pixels=None if args.allow_large_images else "pillow")
     return 1 if summary.failed else 0
+
+
+def ray_engine_class() -> type:
+    """serving.ray_engine.RayEngine, or a one-line UserError naming the [ray] extra when Ray
+    is not installed (the local engine never imports ray)."""
+    try:
+        from serving.ray_engine import RayEngine
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("ray", "pyarrow", "pandas"):
+            raise
+        raise UserError(f"--engine ray needs Ray ({exc.name} is not installed): pip install 'flexunet[ray]'"
+                        ) from None
+    return RayEngine
 
 
 def add_predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="tiled ONNX prediction of a folder of images (the light install suffices)")
     p.add_argument("--model", required=True, help="model.onnx, or an MLflow URI such as models:/name@champion")
-    p.add_argument("--input", required=True, help="folder of images, or a quoted glob such as 'scans/*.tif'")
+    p.add_argument("--input", required=True,
+                   help="folder of images, a quoted glob such as 'scans/*.tif', or a manifest: a .csv or .parquet "
+                        "file with a column 'path' of image paths or file:// URIs")
     p.add_argument("--output", required=True, help="folder for <stem>.png masks and predictions.csv")
     add_arguments(p)
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: one image after another in this process (default); ray: Ray Data actors "
+                        "(pip install 'flexunet[ray]')")
+    p.add_argument("--address", default=None,
+                   help="--engine ray: the Ray cluster, 'auto' or ray://host:10001 (default: a local instance, "
+                        "or RAY_ADDRESS)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="--engine ray: actors, each with one model session (default 1)")
     p.add_argument("--overwrite", action="store_true", help="predict again images whose mask exists")
     p.add_argument("--overlay", action="store_true", help="also write overlays/<stem>.png")
     p.add_argument("--allow-large-images", action="store_true",

@@ -10,6 +10,8 @@ mlflow); without the [mlflow] extra they are a one-line error naming it.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +28,28 @@ def load_predictor(model: str | Path, settings: TilingSettings | None = None, **
     folder and the single *.onnx found there is loaded. settings, changes: as
     TiledPredictor.from_onnx."""
     settings = (settings or TilingSettings()).replace(**changes)  # a bad value fails before any download
+    with local_model(model) as path:
+        predictor = TiledPredictor.from_onnx(path, settings)
+    if str(model).startswith(URI_SCHEMES):
+        predictor.source = str(model)  # the session holds the model in memory: the temp copy can go
+    return predictor
+
+
+@contextmanager
+def local_model(model: str | Path) -> Iterator[Path]:
+    """The .onnx file `model` names (see load_predictor), on local disk while the context
+    lasts: an MLflow URI's download is deleted on exit."""
     text = str(model)
     if text.startswith(URI_SCHEMES):
         download = _mlflow_download(text)
         with tempfile.TemporaryDirectory(prefix="flexunet-model-") as tmp:
-            predictor = TiledPredictor.from_onnx(_find_onnx(download(text, Path(tmp)), text), settings)
-        predictor.source = text  # the session holds the model in memory: the temp copy can go
-        return predictor
+            yield _find_onnx(download(text, Path(tmp)), text)
+        return
     path = Path(text).expanduser()
     if not path.exists():
         raise UserError(f"{path}: model not found; pass a .onnx file, a folder holding one, "
                         f"or an MLflow URI such as models:/<name>@champion")
-    return TiledPredictor.from_onnx(_find_onnx(path, text) if path.is_dir() else path, settings)
+    yield _find_onnx(path, text) if path.is_dir() else path
 
 
 def _mlflow_download(uri: str):

@@ -1,0 +1,145 @@
+"""`flexunet predict --engine ray` (serving/ray_engine.py) against the local engine, on one
+local Ray instance for the module (2 CPUs) and a tiny ONNX model: the same mask and overlay
+bytes, the same table rows (timings aside), resume, error rows, manifests; and the MLflow
+pyfunc model predicting inside a Ray task."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from serving.batch import CSV_NAME
+from tests.onnx_models import make_tiny_onnx
+
+ray = pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[2]
+SIZES = {"a": (40, 56), "b": (70, 33), "c": (32, 32), "d": (90, 100)}
+TIMING = "seconds"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    # The workers import this checkout's serving/ (not whatever flexunet the venv installed).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_tiny_onnx(tmp_path_factory.mktemp("model") / "model.onnx", tile_size=32, size_multiple=4)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Four RGB images of odd sizes (several windows each) and one corrupt file."""
+    folder = tmp_path_factory.mktemp("in")
+    for i, (name, (h, w)) in enumerate(SIZES.items()):
+        ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+        noise = np.random.default_rng(i).normal(0, 25, (h, w, 3))
+        Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8)).save(folder / f"{name}.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return folder
+
+
+def predict(model: Path, source: str | Path, out: Path, *args: str) -> int:
+    return main(["predict", "--model", str(model), "--input", str(source), "--output", str(out), "--overlay", *args])
+
+
+def rows(out: Path) -> list[dict[str, str]]:
+    with (out / CSV_NAME).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def untimed(out: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != TIMING} for r in rows(out)]
+
+
+def files(out: Path) -> dict[str, bytes]:
+    """Every mask and overlay, by path relative to the output folder."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def test_same_outputs_as_local_then_resume(tmp_path, model, inputs):
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    assert predict(model, inputs, local) == 1                              # the corrupt file fails
+    assert predict(model, inputs, distributed, "--engine", "ray", "--workers", "2") == 1
+    assert files(distributed) == files(local) and len(files(local)) == 2 * len(SIZES)
+    assert untimed(distributed) == untimed(local)
+    by_file = {Path(r["file"]).stem: r for r in rows(distributed)}
+    assert by_file["corrupt"]["status"].startswith(f"error: {inputs / 'corrupt.png'}: not a readable image")
+    assert all(by_file[n]["status"] == "ok" and int(by_file[n]["tiles"]) >= 1 for n in SIZES)
+    assert [r["file"] for r in rows(distributed)] == sorted(r["file"] for r in rows(distributed))
+
+    # Resume: masks on disk are kept (untouched), the missing ones predicted again, in both engines.
+    first = {Path(r["file"]).stem: r for r in rows(distributed)}
+    for out in (local, distributed):
+        (out / "b.png").unlink()
+        (out / "overlays" / "d.png").unlink()
+        for mask in out.glob("*.png"):
+            os.utime(mask, ns=(10**18, 10**18))
+    assert predict(model, inputs, local) == 1
+    assert predict(model, inputs, distributed, "--engine", "ray") == 1
+    assert files(distributed) == files(local)
+    assert untimed(distributed) == untimed(local)
+    again = {Path(r["file"]).stem: r for r in rows(distributed)}
+    assert again["b"]["status"] == "ok" and (distributed / "b.png").stat().st_mtime_ns != 10**18
+    for name in ("a", "c", "d"):
+        assert again[name]["status"] == "skipped-existing" and again[name][TIMING] == first[name][TIMING]
+        assert (distributed / f"{name}.png").stat().st_mtime_ns == 10**18
+    assert (distributed / "overlays" / "d.png").is_file()                 # drawn from the existing mask
+
+
+def test_manifests_csv_and_parquet(tmp_path, model, inputs):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    listed = [str(inputs / "c.png"), (inputs / "a.png").as_uri(), str(inputs / "corrupt.png")]
+    manifest_csv = tmp_path / "images.csv"
+    manifest_csv.write_text("path,subject\n" + "".join(f"{p},s{i}\n" for i, p in enumerate(listed)))
+    manifest_parquet = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"subject": ["x", "y", "z"], "path": listed}), manifest_parquet)
+    assert predict(model, manifest_csv, tmp_path / "local") == 1
+    assert predict(model, manifest_parquet, tmp_path / "ray", "--engine", "ray") == 1
+    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    assert untimed(tmp_path / "ray") == untimed(tmp_path / "local")
+    assert sorted(Path(r["file"]).name for r in rows(tmp_path / "ray")) == ["a.png", "c.png", "corrupt.png"]
+
+
+def test_pyfunc_model_predicts_inside_ray(tmp_path, model, inputs):
+    """The registered pyfunc model (serving/pyfunc.py) loaded with mlflow.pyfunc.load_model in a
+    Ray task gives the local engine's mask (the snippet of docs/serving.md)."""
+    import mlflow.pyfunc
+
+    from serving.pyfunc import ONNX_ARTIFACT, FlexUNetPyfunc
+
+    saved = tmp_path / "pyfunc"
+    mlflow.pyfunc.save_model(str(saved), python_model=FlexUNetPyfunc(), artifacts={ONNX_ARTIFACT: str(model)},
+                             pip_requirements=[])
+    assert predict(model, inputs / "d.png", tmp_path / "local") == 0
+
+    @ray.remote
+    def segment(uri: str, png: bytes) -> dict:
+        import mlflow.pyfunc
+        import pandas as pd
+
+        return mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [png]})).iloc[0].to_dict()
+
+    out = ray.get(segment.remote(str(saved), (inputs / "d.png").read_bytes()))
+    import base64
+    import io
+
+    ids = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))
+    np.testing.assert_array_equal(ids, np.asarray(Image.open(tmp_path / "local" / "d.png")))
+    assert (out["height"], out["width"]) == SIZES["d"]
+    shutil.rmtree(saved)
