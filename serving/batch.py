@@ -159,10 +159,10 @@ def _csv_column(path: Path) -> tuple[list[str], Callable[[str], list[Any]]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            rows = list(reader)
+            columns, rows = list(reader.fieldnames or []), list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: cannot read the manifest ({exc})") from None
-    return list(reader.fieldnames or []), lambda column: [r.get(column) for r in rows]
+    return columns, lambda column: [r.get(column) for r in rows]
 
 
 def _parquet_column(path: Path) -> tuple[list[str], Callable[[str], list[Any]]]:

@@ -70,7 +70,7 @@ def files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))}
 
 
-def test_same_outputs_as_local_then_resume(tmp_path, model, inputs):
+def test_same_outputs_as_local_then_resume_from_manifests(tmp_path, model, inputs):
     local, distributed = tmp_path / "local", tmp_path / "ray"
     assert predict(model, inputs, local) == 1                              # the corrupt file fails
     assert predict(model, inputs, distributed, "--engine", "ray", "--workers", "2") == 1
@@ -81,18 +81,29 @@ def test_same_outputs_as_local_then_resume(tmp_path, model, inputs):
     assert all(by_file[n]["status"] == "ok" and int(by_file[n]["tiles"]) >= 1 for n in SIZES)
     assert [r["file"] for r in rows(distributed)] == sorted(r["file"] for r in rows(distributed))
 
-    # Resume: masks on disk are kept (untouched), the missing ones predicted again, in both engines.
+    # Resume, the same inputs listed by a CSV manifest (local) and a Parquet one (ray): masks
+    # on disk are kept untouched, the missing ones predicted again, in both engines.
+    listed = [str(inputs / f"{name}.png") for name in SIZES] + [str(inputs / "corrupt.png")]
+    listed[0] = Path(listed[0]).as_uri()                                   # file:// URIs are paths too
+    manifest_csv = tmp_path / "images.csv"
+    manifest_csv.write_text("subject,path\n" + "".join(f"s{i},{p}\n" for i, p in enumerate(listed)))
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    manifest_parquet = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"path": listed, "subject": [f"s{i}" for i in range(len(listed))]}), manifest_parquet)
     first = {Path(r["file"]).stem: r for r in rows(distributed)}
     for out in (local, distributed):
         (out / "b.png").unlink()
         (out / "overlays" / "d.png").unlink()
         for mask in out.glob("*.png"):
             os.utime(mask, ns=(10**18, 10**18))
-    assert predict(model, inputs, local) == 1
-    assert predict(model, inputs, distributed, "--engine", "ray") == 1
+    assert predict(model, manifest_csv, local) == 1
+    assert predict(model, manifest_parquet, distributed, "--engine", "ray") == 1
     assert files(distributed) == files(local)
     assert untimed(distributed) == untimed(local)
     again = {Path(r["file"]).stem: r for r in rows(distributed)}
+    assert sorted(again) == sorted(first) and again["corrupt"]["status"] == first["corrupt"]["status"]
     assert again["b"]["status"] == "ok" and (distributed / "b.png").stat().st_mtime_ns != 10**18
     for name in ("a", "c", "d"):
         assert again[name]["status"] == "skipped-existing" and again[name][TIMING] == first[name][TIMING]
@@ -100,22 +111,7 @@ def test_same_outputs_as_local_then_resume(tmp_path, model, inputs):
     assert (distributed / "overlays" / "d.png").is_file()                 # drawn from the existing mask
 
 
-def test_manifests_csv_and_parquet(tmp_path, model, inputs):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
-
-    listed = [str(inputs / "c.png"), (inputs / "a.png").as_uri(), str(inputs / "corrupt.png")]
-    manifest_csv = tmp_path / "images.csv"
-    manifest_csv.write_text("path,subject\n" + "".join(f"{p},s{i}\n" for i, p in enumerate(listed)))
-    manifest_parquet = tmp_path / "images.parquet"
-    pq.write_table(pa.table({"subject": ["x", "y", "z"], "path": listed}), manifest_parquet)
-    assert predict(model, manifest_csv, tmp_path / "local") == 1
-    assert predict(model, manifest_parquet, tmp_path / "ray", "--engine", "ray") == 1
-    assert files(tmp_path / "ray") == files(tmp_path / "local")
-    assert untimed(tmp_path / "ray") == untimed(tmp_path / "local")
-    assert sorted(Path(r["file"]).name for r in rows(tmp_path / "ray")) == ["a.png", "c.png", "corrupt.png"]
-
-
+@pytest.mark.filterwarnings("ignore:Add type hints:UserWarning")
 def test_pyfunc_model_predicts_inside_ray(tmp_path, model, inputs):
     """The registered pyfunc model (serving/pyfunc.py) loaded with mlflow.pyfunc.load_model in a
     Ray task gives the local engine's mask (the snippet of docs/serving.md)."""

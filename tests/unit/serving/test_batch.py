@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main
-from serving.batch import CSV_NAME, predict_folder, resolve_inputs
+from serving.batch import CSV_NAME, predict_folder, read_manifest, resolve_inputs
 from common.errors import UserError
 from serving.load import load_predictor
 from serving.settings import TilingSettings
@@ -278,10 +278,10 @@ def test_console_script_runs_without_tensorflow(tmp_path, model):
         "import os, sys\n"
         "class Block:  # records, then refuses, any attempt (even a guarded optional import)\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('tensorflow', 'keras'):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'keras', 'ray'):\n"
         "            with open(os.environ['IMPORT_LOG'], 'a') as fh:\n"
         "                fh.write(name + '\\n')\n"
-        "            raise ImportError(f'{name} must not be imported by flexunet predict')\n"
+        "            raise ImportError(f'{name} must not be imported by flexunet predict (local engine)')\n"
         "sys.meta_path.insert(0, Block())\n")
     _write_images(tmp_path / "in")
     (tmp_path / "in" / "zero.png").write_bytes(b"")
@@ -297,3 +297,50 @@ def test_console_script_runs_without_tensorflow(tmp_path, model):
     assert f"{tmp_path / 'in' / 'zero.png'}: file is empty (0 bytes)" in out.stderr
     assert "predicted 6 images: 5 ok, 0 skipped (existing), 1 failed" in out.stderr
     assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 5
+
+
+def test_manifest_lists_paths_uris_and_relative_paths(tmp_path):
+    """A .csv or .parquet manifest: column 'path' (or the only column), in its order; file://
+    URIs decoded, relative paths from the manifest's folder; listed files are not checked here
+    (a missing one becomes an error row, like a glob's unreadable match)."""
+    (tmp_path / "sub dir").mkdir()
+    absolute = tmp_path / "sub dir" / "x.png"
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_text(f"id,path\n1,{absolute}\n2,{absolute.with_name('y.png').as_uri()}\n3,rel/z.png\n4,\n")
+    expected = [absolute, absolute.with_name("y.png"), tmp_path / "rel" / "z.png"]
+    assert read_manifest(csv_file) == expected == resolve_inputs(str(csv_file))
+    single = tmp_path / "single.csv"
+    single.write_text("image\nrel/z.png\n")   # no 'path' column: the only column is taken
+    assert read_manifest(single) == [tmp_path / "rel" / "z.png"]
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"path": [str(absolute), "rel/z.png"], "n": [1, 2]}), tmp_path / "m.parquet")
+    assert resolve_inputs(str(tmp_path / "m.parquet")) == [absolute, tmp_path / "rel" / "z.png"]
+
+
+def test_bad_manifests_are_one_line_errors(tmp_path):
+    from tests.unit.serving.conftest import raises_one_line
+
+    cases = {"two.csv": ("a,b\n1,2\n", "a manifest needs a column 'path' of image paths .*found a, b"),
+             "empty.csv": ("path\n\n", "the manifest lists no images"),
+             "nothing.csv": ("", "found no columns"),
+             "bucket.csv": ("path\ns3://bucket/x.png\n", "s3://bucket/x.png: only local paths and file:// URIs")}
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        raises_one_line(match, resolve_inputs, str(tmp_path / name))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    raises_one_line("bad.parquet: cannot read the manifest", read_manifest, tmp_path / "bad.parquet")
+
+
+def test_ray_engine_without_ray_names_the_extra(tmp_path, model, monkeypatch, capsys):
+    """The light install has no Ray: --engine ray is one line naming the extra, exit 2; the
+    Ray options without --engine ray are a usage error too."""
+    _write_images(tmp_path / "in")
+    monkeypatch.setitem(sys.modules, "ray", None)           # `import ray` now fails as if absent
+    monkeypatch.delitem(sys.modules, "serving.ray_engine", raising=False)
+    args = ["--model", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    assert _predict(*args, "--engine", "ray") == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --engine ray needs Ray (ray is not installed): pip install 'flexunet[ray]'"]
+    assert _predict(*args, "--workers", "2") == 2
+    assert capsys.readouterr().err.strip() == "error: --address and --workers are options of --engine ray"
+    assert not (tmp_path / "out").exists()
