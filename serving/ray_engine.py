@@ -65,9 +65,9 @@ class RayEngine:
         cpus = self.settings.threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.workers)
         items = [{"file": str(path), "previous": json.dumps({k: (prev or {}).get(k, "") for k in RESUME_KEYS})}
                  for path, prev in jobs]
-        ds = ray.data.from_items(items).map_batches(
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(   # a block, a task per image
             _ImageWorker, batch_size=1, batch_format="numpy", num_cpus=cpus,
-            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(items))),   # no idle actors
             fn_constructor_kwargs={"model": self.model_bytes, "settings": self.settings.replace(threads=cpus),
                                    "options": options, "source": self.source})
         for item in ds.iter_rows():

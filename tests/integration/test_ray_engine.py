@@ -5,9 +5,10 @@ pyfunc model predicting inside a Ray task."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +112,23 @@ def test_same_outputs_as_local_then_resume_from_manifests(tmp_path, model, input
     assert (distributed / "overlays" / "d.png").is_file()                 # drawn from the existing mask
 
 
-@pytest.mark.filterwarnings("ignore:Add type hints:UserWarning")
-def test_pyfunc_model_predicts_inside_ray(tmp_path, model, inputs):
-    """The registered pyfunc model (serving/pyfunc.py) loaded with mlflow.pyfunc.load_model in a
-    Ray task gives the local engine's mask (the snippet of docs/serving.md)."""
+class Segment:
+    """docs/serving.md's snippet: the registered pyfunc model in a Ray Data actor."""
+
+    def __init__(self, uri: str):
+        import mlflow.pyfunc
+
+        self.model = mlflow.pyfunc.load_model(uri)
+
+    def __call__(self, batch):          # a pandas DataFrame with the image bytes in `bytes`
+        out = self.model.predict(batch.rename(columns={"bytes": "image"})[["image"]])
+        return out.assign(path=batch["path"].values)   # mask_png (base64), height, width, pixels_*
+
+
+@pytest.mark.filterwarnings("ignore:.*Add type hints:UserWarning")
+def test_pyfunc_model_predicts_inside_ray_data(tmp_path, model, inputs):
+    """The pyfunc model (serving/pyfunc.py), saved as register logs it and loaded with
+    mlflow.pyfunc.load_model in a map_batches actor, gives the local engine's mask."""
     import mlflow.pyfunc
 
     from serving.pyfunc import ONNX_ARTIFACT, FlexUNetPyfunc
@@ -123,19 +137,10 @@ def test_pyfunc_model_predicts_inside_ray(tmp_path, model, inputs):
     mlflow.pyfunc.save_model(str(saved), python_model=FlexUNetPyfunc(), artifacts={ONNX_ARTIFACT: str(model)},
                              pip_requirements=[])
     assert predict(model, inputs / "d.png", tmp_path / "local") == 0
-
-    @ray.remote
-    def segment(uri: str, png: bytes) -> dict:
-        import mlflow.pyfunc
-        import pandas as pd
-
-        return mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [png]})).iloc[0].to_dict()
-
-    out = ray.get(segment.remote(str(saved), (inputs / "d.png").read_bytes()))
-    import base64
-    import io
-
+    masks = (ray.data.read_binary_files(str(inputs / "d.png"), include_paths=True)
+             .map_batches(Segment, fn_constructor_kwargs={"uri": str(saved)}, batch_size=1, batch_format="pandas",
+                          compute=ray.data.ActorPoolStrategy(size=1)))
+    [out] = masks.take_all()
     ids = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))
     np.testing.assert_array_equal(ids, np.asarray(Image.open(tmp_path / "local" / "d.png")))
-    assert (out["height"], out["width"]) == SIZES["d"]
-    shutil.rmtree(saved)
+    assert (out["height"], out["width"]) == SIZES["d"] and out["path"].endswith("d.png")
