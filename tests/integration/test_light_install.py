@@ -1,5 +1,6 @@
 """The light install: `pip install flexunet` (no extras) into a fresh venv runs `flexunet predict`,
-has no TensorFlow, and every other command says in one line which extra to install."""
+has no TensorFlow (nor Ray), and every other command (and `predict --engine ray`) says in one
+line which extra to install."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def light_venv(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def test_base_install_has_no_pipeline_dependencies(light_venv, tmp_path):
     venv, env = light_venv
-    for module in ("tensorflow", "pydantic", "mlflow"):
+    for module in ("tensorflow", "pydantic", "mlflow", "ray"):
         out = _run([str(venv / "bin" / "python"), "-c", f"import {module}"], env, tmp_path)
         assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr, (module, out.stderr)
 
@@ -81,7 +82,8 @@ def test_other_commands_name_the_extra_in_one_line(light_venv, tmp_path):
     venv, env = light_venv
     exe = str(venv / "bin" / "flexunet")
     for args, extra in ((["train"], "pipeline"), (["check"], "pipeline"),
-                        (["predict", "--model", "models:/m@champion", "--input", ".", "--output", "o"], "mlflow")):
+                        (["predict", "--model", "models:/m@champion", "--input", ".", "--output", "o"], "mlflow"),
+                        (["predict", "--engine", "ray", "--model", "m.onnx", "--input", ".", "--output", "o"], "ray")):
         (tmp_path / "x.png").write_bytes(b"")  # predict needs an input before it looks at the model
         out = _run([exe, *args], env, tmp_path)
         lines = out.stderr.strip().splitlines()
