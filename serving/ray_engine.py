@@ -95,6 +95,7 @@ def connect(address: str | None = None) -> None:
     """Join Ray unless this process already has: a new local instance when address is None
     and RAY_ADDRESS unset; otherwise that cluster, with serving/ and common/ shipped."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)   # its per-run INFO lines; our tqdm shows progress
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)   # "progress bars disabled"
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return

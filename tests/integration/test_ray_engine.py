@@ -125,7 +125,6 @@ class Segment:
         return out.assign(path=batch["path"].values)   # mask_png (base64), height, width, pixels_*
 
 
-@pytest.mark.filterwarnings("ignore:.*Add type hints:UserWarning")
 def test_pyfunc_model_predicts_inside_ray_data(tmp_path, model, inputs):
     """The pyfunc model (serving/pyfunc.py), saved as register logs it and loaded with
     mlflow.pyfunc.load_model in a map_batches actor, gives the local engine's mask."""
