@@ -1,4 +1,5 @@
-"""MLflow store resolution (DVC temp copies!) and run status on failure."""
+"""MLflow store resolution (DVC temp copies!), run status on failure, what outputs record of
+the store, the experiment's kind, system metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pytest
 
 from common.errors import FlexUNetError
 from pipeline.config.schema import MlflowParams
-from pipeline.tracking import find_project_root, resolve_tracking_uri, run_status, start_run
+from pipeline.tracking import (
+    EXPERIMENT_KIND, find_project_root, portable_uri, resolve_tracking_uri, run_status, start_run, store_record,
+)
 
 
 def test_project_root_escapes_dvc_temp_experiment(tmp_path):
@@ -25,6 +28,42 @@ def test_tracking_uri_is_absolute_and_overridable(tmp_path):
     assert resolve_tracking_uri(rel, tmp_path, env={}) == f"sqlite:///{tmp_path.resolve()}/stores/m.db"
     assert resolve_tracking_uri(MlflowParams(tracking_uri="sqlite:////abs/m.db"), tmp_path, env={}) == "sqlite:////abs/m.db"
     assert resolve_tracking_uri(cfg, tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}) == "http://127.0.0.1:5000"
+
+
+def test_outputs_record_no_path_of_this_clone(tmp_path):
+    """models/train_run.json and registered.json travel to other clones (DVC remote, git):
+    the project's own store is resolved again there, so only other stores are recorded."""
+    root = tmp_path.resolve()
+    for cfg in (MlflowParams(), MlflowParams(tracking_uri="sqlite:///stores/m.db"), MlflowParams(tracking_uri="m.db")):
+        assert portable_uri(resolve_tracking_uri(cfg, root, env={}), root) is None
+    assert store_record(f"sqlite:///{root}/mlflow.db", root) == {}
+    assert portable_uri("sqlite:////elsewhere/m.db", root) == "sqlite:////elsewhere/m.db"
+    assert store_record("http://host:5000", root) == {"tracking_uri": "http://host:5000"}
+    temp = root / ".dvc" / "tmp" / "exps" / "tmpab12cd"   # `dvc exp run --temp`: the real project's store
+    assert portable_uri(f"sqlite:///{root}/mlflow.db", temp) is None
+
+
+def test_experiment_opens_as_model_training_and_runs_sample_system_metrics(tmp_path, monkeypatch):
+    """MLflow 3's UI shows an experiment without the kind tag as GenAI; a train run logs
+    system/* metrics (psutil) every sampling interval."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    cfg = MlflowParams(experiment_name="t")
+    with start_run(cfg, tmp_path, system_metrics=True) as run:
+        time.sleep(0.7)
+    client = MlflowClient(run.tracking_uri)
+    experiment = client.get_experiment_by_name("t")
+    assert experiment.tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    metrics = client.get_run(run.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    client.delete_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND[0])   # an experiment made before
+    with start_run(cfg, tmp_path) as plain:
+        pass
+    assert client.get_experiment_by_name("t").tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    assert not [k for k in client.get_run(plain.run_id).data.metrics if k.startswith("system/")]
 
 
 def test_failed_block_marks_run_failed_and_success_finished(tmp_path):
