@@ -184,8 +184,9 @@ def onnx_signature(onnx_path: Path) -> Any:
                           outputs=Schema([spec(v) for v in graph.output]))
 
 
-# MLflow 3's UI opens an experiment in its GenAI view unless this tag says otherwise
-# (values from the UI's own list: "genai_development", "custom_model_development").
+# MLflow 3 classifies an experiment as GenAI or model training by this tag (values from the
+# UI's own list: "genai_development", "custom_model_development"); untagged, the UI asks.
+# MLflow 3.17's sidebar also follows a per-browser switch: docs/tracking.md.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
