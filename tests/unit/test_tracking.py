@@ -43,30 +43,14 @@ def test_outputs_record_no_path_of_this_clone(tmp_path):
     assert portable_uri(f"sqlite:///{root}/mlflow.db", temp) is None
 
 
-def test_experiment_opens_as_model_training_and_runs_sample_system_metrics(tmp_path, monkeypatch):
-    """MLflow 3's UI shows an experiment without the kind tag as GenAI; a train run logs
-    system/* metrics (psutil) every sampling interval."""
+def test_failed_block_marks_run_failed_and_success_finished(tmp_path, monkeypatch):
+    """Also (one store for all, its creation is most of the time): the experiment is tagged
+    as model training, as MLflow 3's UI reads it, even one created before the tag; a run
+    with system_metrics logs system/* metrics (psutil) every sampling interval."""
     import time
 
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    cfg = MlflowParams(experiment_name="t")
-    with start_run(cfg, tmp_path, system_metrics=True) as run:
-        time.sleep(0.7)
-    client = MlflowClient(run.tracking_uri)
-    experiment = client.get_experiment_by_name("t")
-    assert experiment.tags[EXPERIMENT_KIND[0]] == "custom_model_development"
-    metrics = client.get_run(run.run_id).data.metrics
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
-    client.delete_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND[0])   # an experiment made before
-    with start_run(cfg, tmp_path) as plain:
-        pass
-    assert client.get_experiment_by_name("t").tags[EXPERIMENT_KIND[0]] == "custom_model_development"
-    assert not [k for k in client.get_run(plain.run_id).data.metrics if k.startswith("system/")]
-
-
-def test_failed_block_marks_run_failed_and_success_finished(tmp_path):
     cfg = MlflowParams(experiment_name="t")
     with pytest.raises(RuntimeError):
         with start_run(cfg, tmp_path, tags={"k": "v"}) as run:
@@ -74,10 +58,23 @@ def test_failed_block_marks_run_failed_and_success_finished(tmp_path):
             run.log_metrics({"loss": 1.0}, step=1)
             raise RuntimeError("boom")
     assert run_status(failed.tracking_uri, failed.run_id) == "FAILED"
-    with start_run(cfg, tmp_path) as run:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    with start_run(cfg, tmp_path, system_metrics=True) as run:
         run.log_metrics({"loss": 0.5, "nan": float("nan")}, step=1)
+        time.sleep(1.2)   # many intervals: a loaded machine still publishes some
     assert run_status(run.tracking_uri, run.run_id) == "FINISHED"
     assert (tmp_path / "mlflow.db").is_file()
+
+    client = MlflowClient(run.tracking_uri)
+    experiment = client.get_experiment_by_name("t")
+    assert experiment.tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    metrics = client.get_run(run.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    assert not [k for k in client.get_run(failed.run_id).data.metrics if k.startswith("system/")]
+    client.delete_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND[0])   # an experiment made before
+    with start_run(cfg, tmp_path):
+        pass
+    assert client.get_experiment_by_name("t").tags[EXPERIMENT_KIND[0]] == "custom_model_development"
 
 
 def test_reopening_a_run_the_store_lacks_is_one_clear_error(tmp_path):
