@@ -96,6 +96,22 @@ class RunLogger:
 
         mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
 
+    def log_dataset(self, rows: list[dict[str, Any]], *, name: str, source: str, digest: str, context: str,
+                    tags: dict[str, str] | None = None) -> None:
+        """One split as a run input (the run page's *Datasets*): a table of its samples
+        (`rows`, one dict per image), so the UI shows its schema and row count; `source`
+        is the split's project-relative path, `digest` the dataset fingerprint."""
+        import warnings
+
+        import mlflow
+        import mlflow.data
+        import pandas as pd
+
+        with warnings.catch_warnings():   # "the source can be interpreted in multiple ways": a local path
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=digest)
+        mlflow.log_input(dataset, context=context, tags=tags)
+
     def log_keras_model(self, model: Any, input_example: np.ndarray, name: str = "model") -> None:
         import mlflow
         import mlflow.keras
@@ -168,15 +184,45 @@ def onnx_signature(onnx_path: Path) -> Any:
                           outputs=Schema([spec(v) for v in graph.output]))
 
 
+# MLflow 3 classifies an experiment as GenAI or model training by this tag (values from the
+# UI's own list: "genai_development", "custom_model_development"); untagged, the UI asks.
+# MLflow 3.17's sidebar also follows a per-browser switch: docs/tracking.md.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _ensure_experiment(name: str, tracking_uri: str, project_root: Path) -> str:
+    """The experiment's id, creating it if needed; tagged as model training (an experiment
+    created before the tag existed gets it here, one kind set by hand is left alone)."""
     import mlflow
 
+    key, kind = EXPERIMENT_KIND
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
+        if key not in existing.tags:
+            mlflow.MlflowClient(tracking_uri).set_experiment_tag(existing.experiment_id, key, kind)
         return existing.experiment_id
     local = tracking_uri.startswith("sqlite:")
     location = (project_root / "mlartifacts" / _safe(name)).resolve().as_uri() if local else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={key: kind})
+
+
+def portable_uri(uri: str, project_root: Path) -> str | None:
+    """What an output may record of the store `uri`: None for a sqlite file inside the
+    project (each clone resolves its own at run time), else `uri` itself (a server, or a
+    file named by an absolute path). Outputs travel through a DVC remote to other machines:
+    an absolute path of the first clone would point the others at a store they lack."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    root = find_project_root(project_root)
+    path = Path(uri.removeprefix("sqlite:///"))
+    path = (path if path.is_absolute() else root / path).resolve()
+    return None if path.is_relative_to(root) else uri
+
+
+def store_record(uri: str, project_root: Path) -> dict[str, str]:
+    """`{"tracking_uri": uri}` for an output file, or {} when the store is the project's own."""
+    portable = portable_uri(uri, project_root)
+    return {} if portable is None else {"tracking_uri": portable}
 
 
 @contextmanager
@@ -203,11 +249,14 @@ def use_store(uri: str) -> Iterator[None]:
 @contextmanager
 def start_run(cfg: MlflowParams, project_root: Path, *, run_name: str | None = None,
               tags: dict[str, str] | None = None, run_id: str | None = None,
-              parent_run_id: str | None = None) -> Iterator[RunLogger]:
+              parent_run_id: str | None = None, system_metrics: bool = False) -> Iterator[RunLogger]:
     """Start a new run (or reopen `run_id`), nested under `parent_run_id` if given (the
-    parent need not be active in this process); an exception marks it FAILED and re-raises."""
+    parent need not be active in this process); an exception marks it FAILED and re-raises.
+    `system_metrics`: a new run samples CPU, memory, disk and network (psutil) every
+    $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default) as `system/*` metrics."""
     uri = resolve_tracking_uri(cfg, project_root)
-    with use_store(uri), _active_run(cfg, project_root, uri, run_name, run_id, parent_run_id) as handle:
+    with use_store(uri), _active_run(cfg, project_root, uri, run_name, run_id, parent_run_id,
+                                     system_metrics) as handle:
         if tags:
             handle.set_tags(tags)
         yield handle
@@ -215,14 +264,15 @@ def start_run(cfg: MlflowParams, project_root: Path, *, run_name: str | None = N
 
 @contextmanager
 def _active_run(cfg: MlflowParams, project_root: Path, uri: str, run_name: str | None,
-                run_id: str | None, parent_run_id: str | None = None) -> Iterator[RunLogger]:
+                run_id: str | None, parent_run_id: str | None = None,
+                system_metrics: bool = False) -> Iterator[RunLogger]:
     import mlflow
 
     if run_id is None:
         experiment_id = _ensure_experiment(cfg.experiment_name, uri, project_root)
         close_orphaned_runs(uri, experiment_id)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
-                               nested=parent_run_id is not None)
+                               nested=parent_run_id is not None, log_system_metrics=system_metrics)
     else:
         _require_run(run_id, uri)
         close_orphaned_runs(uri, _experiment_of(uri, run_id))
@@ -335,6 +385,7 @@ class VersionInfo:
     version: str
     tags: dict[str, str]
     aliases: list[str]
+    description: str = ""
 
 
 @dataclass
@@ -350,7 +401,8 @@ class Registry:
 
     @staticmethod
     def _info(mv) -> VersionInfo:
-        return VersionInfo(mv.name, str(mv.version), dict(mv.tags or {}), sorted(getattr(mv, "aliases", []) or []))
+        return VersionInfo(mv.name, str(mv.version), dict(mv.tags or {}), sorted(getattr(mv, "aliases", []) or []),
+                           mv.description or "")
 
     def versions(self, name: str) -> list[VersionInfo]:
         query = f"name = '{name}'" if "'" not in name else f'name = "{name}"'
@@ -374,11 +426,14 @@ class Registry:
         except MlflowException:  # no such model or alias
             return None
 
-    def create_version(self, name: str, model_uri: str, tags: dict[str, str]) -> VersionInfo:
+    def create_version(self, name: str, model_uri: str, tags: dict[str, str], description: str = "") -> VersionInfo:
+        """A new version; `description` (Markdown) is what the UI shows on the version's page."""
         import mlflow
 
         with use_store(self.tracking_uri):
             mv = mlflow.register_model(model_uri, name, tags={k: v for k, v in tags.items() if v is not None})
+        if description:
+            self._client().update_model_version(name, str(mv.version), description=description)
         return self.version(name, mv.version)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:

@@ -8,7 +8,9 @@ What it does, in the training run named in models/train_run.json:
    `mlflow models serve -m models:/<name>@champion` serves.
 2. Registers the pyfunc model as a NEW version of `registry.model_name`, tagged with the
    test metrics of metrics/eval.json (`test_mean_foreground_dice`, ...), the dataset
-   fingerprint, the git commit of the training run and the ONNX file's sha256.
+   fingerprint, the git commit of the training run and the ONNX file's sha256; its
+   description is a model card in Markdown (model_card(): data, metrics, limits, intended
+   use), from the ONNX file's card, metrics/eval.json and the dataset manifest.
 
 Alias rule (documented in docs/serving.md):
 - `challenger` always moves to the version just registered (or reused);
@@ -42,7 +44,7 @@ from pipeline.data.pairs import find_pairs
 from common.errors import DataError
 from pipeline.layout import Layout
 from pipeline.tracking import (
-    Registry, VersionInfo, find_project_root, git_commit, resolve_tracking_uri, run_tags, start_run,
+    Registry, VersionInfo, find_project_root, git_commit, resolve_tracking_uri, run_tags, start_run, store_record,
 )
 from common.atomic import remove_on_failure, write_json
 from serving.card import ModelCard, read_card, sha256_file
@@ -80,6 +82,59 @@ def _version_tags(layout: Layout, run_id: str, tracking_uri: str, card: ModelCar
     return {**{f"test_{k}": repr(v) for k, v in metrics.items()}, SHA_TAG: sha,
             "dataset_fingerprint": card.dataset_fingerprint or "unknown", "git_commit": commit or "unknown",
             "dataset": card.dataset or "unknown"}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def model_card(card: ModelCard, metrics: dict[str, float], warnings: list[str], manifest: dict[str, Any],
+               *, name: str, min_dice: float, run_id: str) -> str:
+    """The registered version's description: a short model card in Markdown."""
+    classes = card.class_names
+    foreground = classes[1:]
+    counts = manifest.get("counts", {})
+    source = manifest.get("source", "unknown")
+    scans = manifest.get("scans") or []
+    subjects = {s.get("subject_id") for s in manifest.get("subjects", [])} or {s.get("subject_id") for s in scans}
+    split_text = ", ".join(f"{split} {counts[split]}" for split in ("train", "valid", "test", "mini_test")
+                           if split in counts)
+    rows = "\n".join(f"| {c} | {_fmt(metrics.get(f'dice_{c}'))} | {_fmt(metrics.get(f'iou_{c}'))} | "
+                      f"{_fmt(metrics.get(f'precision_{c}'))} | {_fmt(metrics.get(f'recall_{c}'))} |" for c in foreground)
+    limits = [f"Trained and tested on **{source}** data only"
+              + (": synthetic images, not validated on real scans." if source == "synthetic" else "."),
+              f"Input: {'greyscale' if card.channels == 1 else 'RGB'} images, tiled at {card.tile_size} px "
+              f"(sides padded to multiples of {card.size_multiple}); other modalities or resolutions are untested.",
+              f"A test mean foreground Dice under {min_dice:g} (`evaluate.min_dice`) never becomes champion."]
+    if card.single_foreground_class:
+        limits.append("One foreground class per image: the class with the larger summed probability wins.")
+    limits += [f"Evaluate warned: {w}" for w in warnings]
+    lines = [
+        f"# {name}: FlexUNet segmentation of {card.dataset or 'unknown'}",
+        "",
+        "## Intended use",
+        f"Pixel-wise segmentation into {', '.join(classes)}; research and pipeline demonstration, "
+        "not for clinical decisions. Serve it with `mlflow models serve -m models:/"
+        f"{name}@champion` (whole images of any size, tiled) or `flexunet predict` on the ONNX file.",
+        "",
+        "## Data",
+        f"- Dataset `{card.dataset}` ({source}), fingerprint `{card.dataset_fingerprint or 'unknown'}`",
+        f"- Images per split: {split_text or 'unknown'}"
+        + (f"; {len(subjects)} subjects, split by subject" if subjects - {None} else ""),
+        f"- Training run `{run_id}` (its *Datasets* list the splits)",
+        "",
+        "## Test metrics",
+        f"Mean foreground Dice **{_fmt(metrics.get('mean_foreground_dice'))}**, pixel accuracy "
+        f"{_fmt(metrics.get('pixel_accuracy'))}.",
+        "",
+        "| class | Dice | IoU | precision | recall |",
+        "|---|---|---|---|---|",
+        rows,
+        "",
+        "## Limits",
+        *[f"- {item}" for item in limits],
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _log_models(layout: Layout, run_id: str, card: ModelCard) -> str:
@@ -142,7 +197,9 @@ def register(layout: Layout) -> dict[str, Any]:
         if existing is None:
             uri = _log_models(layout, run_id, card)
             tags = _version_tags(layout, run_id, tracking_uri, card, sha, metrics)
-            version = registry.create_version(r.model_name, uri, tags).version
+            description = model_card(card, metrics, warnings, layout.read_manifest(), name=r.model_name,
+                                     min_dice=p.evaluate.min_dice, run_id=run_id)
+            version = registry.create_version(r.model_name, uri, tags, description).version
             log.info("registered %s version %s", r.model_name, version)
         else:
             version = existing.version
@@ -161,7 +218,8 @@ def register(layout: Layout) -> dict[str, Any]:
             "name": r.model_name, "version": version, "aliases": final.aliases, "reused": existing is not None,
             "champion": promote, "decision": why, "warnings": warnings, "onnx_sha256": sha, DICE_TAG: dice, "run_id": run_id,
             "model_uri": f"models:/{r.model_name}@{r.champion_alias}",
-            "version_uri": f"models:/{r.model_name}/{version}", "tracking_uri": tracking_uri,
+            "version_uri": f"models:/{r.model_name}/{version}",
+            **store_record(tracking_uri, layout.root),   # a git-tracked file: no path of this clone
         }
         write_json(layout.registered_file, report)
     (log.warning if warnings or not promote else log.info)("%s v%s: %s -> %s", r.model_name, version, why,

@@ -4,6 +4,8 @@ Outputs (all or nothing): models/model.keras (the last epoch's weights, or the l
 validation loss's with train.keep_weights: best), models/train_run.json (MLflow run id for
 the later stages), metrics/train.json, plots/train_curves.png and the per-epoch DVCLive
 plots in dvclive/. A killed training resumes at its last completed epoch (pipeline.model.resume).
+The run records its three splits as inputs (the dataset fingerprint as their digest) and
+samples system metrics (CPU, memory) while it trains.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import numpy as np
 
 from common.atomic import atomic_path, remove_on_failure, write_json
 from pipeline import plots
+from pipeline.data.pairs import find_pairs
 from pipeline.data.samples import load_infer_samples, load_large_samples
-from pipeline.layout import Layout
+from pipeline.layout import SPLITS, Layout
 from pipeline.model.architecture import forward_flops
 from pipeline.model.callbacks import EpochChangeInference, EpochChangeTiledInference
 from pipeline.model.fit import Fit, fit, onednn_enabled
 from pipeline.model.flexunet import as_float32
 from pipeline.model.resume import Snapshot, TrainingState
-from pipeline.tracking import find_project_root, standard_tags, start_run
+from pipeline.tracking import find_project_root, standard_tags, start_run, store_record
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,40 @@ def stage_callbacks(layout: Layout, run, snapshot: Snapshot | None) -> list:
     return callbacks
 
 
+CONTEXTS = {"train": "training", "valid": "validation", "test": "testing"}
+# MLflow stores a dataset digest in at most 36 characters: the fingerprint's first 12, as a
+# short git commit (the full one is the input's `dataset.fingerprint` tag and the run's).
+DIGEST_CHARS = 12
+
+
+def split_rows(layout: Layout, manifest: dict, split: str) -> list[dict]:
+    """One row per image of the split: its files (project-relative) and, when the manifest
+    knows them (kidney-t2w), the subject, scan and group it comes from."""
+    scans = {stem: scan for scan in manifest.get("scans", []) for stem in scan.get("stems", [])}
+    rows = []
+    for pair in find_pairs(layout.data_dir / split):
+        scan = scans.get(pair.image.stem, {})
+        rows.append({"image": _relative(pair.image, layout.root), "mask": _relative(pair.mask, layout.root),
+                     **{k: str(scan[k]) for k in ("subject_id", "scan", "group") if k in scan}})
+    return rows
+
+
+def _relative(path: Path, root: Path) -> str:
+    """Project-relative when inside the project (the same on every clone), else absolute."""
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def log_datasets(layout: Layout, run, manifest: dict) -> None:
+    """The train, valid and test splits as the run's inputs: the lineage the MLflow UI shows."""
+    fingerprint = manifest.get("fingerprint") or "unknown"
+    name = manifest.get("dataset") or layout.params.dataset.name
+    for split in SPLITS:
+        run.log_dataset(split_rows(layout, manifest, split), name=f"{name}/{split}",
+                        source=_relative(layout.data_dir / split, layout.root),
+                        digest=fingerprint[:DIGEST_CHARS], context=CONTEXTS[split],
+                        tags={"dataset.fingerprint": fingerprint})
+
+
 def train(layout: Layout) -> TrainResult:
     p = layout.params
     manifest = layout.read_manifest()
@@ -78,8 +115,9 @@ def train(layout: Layout) -> TrainResult:
     if snapshot is not None:
         tags.update({"flexunet.resumed_from_run": snapshot.run_id or "unknown",
                      "flexunet.resumed_at_epoch": str(snapshot.epochs_done + 1)})
-    with remove_on_failure(outputs), start_run(p.mlflow, project_root, tags=tags) as run:
+    with remove_on_failure(outputs), start_run(p.mlflow, project_root, tags=tags, system_metrics=True) as run:
         run.log_params(p.flat())
+        log_datasets(layout, run, manifest)
         for epoch in range(snapshot.epochs_done if snapshot else 0):   # the new run's curves start at epoch 1
             run.log_metrics({k: v[epoch] for k, v in snapshot.history.items()}, step=epoch + 1)
         layout.models.mkdir(parents=True, exist_ok=True)
@@ -120,7 +158,9 @@ def _finish(layout: Layout, run, model, result: Fit) -> TrainResult:
     if layout.params.mlflow.log_model:
         m = layout.params.model
         run.log_keras_model(model, np.zeros((1, m.image_height, m.image_width, m.image_channels), np.float32))
-    write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+    # The run id only: each clone resolves its own store (`dvc pull` brings this file to
+    # machines where the first clone's path means nothing); a server or an outside file is kept.
+    write_json(layout.run_file, {"run_id": run.run_id, **store_record(run.tracking_uri, layout.root)})
     log.info("%d of %d epochs; kept epoch %d (val_loss %.4f; best %d: %.4f); model -> %s", epochs_run, t.epochs,
              kept + 1, val_loss[kept], best + 1, val_loss[best], layout.model_file)
     return TrainResult(run.run_id, layout.model_file, kept + 1, epochs_run, best_metrics)

@@ -7,66 +7,22 @@ project's MLflow store (not the throw-away copy) with the experiment's name as a
 same change in the workspace comes back from the run-cache but still registers; a predict
 change reruns evaluate_tiled only; editing the mask reader makes every stage that
 imports it stale (dvc.yaml's code deps are complete); more trials continue the study. The tests run in file order,
-each on the state the previous one left.
+each on the state the previous one left (the `project` fixture: tests/integration/conftest.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import tiny_dict
+from tests.integration.conftest import BIN, sh
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 STAGES = ("prepare", "tune", "train", "evaluate", "export", "register", "evaluate_tiled")
-TINY_TUNE = {"n_trials": 2, "epochs_per_trial": 1, "train_subset": 8, "timeout_minutes": None, "pruner": "none",
-             "enqueue_current": False,   # random proposals: the tuned values differ from params.yaml's
-             "search_space": {"base_filters": {"type": "categorical", "choices": [2, 4]},
-                              "base_kernels": {"type": "int", "low": 3, "high": 5, "step": 2},
-                              "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
-
-
-def sh(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out.stdout + out.stderr
-
-
-@pytest.fixture(scope="session")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    for name in ("common", "pipeline", "serving"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root)
-    (root / "data" / "raw").mkdir(parents=True)
-    shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw")   # prepare's (empty) raw-data dep
-    raw = tiny_dict()
-    raw["train"].update(epochs=1, use_tuned_params=True, epoch_change_infer=False)
-    raw["mlflow"]["log_model"] = False
-    raw["tune"] = dict(TINY_TUNE)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\n__pycache__/\noptuna/\n")
-    sh(["git", "init", "-q"], root)
-    sh([str(BIN / "dvc"), "init", "-q"], root)
-    sh([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
-    sh(["git", "add", "-A"], root)
-    sh(["git", "commit", "-qm", "init"], root)
-    sh([str(BIN / "dvc"), "repro"], root)
-    return root
 
 
 def _ran(output: str) -> set[str]:
@@ -88,7 +44,14 @@ def test_repro_produces_every_output(project):
         status = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
         metrics = {k for (k,) in db.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
         tags = dict(db.execute("select key, value from tags where run_uuid=?", (run_id,)).fetchall())
+        datasets = {name for (name,) in db.execute(
+            "select d.name from inputs i join datasets d on d.dataset_uuid = i.source_id where i.destination_id=?",
+            (run_id,))}
     assert status == "FINISHED"
+    assert datasets == {"kidney-t2w/train", "kidney-t2w/valid", "kidney-t2w/test"}
+    # Outputs name no store path of this clone: each clone resolves its own (docs/tracking.md)
+    assert json.loads((project / "models" / "train_run.json").read_text()) == {"run_id": run_id}
+    assert "tracking_uri" not in json.loads((project / "models" / "registered.json").read_text())
     assert {"loss", "val_loss", "val_dice_CKD", "learning_rate", "test_mean_foreground_dice",
             "test_tkv_bias_ml"} <= metrics
     tkv = json.loads((project / "metrics" / "tkv.json").read_text())
@@ -153,7 +116,7 @@ def test_exp_run_temp_reruns_after_data_and_logs_into_project_store(project):
     not prepare or tune; its runs land in the project's MLflow store with the experiment's
     name, and its model becomes version 2 there."""
     sh(["git", "add", "-A"], project)
-    sh(["git", "commit", "-qm", "first run"], project)
+    sh(["git", "commit", "-qm", "before the experiment", "--allow-empty"], project)
     out = sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "two-epochs", "-S", "train.epochs=2"], project)
     assert _ran(out) == set(STAGES) - {"prepare", "tune"}, out
     with sqlite3.connect(project / "mlflow.db") as db:

@@ -42,7 +42,7 @@ def glomeruli_layout(tmp_path) -> Layout:
                    class_names=p.mask.class_names, colours=p.mask.colours)
     with start_run(p.mlflow, tmp_path, tags={"dataset.fingerprint": manifest["fingerprint"]}) as run:
         pass
-    write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+    write_json(layout.run_file, {"run_id": run.run_id})
     return layout
 
 

@@ -22,7 +22,7 @@ from pipeline.stages.export import (ExportError, card_for, export, int8_file, se
                                     tta_flips)
 from pipeline.layout import Layout
 from pipeline.config.load import params_from_dict
-from pipeline.tracking import run_status
+from pipeline.tracking import resolve_tracking_uri, run_status
 from serving.card import METADATA_KEY, ModelCard, read_card
 from tests.conftest import randomised, tiny_dict
 
@@ -101,8 +101,8 @@ def test_parity_metrics_within_targets_and_logged(exported):
 
     from mlflow.tracking import MlflowClient
 
-    run = layout.read_run()
-    data = MlflowClient(run["tracking_uri"]).get_run(run["run_id"]).data
+    store = resolve_tracking_uri(layout.params.mlflow, layout.root)
+    data = MlflowClient(store).get_run(layout.read_run()["run_id"]).data
     assert data.metrics["export_parity_max_abs"] == pytest.approx(saved["parity_max_abs"])
     assert data.tags["export.onnx_sha256"] == saved["onnx_sha256"]
 

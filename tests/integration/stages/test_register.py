@@ -25,7 +25,8 @@ from pipeline.layout import Layout
 from pipeline.model.flexunet import build_flexunet
 from pipeline.config.load import params_from_dict
 from pipeline.stages.register import register
-from pipeline.tracking import Registry, run_tags, standard_tags, start_run, use_store
+from pipeline.stages.train import log_datasets
+from pipeline.tracking import Registry, resolve_tracking_uri, run_tags, standard_tags, start_run, use_store
 from common.atomic import write_json
 from tests.conftest import tiny_dict
 
@@ -47,22 +48,27 @@ def _new_model(layout: Layout, seed: int, dice: float) -> None:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory) -> tuple[Layout, dict, Path]:
-    """One project (data, MLflow store, training run) for the module; model `t-serve` registered.
-    Other tests register other model names in the same store. Returns a copy of its ONNX file."""
+    """One project (data, MLflow store, training run with the train stage's inputs) for the
+    module; model `t-serve` registered. Other tests register other model names in the same
+    store. Returns a copy of its ONNX file."""
     root = tmp_path_factory.mktemp("register")
     layout = _layout(root, "t-serve")
     manifest = prepare(layout)
     with start_run(layout.params.mlflow, root, tags=standard_tags(root, manifest["fingerprint"], "train")) as run:
-        pass
-    write_json(layout.run_file, {"run_id": run.run_id, "tracking_uri": run.tracking_uri})
+        log_datasets(layout, run, manifest)
+    write_json(layout.run_file, {"run_id": run.run_id})
     _new_model(layout, seed=1, dice=0.7)
     onnx_copy = root / "served.onnx"
     shutil.copyfile(layout.onnx_file, onnx_copy)
     return layout, register(layout), onnx_copy
 
 
+def _store(layout: Layout) -> str:
+    return resolve_tracking_uri(layout.params.mlflow, layout.root)
+
+
 def _registry(layout: Layout) -> Registry:
-    return Registry(layout.read_run()["tracking_uri"])
+    return Registry(_store(layout))
 
 
 def test_first_version_is_champion_and_challenger_and_tagged(served):
@@ -75,7 +81,35 @@ def test_first_version_is_champion_and_challenger_and_tagged(served):
     assert tags["onnx_sha256"] == report["onnx_sha256"] and len(tags["onnx_sha256"]) == 64
     assert float(tags["test_mean_foreground_dice"]) == 0.7 and float(tags["test_dice_CKD"]) == 0.7
     assert tags["dataset_fingerprint"] == layout.read_manifest()["fingerprint"]
-    assert tags["git_commit"] == run_tags(run["tracking_uri"], run["run_id"]).get("mlflow.source.git.commit", "unknown")
+    assert tags["git_commit"] == run_tags(_store(layout), run["run_id"]).get("mlflow.source.git.commit", "unknown")
+    assert "tracking_uri" not in report   # the project's own store: no path of this clone in git
+
+
+def test_the_version_description_is_a_model_card(served):
+    layout, report, _ = served
+    card = _registry(layout).version("t-serve", "1").description
+    fingerprint = layout.read_manifest()["fingerprint"]
+    for heading in ("## Intended use", "## Data", "## Test metrics", "## Limits"):
+        assert heading in card
+    assert card.startswith("# t-serve: FlexUNet segmentation of kidney-t2w")
+    assert f"fingerprint `{fingerprint}`" in card and f"`{report['run_id']}`" in card
+    assert "Mean foreground Dice **0.7000**" in card and "| CKD | 0.7000 |" in card
+    assert "synthetic images, not validated on real scans" in card
+
+
+def test_the_training_run_lists_its_splits_as_datasets(served):
+    from mlflow.tracking import MlflowClient
+
+    layout, report, _ = served
+    inputs = MlflowClient(_store(layout)).get_run(report["run_id"]).inputs.dataset_inputs
+    fingerprint = layout.read_manifest()["fingerprint"]
+    found = {i.dataset.name: ({t.key: t.value for t in i.tags}, i.dataset) for i in inputs}
+    assert set(found) == {"kidney-t2w/train", "kidney-t2w/valid", "kidney-t2w/test"}
+    tags, dataset = found["kidney-t2w/train"]
+    assert tags["mlflow.data.context"] == "training" and tags["dataset.fingerprint"] == fingerprint
+    assert dataset.digest == fingerprint[:12] and json.loads(dataset.source) == {"uri": "data/kidney-t2w/train"}
+    assert json.loads(dataset.profile)["num_rows"] == layout.read_manifest()["counts"]["train"]
+    assert {"image", "mask", "subject_id", "scan", "group"} <= {c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
 
 
 def test_same_model_again_reuses_the_version(served):
@@ -153,7 +187,7 @@ def test_champion_pyfunc_predicts_whole_images_of_any_size(served):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)      # not a multiple of tile 32 nor of 4
     grey16 = rng.integers(0, 4000, (37, 50), dtype=np.uint16)    # 16-bit grey: stretched, replicated
-    with use_store(report["tracking_uri"]):
+    with use_store(_store(layout)):
         model = mlflow.pyfunc.load_model(report["model_uri"])
     out = model.predict(pd.DataFrame({"image": [_png(rgb), _png(grey16), _png(rgb)], "tta": [None, True, True]}))
     assert list(out["height"]) == [45, 37, 45] and list(out["width"]) == [70, 50, 70]
@@ -176,8 +210,8 @@ def test_scoring_server_accepts_json_and_rejects_bad_images(served):
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc.scoring_server import invocations
 
-    _, report, _ = served
-    with use_store(report["tracking_uri"]):
+    layout, report, _ = served
+    with use_store(_store(layout)):
         model = mlflow.pyfunc.load_model(report["model_uri"])
     schema = model.metadata.get_input_schema()
     b64 = base64.b64encode(_png(np.full((33, 41, 3), 90, np.uint8))).decode()
