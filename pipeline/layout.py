@@ -39,7 +39,7 @@ class Layout:
     model_file = _Under("models/model.keras")
     onnx_file = _Under("models/model.onnx")
     registered_file = _Under("models/registered.json", "What the register stage did: name, version, aliases.")
-    run_file = _Under("models/train_run.json", "Hand-off from train to later stages: MLflow run id and URI.")
+    run_file = _Under("models/train_run.json", "Hand-off from train to later stages: the MLflow run id.")
     tuned_params_file = _Under("tune/best_params.yaml", "The tune stage's best values (train.use_tuned_params).")
     train_overrides_file = _Under("tune/train_overrides.yaml", "What train depends on in dvc.yaml: the best "
                                   "values if train.use_tuned_params, else empty (new trials retrain only then).")
