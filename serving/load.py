@@ -9,11 +9,13 @@ mlflow); without the [mlflow] extra they are a one-line error naming it.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.reachable import require_reachable
 from serving.predictor import TiledPredictor
 from serving.settings import TilingSettings
 
@@ -28,6 +30,9 @@ def load_predictor(model: str | Path, settings: TilingSettings | None = None, **
     settings = (settings or TilingSettings()).replace(**changes)  # a bad value fails before any download
     text = str(model)
     if text.startswith(URI_SCHEMES):
+        # Before mlflow loads (seconds): a dead tracking server is one line, not minutes of retries.
+        require_reachable(os.environ.get("MLFLOW_TRACKING_URI", ""), f"{text} is downloaded from there: start "
+                          f"the server, or set MLFLOW_TRACKING_URI to a reachable one")
         download = _mlflow_download(text)
         with tempfile.TemporaryDirectory(prefix="flexunet-model-") as tmp:
             predictor = TiledPredictor.from_onnx(_find_onnx(download(text, Path(tmp)), text), settings)

@@ -197,8 +197,9 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
     log.info("study %s at %s: %s", name, studies.storage_location(t.storage, project_root), studies.counts(study))
     outputs = [layout.tuned_params_file, layout.train_overrides_file, layout.metrics / "tune.json",
                layout.plots / "tune_history.png", layout.plots / "tune_importance.png"] if worker == 0 else []
+    location = studies.storage_location(t.storage, project_root)
     with remove_on_failure(outputs):
-        with studies.setup_lock(t.storage, project_root):
+        with studies.study_lock(storage, location, name):   # one parent run, however many workers start
             parent = _parent_run(study, layout, project_root, fingerprint)
             if t.enqueue_current and not study.trials:
                 current = current_values(p.model, p.train, list(t.search_space))
@@ -206,15 +207,20 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
                 if inside:
                     study.enqueue_trial(inside, skip_if_exists=True)
         with start_run(p.mlflow, project_root, run_id=parent) as run:
-            timed_out = _run_trials(study, Objective(layout, project_root, parent), p, storage, project_root,
-                                    run.tracking_uri)
-            if timed_out:
-                run.set_tags({"flexunet.time_guard": f"tune.timeout_minutes {t.timeout_minutes} fired "
-                                                     f"(worker {worker})"})
-            if worker != 0:
-                return None
-            _wait_for_others(study, storage, p, project_root, run.tracking_uri)
-            return _report(study, layout, run, timed_out)
+            objective = Objective(layout, project_root, parent)
+            while True:
+                stop = _run_trials(study, objective, p, storage, location, run.tracking_uri)
+                if stop == "timeout":
+                    run.set_tags({"flexunet.time_guard": f"tune.timeout_minutes {t.timeout_minutes} fired "
+                                                         f"(worker {worker})"})
+                if worker != 0:
+                    return None
+                _wait_for_others(study, storage, location, run.tracking_uri)
+                # A worker that died mid-trial (its trial now FAIL) left the study short: the
+                # stage's outputs describe a study of n_trials, so worker 0 makes up for it.
+                c = studies.counts(study)
+                if stop != "full" or c["complete"] + c["pruned"] >= t.n_trials:
+                    return _report(study, layout, run, stop == "timeout")
 
 
 def _mlflow_closer(layout: Layout, project_root: Path):
@@ -254,12 +260,14 @@ def _close_dead(study: optuna.Study, storage: Any, tracking_uri: str) -> None:
 
 
 def _run_trials(study: optuna.Study, objective: Objective, params: Params, storage: Any,
-                project_root: Path, tracking_uri: str) -> bool:
+                location: str, tracking_uri: str) -> str:
     """Start trials while the study's complete + pruned + running trials are fewer than
-    n_trials. The count and the new trial are taken under the study's lock, so workers on
-    this machine never overshoot; ask/tell instead of optimize() for that reason (the
-    heartbeat optimize() would run is kept by studies.heartbeat). Returns whether the
-    opt-in tune.timeout_minutes stopped this worker before the study was complete."""
+    n_trials. The count and the new trial are taken under the study's lock
+    (studies.study_lock: a file lock on one machine, an advisory lock in PostgreSQL
+    across machines), so workers never overshoot; ask/tell instead of optimize() for that
+    reason (the heartbeat optimize() would run is kept by studies.heartbeat). Returns why
+    this worker stopped: "full" (the study has its trials, some maybe still running),
+    "timeout" (the opt-in tune.timeout_minutes), "failures" or "over_budget"."""
     t = params.tune
     deadline = time.monotonic() + 60 * t.timeout_minutes if t.timeout_minutes else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # our own line per trial instead
@@ -272,22 +280,22 @@ def _run_trials(study: optuna.Study, objective: Objective, params: Params, stora
             if deadline is not None and time.monotonic() + expected >= deadline:
                 log.warning("tune.timeout_minutes (%s) fired: no time left for another trial (~%.0f s); "
                             "the study is incomplete", t.timeout_minutes, expected)
-                return True
+                return "timeout"
             if failures >= 3:
                 log.warning("stopping this worker: its last %d trials failed (see their fail_reason)", failures)
-                return False
+                return "failures"
             if over_budget >= MAX_OVER_BUDGET:
                 log.warning("stopping this worker: its last %d proposals exceeded tune.max_gflop_per_image; "
                             "narrow tune.search_space or raise the cap", over_budget)
-                return False
-            with studies.setup_lock(t.storage, project_root):
+                return "over_budget"
+            with studies.study_lock(storage, location, study.study_name):
                 _close_dead(study, storage, tracking_uri)
                 c = studies.counts(study)
                 bar.n = min(c["complete"] + c["pruned"], t.n_trials)
                 bar.set_postfix(failed=c["fail"], running=c["running"])
                 bar.refresh()
                 if c["complete"] + c["pruned"] + c["running"] >= t.n_trials:
-                    return False
+                    return "full"
                 trial = study.ask()
             started = time.monotonic()
             state = _run_one(study, trial, objective, storage)
@@ -319,13 +327,13 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective, sto
     return TrialState.COMPLETE
 
 
-def _wait_for_others(study: optuna.Study, storage: Any, params: Params, project_root: Path, tracking_uri: str,
+def _wait_for_others(study: optuna.Study, storage: Any, location: str, tracking_uri: str,
                      poll_seconds: float = 2.0) -> None:
     """The stage's outputs describe the whole study: wait for other workers' running trials
     (trials of dead workers are failed meanwhile, so this ends)."""
     waited = False
     while True:
-        with studies.setup_lock(params.tune.storage, project_root):
+        with studies.study_lock(storage, location, study.study_name):
             _close_dead(study, storage, tracking_uri)
         running = studies.counts(study)["running"]
         if not running:

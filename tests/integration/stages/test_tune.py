@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline import study as studies
-from pipeline.stages.prepare import prepare
 from common.errors import ParamsError
 from pipeline.layout import Layout
 from pipeline.config.load import params_from_dict, with_tuned_params
@@ -43,14 +42,6 @@ def _raw(tmp_path: Path, **tune_overrides) -> dict:
         **tune_overrides,
     }
     return raw
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """One prepared tiny dataset; each test copies nothing, it points its layout here."""
-    root = tmp_path_factory.mktemp("tune-data")
-    prepare(Layout(root, params_from_dict(tiny_dict())))
-    return root
 
 
 def _layout(root: Path, raw: dict) -> Layout:
