@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -137,9 +138,5 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)   # its own session: the server and its workers
-            try:
-                self.process.wait(timeout=3)   # throw-away: no need for a graceful shutdown
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+            os.killpg(self.process.pid, signal.SIGKILL)   # its own session: the server and its workers;
+            self.process.wait()                           # throw-away, so no graceful shutdown (seconds)

@@ -8,7 +8,6 @@ One PostgreSQL cluster and one MLflow server for the session (tests/integration/
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from PIL import Image
 from pipeline import study as studies
 from tests.conftest import tiny_dict
 from tests.integration.servers import free_port
-from tests.integration.stages.test_tune import _cli, _project, _raw
+from tests.integration.stages.test_tune import _cli, _project, _raw, kill_mid_trial
 
 BIN = Path(sys.executable).parent
 
@@ -35,30 +34,6 @@ def _parent_runs(client: MlflowClient, study_name: str) -> list:
     experiment = client.get_experiment_by_name("tests")
     return client.search_runs([experiment.experiment_id],
                               f"tags.`flexunet.stage` = 'tune' and tags.`optuna.study` = '{study_name}'")
-
-
-def _kill_mid_trial(worker: subprocess.Popen, storage, name: str, deadline: float) -> int:
-    """SIGKILL `worker` while it runs a trial (frozen first with SIGSTOP, so the trial seen
-    running is still running when it dies); returns that trial's number."""
-    while True:
-        assert time.monotonic() < deadline, "worker 1 started no trial in time"
-        assert worker.poll() is None, worker.stdout.read()
-        time.sleep(0.1)
-        try:
-            trials = optuna.load_study(study_name=name, storage=storage).trials
-        except KeyError:
-            continue   # no study yet
-        mine = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
-                and t.user_attrs.get("worker", {}).get("pid") == worker.pid]
-        if not mine:
-            continue
-        worker.send_signal(signal.SIGSTOP)
-        now = optuna.load_study(study_name=name, storage=storage).trials[mine[0].number]
-        if now.state == TrialState.RUNNING:
-            worker.send_signal(signal.SIGKILL)
-            worker.wait(timeout=30)
-            return now.number
-        worker.send_signal(signal.SIGCONT)   # it finished in between: catch its next trial
 
 
 def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, data_root, postgres, mlflow_server, monkeypatch):
@@ -73,7 +48,7 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, data_root, pos
     storage = studies.open_storage(url, layout.root, 1)
     name = studies.study_name(layout.params, layout.read_manifest()["fingerprint"])
     try:
-        killed = _kill_mid_trial(workers[1], storage, name, time.monotonic() + 120)
+        killed = kill_mid_trial(workers[1], storage, name, time.monotonic() + 120)
         out = workers[0].communicate(timeout=240)[0]
     finally:
         for w in workers:
@@ -97,7 +72,7 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, data_root, pos
     children = client.search_runs([parents[0].info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) == len(study.trials)
     dead = client.get_run(study.trials[killed].user_attrs["mlflow_run_id"])
-    assert dead.info.status == "FAILED" and "heartbeats" in dead.data.tags["fail_reason"]
+    assert dead.info.status == "FAILED" and "killed or crashed" in dead.data.tags["fail_reason"]
     for trial in study.trials:
         if trial.state == TrialState.COMPLETE:
             run = client.get_run(trial.user_attrs["mlflow_run_id"])
@@ -110,13 +85,13 @@ def test_train_and_register_on_a_tracking_server(tmp_path, data_root, mlflow_ser
     server; register's champion loads back through it (serving.load.load_predictor)."""
     import keras
 
+    from common.atomic import write_json
     from pipeline.config.load import params_from_dict
     from pipeline.layout import Layout
     from pipeline.model.flexunet import build_flexunet
     from pipeline.stages.export import card_for, to_onnx
     from pipeline.stages.register import register
     from pipeline.stages.train import train
-    from common.atomic import write_json
     from serving.load import load_predictor
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
@@ -161,7 +136,7 @@ def _closed_uri() -> str:
 def _fails_fast(cmd: list[str], cwd: Path, uri: str) -> str:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
     started = time.monotonic()
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
     seconds = time.monotonic() - started
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-3000:]
