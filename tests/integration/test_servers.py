@@ -36,6 +36,35 @@ def _parent_runs(client: MlflowClient, study_name: str) -> list:
                               f"tags.`flexunet.stage` = 'tune' and tags.`optuna.study` = '{study_name}'")
 
 
+def test_the_study_lock_is_an_advisory_lock_in_postgresql(tmp_path, postgres):
+    """Two storages (as on two machines): one study's lock excludes the other holder until
+    released; another study's lock does not wait."""
+    import threading
+
+    import sqlalchemy
+
+    url = postgres.create_database(f"lock_{uuid.uuid4().hex[:8]}")
+    one, two = (studies.open_storage(url, tmp_path, 1) for _ in range(2))
+    entered = threading.Event()
+
+    def second() -> None:
+        with studies.study_lock(two, url, "study-a"):
+            entered.set()
+
+    with studies.study_lock(one, url, "study-a"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not entered.wait(1.0), "the second holder got in while the first held the lock"
+        with studies.study_lock(two, url, "study-b"):   # another study: no waiting
+            pass
+        with one.engine.connect() as conn:
+            held = conn.execute(sqlalchemy.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                                "AND granted")).scalar()
+        assert held == 1
+    assert entered.wait(10)
+    thread.join()
+
+
 def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, data_root, postgres, mlflow_server, monkeypatch):
     """Both workers start at once (racing for the study, its tables and its parent run);
     worker 1 is SIGKILLed mid-trial. Its trial is failed through the heartbeat, worker 0
