@@ -332,6 +332,13 @@ def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
     client.set_terminated(run_id, status="FAILED")
 
 
+def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tag a run this process does not hold open (its status is left alone)."""
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
     return dict(_client(tracking_uri).get_run(run_id).data.tags)
 

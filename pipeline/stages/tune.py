@@ -39,7 +39,9 @@ from pipeline.model.architecture import forward_flops
 from pipeline.config.schema import Params
 from pipeline.config.load import params_from_dict
 from pipeline.config.search_space import Categorical, FloatRange, IntRange, apply_values, current_values, in_space
-from pipeline.tracking import find_project_root, mark_failed, run_exists, standard_tags, start_run
+from pipeline.tracking import (
+    find_project_root, mark_failed, resolve_tracking_uri, run_exists, set_run_tags, standard_tags, start_run,
+)
 from pipeline.model.fit import fit, load_training_data
 from common.atomic import remove_on_failure, write_json, write_text
 
@@ -206,15 +208,21 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
                 inside = {k: v for k, v in current.items() if in_space(t.search_space[k], v)}
                 if inside:
                     study.enqueue_trial(inside, skip_if_exists=True)
+        objective = Objective(layout, project_root, parent)
+        guard = {"flexunet.time_guard": f"tune.timeout_minutes {t.timeout_minutes} fired (worker {worker})"}
+        if worker != 0:
+            # The parent run is worker 0's: opened here, a second process would stamp its own
+            # pid on it, and a later run on this host would close it as orphaned when this
+            # worker ends. The trials name their parent themselves.
+            uri = resolve_tracking_uri(p.mlflow, project_root)
+            if _run_trials(study, objective, p, storage, location, uri) == "timeout":
+                set_run_tags(uri, parent, guard)
+            return None
         with start_run(p.mlflow, project_root, run_id=parent) as run:
-            objective = Objective(layout, project_root, parent)
             while True:
                 stop = _run_trials(study, objective, p, storage, location, run.tracking_uri)
                 if stop == "timeout":
-                    run.set_tags({"flexunet.time_guard": f"tune.timeout_minutes {t.timeout_minutes} fired "
-                                                         f"(worker {worker})"})
-                if worker != 0:
-                    return None
+                    run.set_tags(guard)
                 _wait_for_others(study, storage, location, run.tracking_uri)
                 # A worker that died mid-trial (its trial now FAIL) left the study short: the
                 # stage's outputs describe a study of n_trials, so worker 0 makes up for it.
@@ -225,8 +233,6 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
 
 def _mlflow_closer(layout: Layout, project_root: Path):
     """Optuna's heartbeat callback (RDB storages): close the stale trial's MLflow run too."""
-    from pipeline.tracking import resolve_tracking_uri
-
     def close(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get(studies.MLFLOW_RUN_ATTR)
         uri = resolve_tracking_uri(layout.params.mlflow, project_root)
@@ -239,8 +245,6 @@ def _parent_run(study: optuna.Study, layout: Layout, project_root: Path, fingerp
     """The study's MLflow parent run: created by its first worker, found by the others."""
     p = layout.params
     parent = study.user_attrs.get(PARENT_ATTR)
-    from pipeline.tracking import resolve_tracking_uri
-
     if parent and run_exists(resolve_tracking_uri(p.mlflow, project_root), parent):
         return parent
     tags = {**standard_tags(project_root, fingerprint, "tune"), "optuna.study": study.study_name}

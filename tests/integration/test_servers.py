@@ -97,6 +97,7 @@ def test_two_workers_on_postgresql_one_killed_mid_trial(tmp_path, data_root, pos
     assert len(parents) == 1, "one parent run, however many workers race for it"
     parent_id = parents[0].info.run_id
     assert study.user_attrs["mlflow_parent_run_id"] == parent_id and parents[0].info.status == "FINISHED"
+    assert "fail_reason" not in parents[0].data.tags   # worker 1's death did not close worker 0's parent run
     assert parents[0].data.params["tune.n_trials"] == "3" and "best_value" in parents[0].data.metrics
     children = client.search_runs([parents[0].info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) == len(study.trials)
