@@ -50,6 +50,7 @@ import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from common.errors import FlexUNetError
 from pipeline.liveness import is_alive
 from pipeline.config.schema import Params
 from pipeline.config.search_space import TUNABLE
@@ -80,6 +81,16 @@ def storage_location(storage: str, project_root: Path) -> str:
     return storage
 
 
+def shown(storage: str) -> str:
+    """The storage for logs and files: a database URL's password as ***."""
+    if not is_rdb_url(storage):
+        return storage
+    try:
+        return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return storage
+
+
 def open_storage(storage: str, project_root: Path, heartbeat_seconds: int,
                  on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
                  ) -> optuna.storages.BaseStorage:
@@ -88,12 +99,23 @@ def open_storage(storage: str, project_root: Path, heartbeat_seconds: int,
     if is_rdb_url(location):
         # Optuna creates its tables on first use: serialised, or two workers starting on an
         # empty database both try (a duplicate-table or version-row error for one of them).
-        setup = sqlalchemy.create_engine(location, poolclass=sqlalchemy.pool.NullPool)
+        # The lock's connection is the first contact, with a timeout where the driver has one.
+        url = sqlalchemy.engine.make_url(location)
+        connect = {"connect_timeout": 10} if url.get_backend_name() == "postgresql" else {}
+        try:
+            setup = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect)
+        except ModuleNotFoundError as exc:
+            raise FlexUNetError(f"tune.storage {shown(storage)!r}: its database driver {exc.name} is not "
+                                f"installed; for PostgreSQL write postgresql+psycopg://... (psycopg 3 comes "
+                                f"with the pipeline extra)") from None
         try:
             with _database_lock(setup, location, "optuna-schema"):
                 return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_seconds,
                                                   grace_period=2 * heartbeat_seconds,
                                                   heartbeat_stale_trial_callback=on_stale)
+        except sqlalchemy.exc.OperationalError as exc:   # a database that does not answer: one line
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            raise FlexUNetError(f"tune.storage {shown(storage)!r}: cannot connect ({first})") from None
         finally:
             setup.dispose()
     from optuna.storages.journal import JournalFileBackend, JournalStorage

@@ -196,7 +196,8 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
     study.sampler = optuna.samplers.TPESampler(
         seed=int(np.random.SeedSequence([t.seed, worker, len(study.trials)]).generate_state(1)[0]),
         n_startup_trials=t.startup_trials)
-    log.info("study %s at %s: %s", name, studies.storage_location(t.storage, project_root), studies.counts(study))
+    log.info("study %s at %s: %s", name, studies.shown(studies.storage_location(t.storage, project_root)),
+             studies.counts(study))
     outputs = [layout.tuned_params_file, layout.train_overrides_file, layout.metrics / "tune.json",
                layout.plots / "tune_history.png", layout.plots / "tune_importance.png"] if worker == 0 else []
     location = studies.storage_location(t.storage, project_root)
@@ -372,7 +373,7 @@ def _report(study: optuna.Study, layout: Layout, run, timed_out: bool = False) -
     best = study.best_trial
     # Only what identifies the best trial: more trials that do not beat it leave this file
     # (train's dependency) unchanged, so DVC does not retrain. Counts go to metrics/tune.json.
-    doc = {"study": study.study_name, "storage": p.tune.storage, "best_trial": best.number,
+    doc = {"study": study.study_name, "storage": studies.shown(p.tune.storage), "best_trial": best.number,
            "best_value": round(float(best.value), 6), "metric": "validation mean foreground Dice after "
            f"{p.tune.epochs_per_trial} epochs on {p.tune.train_subset or 'all'} train images (best validated epoch)",
            "params": best.params}

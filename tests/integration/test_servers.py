@@ -36,6 +36,17 @@ def _parent_runs(client: MlflowClient, study_name: str) -> list:
                               f"tags.`flexunet.stage` = 'tune' and tags.`optuna.study` = '{study_name}'")
 
 
+def test_database_urls_hide_their_password_and_a_dead_database_is_one_line(tmp_path):
+    from common.errors import FlexUNetError
+
+    assert studies.shown("postgresql+psycopg://optuna:secret@db:5432/optuna") == \
+        "postgresql+psycopg://optuna:***@db:5432/optuna"
+    assert studies.shown("optuna/s.journal") == "optuna/s.journal"
+    with pytest.raises(FlexUNetError) as err:   # nothing listens on port 1
+        studies.open_storage("postgresql+psycopg://optuna:secret@127.0.0.1:1/optuna", tmp_path, 1)
+    assert "cannot connect" in str(err.value) and "secret" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_the_study_lock_is_an_advisory_lock_in_postgresql(tmp_path, postgres):
     """Two storages (as on two machines): one study's lock excludes the other holder until
     released; another study's lock does not wait."""
