@@ -75,9 +75,11 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _layout(args: argparse.Namespace, tuned: bool = True):
+def _layout(args: argparse.Namespace, tuned: bool = True, tracking: bool = True):
     """Params and paths of one call. tuned: apply tune/best_params.yaml when
-    train.use_tuned_params (every stage after tune sees the same effective values)."""
+    train.use_tuned_params (every stage after tune sees the same effective values).
+    tracking: the stage logs to MLflow, so a tracking server that does not answer stops
+    it here, in one line, before anything else runs."""
     from pipeline.layout import Layout
     from pipeline.config.load import load_params, with_tuned_params
 
@@ -87,13 +89,17 @@ def _layout(args: argparse.Namespace, tuned: bool = True):
     layout = Layout(root=root, params=params)
     if tuned and params.train.use_tuned_params:
         layout = Layout(root=root, params=with_tuned_params(params, layout.tuned_params_file))
+    if tracking:
+        from pipeline.tracking import find_project_root, reachable_tracking_uri
+
+        reachable_tracking_uri(params.mlflow, find_project_root(root))
     return layout
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from pipeline.stages.prepare import prepare
 
-    prepare(_layout(args, tuned=False))
+    prepare(_layout(args, tuned=False, tracking=False))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -145,7 +151,7 @@ def cmd_evaluate_tiled(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    layout = _layout(args, tuned=False)   # before the tune stage ran, too
+    layout = _layout(args, tuned=False, tracking=False)   # before the tune stage ran, too
     print(f"{args.params}: OK ({layout.params.dataset.name}, {layout.params.model.image_width}px, "
           f"{layout.params.model.num_layers} levels)")
 

@@ -6,9 +6,22 @@ Storage (`tune.storage`):
   no heartbeat, so each trial records its worker's host and process id (plus the
   process start time); a worker starting on the same host fails the RUNNING trials
   whose process is gone.
-- an RDB URL (`sqlite:///optuna.db`, `postgresql://...`, `mysql://...`): RDBStorage with
+- an RDB URL (`sqlite:///optuna.db`, `postgresql+psycopg://...`): RDBStorage with
   `heartbeat_interval`, so Optuna itself fails a trial whose worker stopped beating, on
   any machine. A relative sqlite path is taken from the project root.
+
+The study lock (`study_lock`) serialises what must not race between workers: creating or
+adopting the study's MLflow parent run, and counting the trials then asking for a new one
+(so the study stops at exactly `tune.n_trials`). Where it lives follows the storage:
+- journal file, sqlite file: an flock on `<file>.setup.lock` (one machine; SQLite's own
+  locking guards single writes, not a count-then-ask);
+- PostgreSQL: a transaction-level advisory lock, `pg_advisory_xact_lock(key)`, key = 64
+  bits of the study name's hash, on a connection of its own held for the section. The
+  database releases it when that transaction ends, or when a killed worker's connection
+  drops, so a dead worker never leaves it held. Creating Optuna's tables the first time
+  is serialised the same way (two workers starting on an empty database would collide);
+- other databases (MySQL...): no lock; workers on several machines may overshoot
+  n_trials by one trial each (a warning says so).
 
 The storage sits outside the tune stage's DVC outputs (DVC deletes those before a
 stage runs), and it is resolved against the real repository even inside a DVC temp
@@ -33,9 +46,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from common.errors import FlexUNetError
 from pipeline.liveness import is_alive
 from pipeline.config.schema import Params
 from pipeline.config.search_space import TUNABLE
@@ -66,15 +81,43 @@ def storage_location(storage: str, project_root: Path) -> str:
     return storage
 
 
+def shown(storage: str) -> str:
+    """The storage for logs and files: a database URL's password as ***."""
+    if not is_rdb_url(storage):
+        return storage
+    try:
+        return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return storage
+
+
 def open_storage(storage: str, project_root: Path, heartbeat_seconds: int,
                  on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None
                  ) -> optuna.storages.BaseStorage:
     """on_stale: called for each trial Optuna's heartbeat check fails (RDB storages)."""
     location = storage_location(storage, project_root)
     if is_rdb_url(location):
-        return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_seconds,
-                                          grace_period=2 * heartbeat_seconds,
-                                          heartbeat_stale_trial_callback=on_stale)
+        # Optuna creates its tables on first use: serialised, or two workers starting on an
+        # empty database both try (a duplicate-table or version-row error for one of them).
+        # The lock's connection is the first contact, with a timeout where the driver has one.
+        url = sqlalchemy.engine.make_url(location)
+        connect = {"connect_timeout": 10} if url.get_backend_name() == "postgresql" else {}
+        try:
+            setup = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect)
+        except ModuleNotFoundError as exc:
+            raise FlexUNetError(f"tune.storage {shown(storage)!r}: its database driver {exc.name} is not "
+                                f"installed; for PostgreSQL write postgresql+psycopg://... (psycopg 3 comes "
+                                f"with the pipeline extra)") from None
+        try:
+            with _database_lock(setup, location, "optuna-schema"):
+                return optuna.storages.RDBStorage(location, heartbeat_interval=heartbeat_seconds,
+                                                  grace_period=2 * heartbeat_seconds,
+                                                  heartbeat_stale_trial_callback=on_stale)
+        except sqlalchemy.exc.OperationalError as exc:   # a database that does not answer: one line
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            raise FlexUNetError(f"tune.storage {shown(storage)!r}: cannot connect ({first})") from None
+        finally:
+            setup.dispose()
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     Path(location).parent.mkdir(parents=True, exist_ok=True)
@@ -148,17 +191,54 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial, storage: optuna.storages
         thread.join()
 
 
+def lock_key(name: str) -> int:
+    """The signed 64-bit advisory-lock key of a name (PostgreSQL's bigint)."""
+    return int.from_bytes(hashlib.sha256(f"flexunet:{name}".encode()).digest()[:8], "big", signed=True)
+
+
 @contextmanager
-def setup_lock(storage: str, project_root: Path) -> Iterator[None]:
-    """Serialise a study's one-time set-up (its MLflow parent run, the enqueued first trial)
-    between worker processes on this machine: an flock next to a journal file. RDB
-    storages span machines, where a file lock cannot reach; there, start further
-    workers once the first one is running (its set-up takes a second)."""
-    location = storage_location(storage, project_root)
-    if is_rdb_url(location):
+def study_lock(storage: optuna.storages.BaseStorage, location: str, name: str) -> Iterator[None]:
+    """Hold the study's lock (module docstring): an flock next to a journal or sqlite
+    file, a PostgreSQL advisory lock keyed by the study name. location: storage_location()."""
+    if isinstance(storage, optuna.storages.RDBStorage):
+        with _database_lock(storage.engine, location, name):
+            yield
+        return
+    with _file_lock(Path(location)):
+        yield
+
+
+_warned: set[str] = set()
+
+
+@contextmanager
+def _database_lock(engine: sqlalchemy.engine.Engine, location: str, name: str) -> Iterator[None]:
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        database = sqlalchemy.engine.make_url(location).database
+        if not database or database == ":memory:":
+            yield   # one process sees an in-memory database
+            return
+        with _file_lock(Path(database)):
+            yield
+        return
+    if dialect != "postgresql":
+        if dialect not in _warned:
+            _warned.add(dialect)
+            log.warning("no cross-machine study lock for %s storages: workers on several machines may "
+                        "overshoot tune.n_trials by one trial each (PostgreSQL has one)", dialect)
         yield
         return
-    lock = Path(location + ".setup.lock")
+    # A connection of its own, in a transaction held for the section: the xact lock ends
+    # with it (the pool rolls back on return; a killed worker's connection just drops).
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(name)})
+        yield
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    lock = Path(f"{path}.setup.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 
 from common.errors import FlexUNetError
+from common.reachable import require_reachable
 from pipeline.liveness import is_alive, this_process
 from pipeline.config.schema import MlflowParams
 
 log = logging.getLogger(__name__)
 
+_FIX = "start it, or set MLFLOW_TRACKING_URI (or mlflow.tracking_uri in params.yaml) to a reachable store"
 _EXPS_MARKER = (".dvc", "tmp", "exps")
 
 
@@ -52,6 +54,24 @@ def resolve_tracking_uri(cfg: MlflowParams, project_root: Path, env: dict[str, s
         path = Path(uri)
         return f"sqlite:///{(path if path.is_absolute() else project_root / path).resolve()}"
     return uri
+
+
+def require_tracking(uri: str) -> str:
+    """`uri` once its server answered (checked once per process, 5 s at most): a dead
+    tracking server is a one-line error naming it, not minutes of MLflow's retries."""
+    require_reachable(uri, _FIX)
+    return uri
+
+
+def reachable_tracking_uri(cfg: MlflowParams, project_root: Path) -> str:
+    """resolve_tracking_uri, checked up front (the CLI does this before a stage starts)."""
+    return require_tracking(resolve_tracking_uri(cfg, project_root))
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(require_tracking(uri))
 
 
 def git_commit(cwd: Path) -> str | None:
@@ -254,7 +274,7 @@ def start_run(cfg: MlflowParams, project_root: Path, *, run_name: str | None = N
     parent need not be active in this process); an exception marks it FAILED and re-raises.
     `system_metrics`: a new run samples CPU, memory, disk and network (psutil) every
     $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default) as `system/*` metrics."""
-    uri = resolve_tracking_uri(cfg, project_root)
+    uri = reachable_tracking_uri(cfg, project_root)
     with use_store(uri), _active_run(cfg, project_root, uri, run_name, run_id, parent_run_id,
                                      system_metrics) as handle:
         if tags:
@@ -294,19 +314,15 @@ PROCESS_TAGS = ("flexunet.host", "flexunet.pid", "flexunet.pid_started")
 
 
 def _experiment_of(uri: str, run_id: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri).get_run(run_id).info.experiment_id
+    return _client(uri).get_run(run_id).info.experiment_id
 
 
 def close_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
     """Mark FAILED, with the reason, the RUNNING runs of the experiment whose process (on
     this host) has ended: a SIGKILL or the OOM killer leaves no chance to close them.
     Returns their ids. Runs of other hosts are left alone (their liveness is unknowable)."""
-    from mlflow.tracking import MlflowClient
-
     host = socket.gethostname()
-    runs = MlflowClient(uri).search_runs(
+    runs = _client(uri).search_runs(
         [experiment_id], f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAGS[0]}` = '{host}'")
     closed = []
     for run in runs:
@@ -346,34 +362,35 @@ def standard_tags(project_root: Path, fingerprint: str | None, stage: str) -> di
 
 
 def run_status(tracking_uri: str, run_id: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri).get_run(run_id).info.status
+    return _client(tracking_uri).get_run(run_id).info.status
 
 
 def run_exists(tracking_uri: str, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
+    client = _client(tracking_uri)
     try:
-        return MlflowClient(tracking_uri).get_run(run_id).info.lifecycle_stage == "active"
+        return client.get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
 
 
 def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
     """Close a run its dead process left RUNNING: FAILED, with the reason as a tag."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     client.set_tag(run_id, "fail_reason", reason[:5000])
     client.set_terminated(run_id, status="FAILED")
 
 
-def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
-    from mlflow.tracking import MlflowClient
+def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tag a run this process does not hold open (its status is left alone)."""
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
-    return dict(MlflowClient(tracking_uri).get_run(run_id).data.tags)
+
+def run_tags(tracking_uri: str, run_id: str) -> dict[str, str]:
+    return dict(_client(tracking_uri).get_run(run_id).data.tags)
 
 
 # --------------------------------------------------------------------------- registry
@@ -397,7 +414,7 @@ class Registry:
     def _client(self):
         from mlflow.tracking import MlflowClient
 
-        return MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
+        return MlflowClient(require_tracking(self.tracking_uri), registry_uri=self.tracking_uri)
 
     @staticmethod
     def _info(mv) -> VersionInfo:

@@ -9,6 +9,7 @@ mlflow); without the [mlflow] extra they are a one-line error naming it.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.reachable import require_reachable
 from serving.predictor import TiledPredictor
 from serving.settings import TilingSettings
 
@@ -41,6 +43,9 @@ def local_model(model: str | Path) -> Iterator[Path]:
     lasts: an MLflow URI's download is deleted on exit."""
     text = str(model)
     if text.startswith(URI_SCHEMES):
+        # Before mlflow loads (seconds): a dead tracking server is one line, not minutes of retries.
+        require_reachable(os.environ.get("MLFLOW_TRACKING_URI", ""), f"{text} is downloaded from there: start "
+                          f"the server, or set MLFLOW_TRACKING_URI to a reachable one")
         download = _mlflow_download(text)
         with tempfile.TemporaryDirectory(prefix="flexunet-model-") as tmp:
             yield _find_onnx(download(text, Path(tmp)), text)

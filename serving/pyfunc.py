@@ -52,6 +52,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from common.errors import ImageError, UserError
+from common.reachable import require_reachable
 from serving.settings import TilingSettings
 
 ONNX_ARTIFACT = "onnx"
@@ -116,6 +117,9 @@ def download(uri: str, dst: Path) -> Path:
     # MLFLOW_TRACKING_URI, when set, names the store explicitly: in a process that also
     # logged elsewhere (tests, a notebook), mlflow's global URI would otherwise win.
     store = os.environ.get("MLFLOW_TRACKING_URI") or None
+    # A dead server would be retried for minutes: one line instead, naming the variable.
+    require_reachable(store or mlflow.get_tracking_uri(), f"{uri} is downloaded from there: start the "
+                      f"server, or set MLFLOW_TRACKING_URI to a reachable one")
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store,
                                                         registry_uri=store))

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 # xdist gives out modules in collection order, one per worker and then a second each
 # before any finishes: on 2 workers the longest (end to end) pairs with a short one and
 # the next two long ones share the other worker.
-_SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_export", "test_train_resume", "test_prepare_sources",
+_SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_servers", "test_export", "test_train_resume", "test_prepare_sources",
                "test_register")
 
 

@@ -39,7 +39,9 @@ from pipeline.model.architecture import forward_flops
 from pipeline.config.schema import Params
 from pipeline.config.load import params_from_dict
 from pipeline.config.search_space import Categorical, FloatRange, IntRange, apply_values, current_values, in_space
-from pipeline.tracking import find_project_root, mark_failed, run_exists, standard_tags, start_run
+from pipeline.tracking import (
+    find_project_root, mark_failed, resolve_tracking_uri, run_exists, set_run_tags, standard_tags, start_run,
+)
 from pipeline.model.fit import fit, load_training_data
 from common.atomic import remove_on_failure, write_json, write_text
 
@@ -194,33 +196,44 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
     study.sampler = optuna.samplers.TPESampler(
         seed=int(np.random.SeedSequence([t.seed, worker, len(study.trials)]).generate_state(1)[0]),
         n_startup_trials=t.startup_trials)
-    log.info("study %s at %s: %s", name, studies.storage_location(t.storage, project_root), studies.counts(study))
+    log.info("study %s at %s: %s", name, studies.shown(studies.storage_location(t.storage, project_root)),
+             studies.counts(study))
     outputs = [layout.tuned_params_file, layout.train_overrides_file, layout.metrics / "tune.json",
                layout.plots / "tune_history.png", layout.plots / "tune_importance.png"] if worker == 0 else []
+    location = studies.storage_location(t.storage, project_root)
     with remove_on_failure(outputs):
-        with studies.setup_lock(t.storage, project_root):
+        with studies.study_lock(storage, location, name):   # one parent run, however many workers start
             parent = _parent_run(study, layout, project_root, fingerprint)
             if t.enqueue_current and not study.trials:
                 current = current_values(p.model, p.train, list(t.search_space))
                 inside = {k: v for k, v in current.items() if in_space(t.search_space[k], v)}
                 if inside:
                     study.enqueue_trial(inside, skip_if_exists=True)
+        objective = Objective(layout, project_root, parent)
+        guard = {"flexunet.time_guard": f"tune.timeout_minutes {t.timeout_minutes} fired (worker {worker})"}
+        if worker != 0:
+            # The parent run is worker 0's: opened here, a second process would stamp its own
+            # pid on it, and a later run on this host would close it as orphaned when this
+            # worker ends. The trials name their parent themselves.
+            uri = resolve_tracking_uri(p.mlflow, project_root)
+            if _run_trials(study, objective, p, storage, location, uri) == "timeout":
+                set_run_tags(uri, parent, guard)
+            return None
         with start_run(p.mlflow, project_root, run_id=parent) as run:
-            timed_out = _run_trials(study, Objective(layout, project_root, parent), p, storage, project_root,
-                                    run.tracking_uri)
-            if timed_out:
-                run.set_tags({"flexunet.time_guard": f"tune.timeout_minutes {t.timeout_minutes} fired "
-                                                     f"(worker {worker})"})
-            if worker != 0:
-                return None
-            _wait_for_others(study, storage, p, project_root, run.tracking_uri)
-            return _report(study, layout, run, timed_out)
+            while True:
+                stop = _run_trials(study, objective, p, storage, location, run.tracking_uri)
+                if stop == "timeout":
+                    run.set_tags(guard)
+                _wait_for_others(study, storage, location, run.tracking_uri)
+                # A worker that died mid-trial (its trial now FAIL) left the study short: the
+                # stage's outputs describe a study of n_trials, so worker 0 makes up for it.
+                c = studies.counts(study)
+                if stop != "full" or c["complete"] + c["pruned"] >= t.n_trials:
+                    return _report(study, layout, run, stop == "timeout")
 
 
 def _mlflow_closer(layout: Layout, project_root: Path):
     """Optuna's heartbeat callback (RDB storages): close the stale trial's MLflow run too."""
-    from pipeline.tracking import resolve_tracking_uri
-
     def close(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get(studies.MLFLOW_RUN_ATTR)
         uri = resolve_tracking_uri(layout.params.mlflow, project_root)
@@ -233,8 +246,6 @@ def _parent_run(study: optuna.Study, layout: Layout, project_root: Path, fingerp
     """The study's MLflow parent run: created by its first worker, found by the others."""
     p = layout.params
     parent = study.user_attrs.get(PARENT_ATTR)
-    from pipeline.tracking import resolve_tracking_uri
-
     if parent and run_exists(resolve_tracking_uri(p.mlflow, project_root), parent):
         return parent
     tags = {**standard_tags(project_root, fingerprint, "tune"), "optuna.study": study.study_name}
@@ -254,12 +265,14 @@ def _close_dead(study: optuna.Study, storage: Any, tracking_uri: str) -> None:
 
 
 def _run_trials(study: optuna.Study, objective: Objective, params: Params, storage: Any,
-                project_root: Path, tracking_uri: str) -> bool:
+                location: str, tracking_uri: str) -> str:
     """Start trials while the study's complete + pruned + running trials are fewer than
-    n_trials. The count and the new trial are taken under the study's lock, so workers on
-    this machine never overshoot; ask/tell instead of optimize() for that reason (the
-    heartbeat optimize() would run is kept by studies.heartbeat). Returns whether the
-    opt-in tune.timeout_minutes stopped this worker before the study was complete."""
+    n_trials. The count and the new trial are taken under the study's lock
+    (studies.study_lock: a file lock on one machine, an advisory lock in PostgreSQL
+    across machines), so workers never overshoot; ask/tell instead of optimize() for that
+    reason (the heartbeat optimize() would run is kept by studies.heartbeat). Returns why
+    this worker stopped: "full" (the study has its trials, some maybe still running),
+    "timeout" (the opt-in tune.timeout_minutes), "failures" or "over_budget"."""
     t = params.tune
     deadline = time.monotonic() + 60 * t.timeout_minutes if t.timeout_minutes else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # our own line per trial instead
@@ -272,22 +285,22 @@ def _run_trials(study: optuna.Study, objective: Objective, params: Params, stora
             if deadline is not None and time.monotonic() + expected >= deadline:
                 log.warning("tune.timeout_minutes (%s) fired: no time left for another trial (~%.0f s); "
                             "the study is incomplete", t.timeout_minutes, expected)
-                return True
+                return "timeout"
             if failures >= 3:
                 log.warning("stopping this worker: its last %d trials failed (see their fail_reason)", failures)
-                return False
+                return "failures"
             if over_budget >= MAX_OVER_BUDGET:
                 log.warning("stopping this worker: its last %d proposals exceeded tune.max_gflop_per_image; "
                             "narrow tune.search_space or raise the cap", over_budget)
-                return False
-            with studies.setup_lock(t.storage, project_root):
+                return "over_budget"
+            with studies.study_lock(storage, location, study.study_name):
                 _close_dead(study, storage, tracking_uri)
                 c = studies.counts(study)
                 bar.n = min(c["complete"] + c["pruned"], t.n_trials)
                 bar.set_postfix(failed=c["fail"], running=c["running"])
                 bar.refresh()
                 if c["complete"] + c["pruned"] + c["running"] >= t.n_trials:
-                    return False
+                    return "full"
                 trial = study.ask()
             started = time.monotonic()
             state = _run_one(study, trial, objective, storage)
@@ -319,13 +332,13 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, objective: Objective, sto
     return TrialState.COMPLETE
 
 
-def _wait_for_others(study: optuna.Study, storage: Any, params: Params, project_root: Path, tracking_uri: str,
+def _wait_for_others(study: optuna.Study, storage: Any, location: str, tracking_uri: str,
                      poll_seconds: float = 2.0) -> None:
     """The stage's outputs describe the whole study: wait for other workers' running trials
     (trials of dead workers are failed meanwhile, so this ends)."""
     waited = False
     while True:
-        with studies.setup_lock(params.tune.storage, project_root):
+        with studies.study_lock(storage, location, study.study_name):
             _close_dead(study, storage, tracking_uri)
         running = studies.counts(study)["running"]
         if not running:
@@ -360,7 +373,7 @@ def _report(study: optuna.Study, layout: Layout, run, timed_out: bool = False) -
     best = study.best_trial
     # Only what identifies the best trial: more trials that do not beat it leave this file
     # (train's dependency) unchanged, so DVC does not retrain. Counts go to metrics/tune.json.
-    doc = {"study": study.study_name, "storage": p.tune.storage, "best_trial": best.number,
+    doc = {"study": study.study_name, "storage": studies.shown(p.tune.storage), "best_trial": best.number,
            "best_value": round(float(best.value), 6), "metric": "validation mean foreground Dice after "
            f"{p.tune.epochs_per_trial} epochs on {p.tune.train_subset or 'all'} train images (best validated epoch)",
            "params": best.params}

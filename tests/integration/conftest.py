@@ -1,4 +1,7 @@
-"""The tiny DVC project that the end-to-end and DVC-remote tests share: one `dvc repro`.
+"""Session fixtures of the integration tests: the tiny DVC project that the end-to-end and
+DVC-remote tests share (one `dvc repro`), one prepared tiny dataset, and (started on first
+use, gone at the end) one throw-away PostgreSQL cluster and one MLflow tracking server on
+it (tests/integration/servers.py).
 
 `project` copies common/, pipeline/, serving/ and dvc.yaml into a temporary git + DVC
 repository with tiny params, runs `dvc repro`, commits the result (tag `repro`), adds a
@@ -16,12 +19,17 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline.config.load import params_from_dict
+from pipeline.layout import Layout
+from pipeline.stages.prepare import prepare
 from tests.conftest import tiny_dict
+from tests.integration.servers import MlflowServer, Postgres
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -92,3 +100,33 @@ def project(tmp_path_factory, worker_id) -> Path:
             build_project(root)
             built.touch()
     return root
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One prepared tiny dataset; each test copies nothing, it points its layout here."""
+    root = tmp_path_factory.mktemp("tune-data")
+    prepare(Layout(root, params_from_dict(tiny_dict())))
+    return root
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL cluster on a free loopback port (skipped only without its binaries)."""
+    pg = Postgres.start()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres: Postgres, tmp_path_factory) -> Iterator[MlflowServer]:
+    """`mlflow server` with its backend store in the PostgreSQL fixture, artifacts in a temp folder."""
+    artifacts = tmp_path_factory.mktemp("mlflow-server") / "artifacts"
+    artifacts.mkdir()
+    server = MlflowServer.start(postgres.create_database("mlflow"), artifacts)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline import study as studies
-from pipeline.stages.prepare import prepare
 from common.errors import ParamsError
 from pipeline.layout import Layout
 from pipeline.config.load import params_from_dict, with_tuned_params
@@ -43,14 +42,6 @@ def _raw(tmp_path: Path, **tune_overrides) -> dict:
         **tune_overrides,
     }
     return raw
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """One prepared tiny dataset; each test copies nothing, it points its layout here."""
-    root = tmp_path_factory.mktemp("tune-data")
-    prepare(Layout(root, params_from_dict(tiny_dict())))
-    return root
 
 
 def _layout(root: Path, raw: dict) -> Layout:
@@ -246,29 +237,41 @@ def _project(tmp_path: Path, data_root: Path, raw: dict) -> Layout:
     return Layout(root, params_from_dict(raw))
 
 
+def kill_mid_trial(worker: subprocess.Popen, storage, name: str, deadline: float) -> int:
+    """SIGKILL `worker` while it runs a trial (frozen first with SIGSTOP, so the trial seen
+    running is still running when it dies); returns that trial's number."""
+    while True:
+        assert time.monotonic() < deadline, "the worker started no trial in time"
+        assert worker.poll() is None, worker.stdout.read()
+        time.sleep(0.1)
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).trials
+        except KeyError:
+            continue   # the study does not exist yet
+        mine = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+                and t.user_attrs.get("worker", {}).get("pid") == worker.pid]
+        if not mine:
+            continue
+        worker.send_signal(signal.SIGSTOP)
+        now = optuna.load_study(study_name=name, storage=storage).trials[mine[0].number]
+        if now.state == TrialState.RUNNING:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=30)
+            return now.number
+        worker.send_signal(signal.SIGCONT)   # it finished in between: catch its next trial
+
+
 def test_a_worker_killed_mid_trial_leaves_a_failed_trial_and_the_study_resumes(tmp_path, data_root):
     raw = _raw(tmp_path, n_trials=1, epochs_per_trial=40, enqueue_current=False)   # long enough to be caught running
     layout = _project(tmp_path, data_root, raw)
     worker = _cli(layout.root)
     storage = studies.open_storage(raw["tune"]["storage"], layout.root, 30)
     name = studies.study_name(layout.params, layout.read_manifest()["fingerprint"])
-    deadline = time.monotonic() + 180
-    running: list = []
-    while not running:
-        assert time.monotonic() < deadline, "no trial started within 3 minutes"
-        assert worker.poll() is None, worker.stdout.read()
-        time.sleep(0.2)
-        try:
-            trials = optuna.load_study(study_name=name, storage=storage).trials
-        except KeyError:
-            continue   # the study does not exist yet
-        running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=30)
+    number = kill_mid_trial(worker, storage, name, time.monotonic() + 180)
 
     tune(layout)   # the same study, resumed in this process
     study = optuna.load_study(study_name=name, storage=storage)
-    killed = study.trials[running[0].number]
+    killed = study.trials[number]
     assert killed.state == TrialState.FAIL
     assert f"worker process {worker.pid}" in killed.user_attrs["fail_reason"]
     assert "ended during the trial" in killed.user_attrs["fail_reason"]
