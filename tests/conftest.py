@@ -43,10 +43,15 @@ _SLOW_FIRST = ("test_pipeline_e2e", "test_tune", "test_servers", "test_export", 
                "test_register")
 
 
+_SERVER_MODULES = ("test_servers.py", "test_ray_engine.py")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:   # tests/integration/: stages, real trainings, drills; `-m "not slow"` skips them
         if "integration" in item.nodeid.split("/"):
             item.add_marker(pytest.mark.slow)
+        if any(name in item.nodeid for name in _SERVER_MODULES):   # `-m "not servers"` skips them
+            item.add_marker(pytest.mark.servers)
 
     def rank(item) -> int:
         module = item.module.__name__.rsplit(".", 1)[-1]
