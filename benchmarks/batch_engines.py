@@ -24,7 +24,6 @@ Results: benchmarks/results/batch_engines.json and .md (the table in docs/benchm
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench_results import write_results  # noqa: E402
-from train_throughput import machine_summary  # noqa: E402
+from bench_results import machine_summary  # noqa: E402
 
 ENGINES = (("local", None), ("ray", 1), ("ray", 2))
 
@@ -81,8 +80,9 @@ def run_set(name: str, inputs: list[Path], model: str, tmp: Path, rounds: int) -
             summary = run_batch(engine, inputs, out, progress=False)
             times[workers].append(time.perf_counter() - t0)
             assert summary.ok == len(inputs), summary.line()
-            reference = reference or masks(out)
-            identical[workers] = identical.get(workers, True) and masks(out) == reference
+            written = masks(out)
+            reference = reference or written
+            identical[workers] = identical.get(workers, True) and written == reference
             print(f"{name}: {label(workers)}: {times[workers][-1]:.1f} s", flush=True)
     runs = []
     for _, workers in ENGINES:
@@ -132,7 +132,7 @@ def main() -> None:
     import onnxruntime
     import ray
 
-    from serving.predictor import TiledPredictor
+    from serving.card import read_card, sha256_file
     from serving.ray_engine import connect
 
     loadavg_start = " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -145,7 +145,7 @@ def main() -> None:
             from tests.onnx_models import make_tiny_onnx
 
             model, name = str(make_tiny_onnx(tmp / "tiny.onnx")), "tiny ONNX model (tests/onnx_models.py)"
-        name += f", sha256 {hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12]}"
+        name += f", sha256 {sha256_file(model)[:12]}"
         t0 = time.perf_counter()
         connect()
         ray_init = time.perf_counter() - t0
@@ -153,7 +153,7 @@ def main() -> None:
                 f"{args.mini_size} px": write_images(tmp / "minis", args.minis, args.mini_size, 0),
                 f"{args.large_size} px": write_images(tmp / "large", args.large, args.large_size, 1)}
         result = {"machine": machine_summary(), "onnxruntime": onnxruntime.__version__, "ray": ray.__version__,
-                  "model": name, "tile_size": TiledPredictor.from_onnx(model).tile_size,
+                  "model": name, "tile_size": read_card(model).tile_size,
                   "ray_init_seconds": round(ray_init, 2), "loadavg_start": loadavg_start,
                   "rounds": args.rounds,
                   "sets": {name: run_set(f"set{i}", inputs, model, tmp, args.rounds)

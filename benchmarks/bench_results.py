@@ -1,8 +1,10 @@
-"""What the benchmarks share: the model they time, and how results are written."""
+"""What the benchmarks share: the machine they name, the model they time, and how results are written."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,3 +34,40 @@ def write_results(out: str | Path, result: dict, markdown: Callable[[dict], str]
     table = markdown(result)
     out.with_suffix(".md").write_text(table)
     print(table)
+
+
+# --------------------------------------------------------------------------- the machine (no TensorFlow)
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def vector_isa(flags: set[str]) -> str:
+    """The widest x86 vector ISA the CPU offers: AMX, AVX-512, AVX2 or older."""
+    if "amx_tile" in flags:
+        return "AMX"
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    return "AVX" if "avx" in flags else "SSE"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> dict:
+    """CPU name, core count and vector ISA: what every benchmark result names."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "vector_isa": vector_isa(cpu_flags())}

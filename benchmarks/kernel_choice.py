@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_results import write_results  # noqa: E402
-from train_throughput import machine_summary  # noqa: E402
+from bench_results import machine_summary  # noqa: E402
 
 
 def run_one(kernel: int, seed: int, onednn: bool, folder: Path) -> dict:

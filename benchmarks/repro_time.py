@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_results import write_results  # noqa: E402
-from train_throughput import machine_summary  # noqa: E402
+from bench_results import machine_summary  # noqa: E402
 
 NUMPY_AVX512_TARGETS = "X86_V4 AVX512_ICL AVX512_SPR"
 PROFILES = {

@@ -341,7 +341,7 @@ def markdown(report: dict[str, Any]) -> str:
     r, size, env = report["variants"], report["size"], report["environment"]
     lines = [
         f"Tiled inference of a {size}x{size} RGB image with the default model ({env['model']}) on "
-        f"{env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']}, batch {report['batch_size']}, "
+        f"{env['cpu']}, {env['cores']} cores, vector ISA {env.get('vector_isa', '?')}; onnxruntime {env['onnxruntime']}, batch {report['batch_size']}, "
         f"best of {report['repeats']} round-robin rounds.",
         "",
         "| variant | windows | seconds | MP/s | vs seed-style | tiling + blending overhead | peak RSS (MB) |",
@@ -432,7 +432,9 @@ def main() -> None:
     args.repeats = args.repeats or (1 if args.quick else 3)
     out = Path(args.out or REPO / "benchmarks" / "results" / ("tiled_inference_quick" if args.quick else "tiled_inference"))
     stream = args.stream_size if args.stream_size is not None else (4096 if args.quick else 16384)
-    env = {"cores": os.cpu_count(), "python": platform.python_version(),
+    from benchmarks.bench_results import machine_summary
+
+    env = {"python": platform.python_version(),
            "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg())}
     with tempfile.TemporaryDirectory(prefix="tiled-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -446,7 +448,7 @@ def main() -> None:
                      f"{model['base_kernels'][0]}x{model['base_kernels'][1]}, weights: {model['weights']}"
                      + (f", exported with {model['space_to_depth_levels']} level(s) on 2x2 phases "
                         f"(export.space_to_depth)" if model.get("space_to_depth_levels") else ""),
-               onnxruntime=model["onnxruntime"], tensorflow=model["tensorflow"], cpu=_cpu_name() or platform.machine(),
+               onnxruntime=model["onnxruntime"], tensorflow=model["tensorflow"], **machine_summary(),
                loadavg_end=" ".join(f"{v:.1f}" for v in os.getloadavg()))
     report: dict[str, Any] = {
         "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats, "seed_margin": args.margin,
@@ -479,13 +481,6 @@ def command_line() -> str:
         elif not arg.startswith("--out="):
             kept.append(arg)
     return " ".join(["python benchmarks/tiled_inference.py", *kept])
-
-
-def _cpu_name() -> str | None:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return None
 
 
 if __name__ == "__main__":

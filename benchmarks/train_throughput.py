@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -41,47 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_results import write_results  # noqa: E402
+from bench_results import cpu_flags, cpu_name, vector_isa, write_results  # noqa: E402
 
 MODES = {"portable": "0", "onednn": "1"}
 KERNELS = (3, 5, 7, 11)
 
 
 # --------------------------------------------------------------------------- machine (no TensorFlow)
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def vector_isa(flags: set[str]) -> str:
-    """The widest x86 vector ISA the CPU offers: AMX, AVX-512, AVX2 or older."""
-    if "amx_tile" in flags:
-        return "AMX"
-    if "avx512f" in flags:
-        return "AVX-512"
-    if "avx2" in flags:
-        return "AVX2"
-    return "AVX" if "avx" in flags else "SSE"
-
-
 def tf_onednn_by_default(flags: set[str]) -> bool:
     """TensorFlow's own Linux policy (tensorflow/core/util/port.cc, DefaultOneDnnPolicy)."""
     return bool(flags & {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"})
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def numpy_sgemm(coretype: str | None, n: int = 2048, repeats: int = 10) -> float:
@@ -181,11 +149,6 @@ def pipeline_rates(params) -> dict | None:
     model.fit(stream(1), epochs=1, steps_per_epoch=steps, verbose=0)
     return {"images": len(pairs), "stream_alone_images_per_second": round(alone, 1),
             "fit_images_per_second": round(len(pairs) / (time.perf_counter() - start), 2)}
-
-
-def machine_summary() -> dict:
-    """CPU name, core count and vector ISA: what every benchmark result names."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "vector_isa": vector_isa(cpu_flags())}
 
 
 # --------------------------------------------------------------------------- report

@@ -135,3 +135,14 @@ def list_images(folder: Path | str) -> list[Path]:
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (height, width, C), bilinear (Pillow's; a 1-channel image too)."""
+    plane = image[..., 0] if image.shape[2] == 1 else image
+    return np.asarray(Image.fromarray(plane).resize((width, height), Image.BILINEAR)).reshape(height, width, -1)
+
+
+def resize_labels(ids: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W) class ids -> (height, width), nearest neighbour (no invented classes)."""
+    return np.asarray(Image.fromarray(ids).resize((width, height), Image.NEAREST))

@@ -200,8 +200,9 @@ def cmd_preset(args: argparse.Namespace) -> None:
     from common.atomic import write_text
     from pipeline.config.load import preset_dict
 
-    if args.name not in preset_names():
-        raise UserError(f"unknown preset {args.name!r}; available: {', '.join(preset_names())}")
+    names = preset_names()
+    if args.name not in names:
+        raise UserError(f"unknown preset {args.name!r}; available: {', '.join(names)}")
     source = resources.files("pipeline.config.presets") / f"{args.name}.yaml"
     with resources.as_file(source) as path:
         merged = preset_dict(path)

@@ -17,10 +17,13 @@ package graph for docs/architecture.md.
 from __future__ import annotations
 
 import ast
+import functools
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
+
+from common.atomic import write_text
 
 FIRST_PARTY = ("common", "pipeline", "serving")
 ENTRY = "pipeline.cli"
@@ -60,6 +63,13 @@ def imports_of(root: Path, module: str) -> set[str]:
     path = module_path(root, module)
     if path is None:
         return set()
+    stat = path.stat()
+    return set(_imports_in(root, module, path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports_in(root: Path, module: str, path: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    """imports_of, parsed once per version of the file (every stage's closure shares them)."""
     found: set[str] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
@@ -77,7 +87,7 @@ def imports_of(root: Path, module: str) -> set[str]:
                              f"(codegraph and dvc.yaml's deps follow absolute imports)")
         elif isinstance(node, ast.ImportFrom) and node.module:
             found |= _resolve(root, node.module, [a.name for a in node.names])
-    return {m for m in found if m.split(".")[0] in FIRST_PARTY and module_path(root, m) is not None}
+    return frozenset({m for m in found if m.split(".")[0] in FIRST_PARTY and module_path(root, m) is not None})
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -164,10 +174,7 @@ def write_deps(root: Path) -> list[str]:
         elif in_deps and line.split("#")[0].strip().endswith(".py"):
             continue
         out.append(line)
-    text = "\n".join(out)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "\n".join(out))
     return changed
 
 

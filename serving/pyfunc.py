@@ -52,7 +52,6 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 
 from common.errors import ImageError, UserError
-from common.reachable import require_reachable
 from serving.settings import TilingSettings
 
 ONNX_ARTIFACT = "onnx"
@@ -116,10 +115,8 @@ def download(uri: str, dst: Path) -> Path:
     """MLflow artifacts of a models:/ or runs:/ URI -> a local folder (serving.predictor's URIs)."""
     # MLFLOW_TRACKING_URI, when set, names the store explicitly: in a process that also
     # logged elsewhere (tests, a notebook), mlflow's global URI would otherwise win.
+    # (serving.load.local_model checked, before importing mlflow, that the server answers.)
     store = os.environ.get("MLFLOW_TRACKING_URI") or None
-    # A dead server would be retried for minutes: one line instead, naming the variable.
-    require_reachable(store or mlflow.get_tracking_uri(), f"{uri} is downloaded from there: start the "
-                      f"server, or set MLFLOW_TRACKING_URI to a reachable one")
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store,
                                                         registry_uri=store))

@@ -26,15 +26,19 @@ _MOVED = {
 }
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate params.yaml; raise ParamsError with one readable line per problem."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root or pass --params PATH")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     for dotted, value in (overrides or {}).items():
@@ -47,10 +51,7 @@ def with_tuned_params(params: Params, path: Path) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: not found, but train.use_tuned_params is true; run the tune stage "
                           f"first (dvc repro tune) or set train.use_tuned_params: false")
-    try:
-        best = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    best = _read_yaml(path) or {}
     values = best.get("params") if isinstance(best, dict) else None
     if not isinstance(values, dict) or not values:
         raise ParamsError(f"{path}: no 'params' mapping; rerun the tune stage (dvc repro -f tune)")
@@ -135,10 +136,7 @@ def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 
 def preset_dict(overlay_path: Path) -> dict[str, Any]:
     """A preset (an overlay of the keys that differ from the defaults) as a whole params dict."""
-    try:
-        overlay = yaml.safe_load(overlay_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{overlay_path}: not valid YAML: {exc}") from None
+    overlay = _read_yaml(overlay_path) or {}
     if not isinstance(overlay, dict):
         raise ParamsError(f"{overlay_path}: top level must be a mapping of sections")
     merged = merge(as_yaml_dict(Params()), overlay)

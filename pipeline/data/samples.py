@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
-from common.imageio import read_image
+from common.imageio import read_image, resize_image, resize_labels
 from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.data.pairs import Pair, mini_test_pairs
 from pipeline.layout import Layout
@@ -24,10 +23,7 @@ def load_infer_samples(layout: Layout, count: int, pairs: list[Pair] | None = No
         image = read_image(pair.image, p.model.image_channels)
         ids = read_mask(pair.mask, p.mask)
         if image.shape[:2] != (size[1], size[0]):
-            plane = image[..., 0] if image.shape[2] == 1 else image
-            image = np.asarray(Image.fromarray(plane).resize(size, Image.BILINEAR))
-            image = image.reshape(size[1], size[0], -1)
-            ids = np.asarray(Image.fromarray(ids).resize(size, Image.NEAREST))
+            image, ids = resize_image(image, *size), resize_labels(ids, *size)
         images.append(image)
         truths.append(ids_to_rgb(ids, p.mask.colours))
     return np.stack(images), truths

@@ -62,7 +62,7 @@ class EpochChangeTiledInference(keras.callbacks.Callback):
         self.run, self.images, self.truth_rgb, self.key = run, images, truth_rgb, key
         self.colours = np.asarray(colours, dtype=np.uint8)
         self.single = single_foreground_class
-        self.tiling = {"tile_size": tile_size}
+        self.tile_size = tile_size
 
     def on_epoch_end(self, epoch, logs=None):
         from serving.tiling import sliding_window_inference
@@ -70,7 +70,7 @@ class EpochChangeTiledInference(keras.callbacks.Callback):
         def predict_fn(batch: np.ndarray) -> np.ndarray:
             return np.asarray(self.model.predict_on_batch(batch))
 
-        preds = [self.colours[to_labels(sliding_window_inference(image, predict_fn, **self.tiling),
+        preds = [self.colours[to_labels(sliding_window_inference(image, predict_fn, tile_size=self.tile_size),
                                         single_foreground_class=self.single)]
                  for image in self.images]
         panel = make_panel(self.images, self.truth_rgb, preds, titles=("input", "truth", "tiled prediction"))

@@ -19,7 +19,6 @@ import logging
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline.data.pairs import mini_test_pairs
 from pipeline.data.masks import ids_to_rgb, read_mask
@@ -29,7 +28,7 @@ from pipeline.scoring.confusion import confusion, dice_scores
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
 from serving.batch import predict_folder
-from common.imageio import read_image, save_rgb_png
+from common.imageio import read_image, resize_image, resize_labels, save_rgb_png
 from serving.labels import to_labels
 from serving.predictor import TiledPredictor
 from serving.tiling import window_starts
@@ -56,11 +55,10 @@ def seam_mask(height: int, width: int, tile: int, overlap: float, half_width: in
 def resized_prediction(predictor: TiledPredictor, image: np.ndarray, size: int) -> np.ndarray:
     """The seed's plain inference: resize to the model size, one forward pass, labels back."""
     h, w = image.shape[:2]
-    small = np.asarray(Image.fromarray(image.squeeze()).resize((size, size), Image.BILINEAR))
-    small = small.reshape(size, size, -1).astype(np.float32)
+    small = resize_image(image, size, size).astype(np.float32)
     ids = to_labels(predictor.predict_fn(small[None])[0],
                     single_foreground_class=predictor.card.single_foreground_class)
-    return np.asarray(Image.fromarray(ids).resize((w, h), Image.NEAREST))
+    return resize_labels(ids, w, h)
 
 
 def evaluate_tiled(layout: Layout) -> dict[str, Any]:

@@ -196,11 +196,10 @@ def tune(layout: Layout, worker: int = 0) -> TuneResult | None:
     study.sampler = optuna.samplers.TPESampler(
         seed=int(np.random.SeedSequence([t.seed, worker, len(study.trials)]).generate_state(1)[0]),
         n_startup_trials=t.startup_trials)
-    log.info("study %s at %s: %s", name, studies.shown(studies.storage_location(t.storage, project_root)),
-             studies.counts(study))
+    location = studies.storage_location(t.storage, project_root)
+    log.info("study %s at %s: %s", name, studies.shown(location), studies.counts(study))
     outputs = [layout.tuned_params_file, layout.train_overrides_file, layout.metrics / "tune.json",
                layout.plots / "tune_history.png", layout.plots / "tune_importance.png"] if worker == 0 else []
-    location = studies.storage_location(t.storage, project_root)
     with remove_on_failure(outputs):
         with studies.study_lock(storage, location, name):   # one parent run, however many workers start
             parent = _parent_run(study, layout, project_root, fingerprint)

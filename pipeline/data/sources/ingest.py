@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.sources import nifti
@@ -31,7 +30,7 @@ from pipeline.data.pairs import MIN_SIDE, find_pairs, validate_pairs
 from common.errors import DataError
 from pipeline.layout import TKV_EXTRA
 from pipeline.config.schema import Params
-from common.imageio import read_image
+from common.imageio import read_image, resize_image, resize_labels
 from serving.tiling import window_starts
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,7 @@ def raw_folder(params: Params, project_root: Path) -> Path:
 def _resize(image: np.ndarray, ids: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     if image.shape[:2] == (size, size):
         return image, ids
-    plane = image[..., 0] if image.shape[2] == 1 else image
-    small = np.asarray(Image.fromarray(plane).resize((size, size), Image.BILINEAR))
-    return small.reshape(size, size, -1), np.asarray(Image.fromarray(ids).resize((size, size), Image.NEAREST))
+    return resize_image(image, size, size), resize_labels(ids, size, size)
 
 
 def import_imagemask(params: Params, raw: Path, writer) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from pipeline.config.load import params_from_dict
-from pipeline.data.masks import SnapCount, UnknownColours, ids_to_rgb, nearness, read_mask, rgb_to_ids
+from pipeline.data.masks import SnapCount, UnknownColours, ids_to_rgb, read_mask, rgb_to_ids
 from common.errors import DataError, ParamsError
 from pipeline.config.schema import MaskParams
 from tests.conftest import tiny_dict
@@ -82,7 +82,6 @@ def test_resized_mask_blends_are_named_and_snapped_in_tolerance_mode(tmp_path):
     on_map = np.array([tuple(c) in exact for c in big.reshape(-1, 3).tolist()]).reshape(big.shape[:2])
     assert count.pixels == big.shape[0] * big.shape[1] and count.snapped == int((~on_map).sum()) > 0
     np.testing.assert_array_equal(got[on_map], rgb_to_ids(big[on_map][None], MASK)[0])
-    np.testing.assert_array_equal(got, nearness(big.reshape(-1, 3), MASK)[0].reshape(got.shape))
     # A blend goes to the class it is mostly made of (the interpolation weights), bar near-ties.
     weights = np.stack([np.asarray(Image.fromarray((ids == k).astype(np.float32)).resize(big.shape[1::-1],
                                                                                         Image.BILINEAR))
