@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,26 +32,27 @@ class TileBatch:
 
 
 def make_batches(
-    padded: np.ndarray, ys: list[int], xs: list[int], tile_hw: tuple[int, int],
-    batch_size: int, flips: tuple[str, ...], skip_fn: Callable[[np.ndarray], bool] | None,
+    padded: Any, ys: list[int], xs: list[int], tile_hw: tuple[int, int],
+    batch_size: int, flips: tuple[str, ...], skip_fn: Callable[[int, int, int, int], bool] | None,
 ) -> Iterator[TileBatch]:
     """Cut windows in raster order into fixed-shape float32 batches (zero-padded at the end).
 
     Skipped windows ride along with the next batch of real ones, so the consumer still
-    sees every window in raster order.
+    sees every window in raster order. skip_fn decides from the window's coordinates,
+    before it is read: a slide's empty glass is never decoded.
     """
     th, tw = tile_hw
+    read = window_reader(padded)
     windows: list[Window] = []
     slots: list[int] = []
     tiles: list[np.ndarray] = []
     for y in ys:
         for x in xs:
-            tile = padded[y: y + th, x: x + tw]
-            skipped = skip_fn is not None and bool(skip_fn(tile))
+            skipped = skip_fn is not None and bool(skip_fn(y, x, th, tw))
             windows.append((y, x))
             slots.append(-1 if skipped else len(tiles))
             if not skipped:
-                tiles.append(tile)
+                tiles.append(read(y, x, th, tw))
             if len(tiles) == batch_size:
                 yield _assemble(windows, slots, tiles, batch_size, flips)
                 windows, slots, tiles = [], [], []
@@ -72,13 +74,75 @@ def _assemble(windows: list[Window], slots: list[int], tiles: list[np.ndarray],
     return TileBatch(windows, slots, inputs, len(tiles), batch_size)
 
 
-def undo_tta(out: np.ndarray, n: int, b: int, flips: tuple[str, ...]) -> np.ndarray:
-    """Flip the augmented predictions back and average them (same order every time)."""
+def undo_tta(out: np.ndarray, n: int, b: int, flips: tuple[str, ...], variance: bool = False) -> np.ndarray:
+    """Flip the augmented predictions back and average them (same order every time).
+
+    variance: append one channel, the variance of the flipped predictions around their
+    mean (averaged over classes), so it is blended across windows like the probabilities.
+    """
     p = out[:n].copy()
     for k, name in enumerate(flips, start=1):
         p += out[k * b: k * b + n][FLIPS[name]]
     p *= np.float32(1.0 / (1 + len(flips)))
-    return p
+    if not variance:
+        return p
+    var = np.square(out[:n] - p).mean(axis=-1)
+    for k, name in enumerate(flips, start=1):
+        var += np.square(out[k * b: k * b + n][FLIPS[name]] - p).mean(axis=-1)
+    var *= np.float32(1.0 / (1 + len(flips)))
+    return np.concatenate([p, var[..., None]], axis=-1)
+
+
+def window_reader(image: Any) -> Callable[[int, int, int, int], np.ndarray]:
+    """read(y, x, h, w) -> the window as a NumPy array: a view of an in-memory image, or
+    cut from a lazy array (a slide level) through ChunkCache."""
+    if isinstance(image, np.ndarray):
+        return lambda y, x, h, w: image[y: y + h, x: x + w]
+    return ChunkCache(image)
+
+
+class ChunkCache:
+    """Windows of a lazy (H, W, C) array read through its storage chunks, each decoded once.
+
+    Overlapping windows share stored tiles; reading each window from the store would
+    decode a 512 px tile up to ~16 times for 128 px windows. Windows arrive in raster
+    order, so chunks above the current window row are dropped: at most two rows of
+    chunks across the width are held (for a 50 000 px wide slide with 512 px tiles,
+    ~150 MB), and only chunks some window needs are ever read.
+    """
+
+    def __init__(self, array: Any, chunks: tuple[int, int] | None = None):
+        self.array = array
+        shape = getattr(array, "chunks", None) or (512, 512)
+        self.rows, self.cols = chunks or (int(shape[0]), int(shape[1]))
+        self.height, self.width = int(array.shape[0]), int(array.shape[1])
+        self.blocks: dict[tuple[int, int], np.ndarray] = {}
+
+    def _block(self, ky: int, kx: int) -> np.ndarray:
+        block = self.blocks.get((ky, kx))
+        if block is None:
+            y0, x0 = ky * self.rows, kx * self.cols
+            block = np.asarray(self.array[y0: min(y0 + self.rows, self.height), x0: min(x0 + self.cols, self.width)])
+            self.blocks[(ky, kx)] = block
+        return block
+
+    def __call__(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        top = y // self.rows
+        for key in [k for k in self.blocks if k[0] < top]:
+            del self.blocks[key]
+        out: np.ndarray | None = None
+        for ky in range(top, (y + h - 1) // self.rows + 1):
+            for kx in range(x // self.cols, (x + w - 1) // self.cols + 1):
+                block = self._block(ky, kx)
+                by, bx = ky * self.rows, kx * self.cols
+                ys = slice(max(y, by), min(y + h, by + block.shape[0]))
+                xs = slice(max(x, bx), min(x + w, bx + block.shape[1]))
+                if out is None:
+                    out = np.empty((h, w) + block.shape[2:], dtype=block.dtype)
+                out[ys.start - y: ys.stop - y, xs.start - x: xs.stop - x] = block[ys.start - by: ys.stop - by,
+                                                                                   xs.start - bx: xs.stop - bx]
+        assert out is not None
+        return out
 
 
 def check_probs(out: np.ndarray, batch: TileBatch, tile_hw: tuple[int, int]) -> None:

@@ -10,20 +10,29 @@ Both call predict_image, the one function that predicts one image and writes its
 and overlay, so their outputs are the same files and rows. predict_folder is run_batch
 with the local engine.
 
-Outputs in `output_dir`:
+Outputs in `output_dir` (serving.outputs; `format` auto: OME-Zarr for whole-slide inputs
+and images above 64 MP, PNG for the rest):
 - `<stem>.png`: palette PNG of class ids, coloured with the card's colours (the seed's
-  rgb_map), so it opens like the seed's masks and its pixel values are the class ids.
-- `overlays/<stem>.png` (overlay=True): the image with each non-background class tinted
-  in its colour at alpha 0.4; background pixels are the image untouched.
-- `predictions.csv`: one row per input file: file, height, width, `px_<class name>` pixel
-  counts (they sum to height x width), tiles (windows the image needed), skipped_tiles
-  (windows not run because they hold no tissue: TilingSettings.tissue_threshold; their
-  pixels are background), seconds (read + predict + write), status (`ok`,
-  `skipped-existing` or `error: <one-line message>`).
+  rgb_map), so it opens like the seed's masks and its pixel values are the class ids;
+  `uncertainty/<stem>.png`: 8-bit normalised entropy (0 certain, 255 a uniform guess).
+- or `<stem>.ome.zarr` (OME-Zarr 0.5 label image, multiscale, class colours in its
+  metadata) and `<stem>.uncertainty.zarr`, written chunk by chunk.
+- `<stem>.geojson` (geojson=True; default with OME-Zarr): the objects as QuPath
+  annotations, in level-0 pixel coordinates (serving.objects).
+- `overlays/<stem>.png` (overlay=True, PNG outputs): the image with each non-background
+  class tinted in its colour at alpha 0.4; background pixels are the image untouched.
+- `predictions.csv`: one row per input file: file, height, width (of the predicted level),
+  `px_<class name>` pixel counts (they sum to height x width), level (the slide level
+  predicted; 0 for plain images), objects (GeoJSON features written), uncertainty_mean
+  (mean normalised entropy: sort by it to review the least certain cases first), tiles
+  (windows the image needed), skipped_tiles (windows not run because they hold no
+  tissue: TilingSettings.tissue_threshold; their pixels are background), seconds_saved
+  (estimated: skipped windows x the run windows' mean time), seconds (read + predict +
+  write), status (`ok`, `skipped-existing` or `error: <one-line message>`).
 
 Resume: an input whose mask already exists is not predicted again unless overwrite=True.
-Its row is rebuilt from the mask on disk (counts, size) plus the previous table's tiles
-and seconds, so the table always describes the masks actually present (a missing overlay is drawn
+Its row is rebuilt from the mask on disk (counts, size; an OME-Zarr carries them in its
+attributes) plus the previous table's tiles and seconds, so the table always describes the masks actually present (a missing overlay is drawn
 from the existing mask, without predicting). Every file is written atomically
 (common.atomic: temp file beside the target, then rename), so an interrupted run never
 leaves a half-written mask or table. The table is rewritten whole after each image (at
@@ -44,12 +53,13 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -58,10 +68,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from common.atomic import write_text
 from common.errors import UserError
-from common.imageio import (IMAGE_SUFFIXES, MaxPixels, list_images, open_image, read_image,
-                             save_palette_png, save_rgb_png)
+from common.imageio import IMAGE_SUFFIXES, MaxPixels, list_images, open_image, read_image, save_rgb_png
 from serving.card import ModelCard
-from serving.tissue import TileCount
+from serving.inputs import image_size, open_input
+from serving.outputs import Targets, output_stem, resolve_format, write_prediction
+from serving.settings import TilingSettings
+from serving.tissue import TileCount, TissueSkip
+
+if TYPE_CHECKING:
+    from serving.predictor import Band
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +87,7 @@ STATUS_OK = "ok"
 STATUS_SKIPPED = "skipped-existing"
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MANIFEST_COLUMN = "path"
-RESUME_KEYS = ("tiles", "skipped_tiles", "seconds")   # what a skipped image's row keeps from the previous table
+RESUME_KEYS = ("objects", "tiles", "skipped_tiles", "seconds_saved", "seconds")   # what a skipped image's row keeps from the previous table
 
 
 class Predictor(Protocol):
@@ -80,8 +95,11 @@ class Predictor(Protocol):
 
     card: ModelCard
     tile_size: int
+    settings: TilingSettings
+    tissue_threshold: int | None
 
-    def predict(self, image: np.ndarray, tiles: TileCount | None = None) -> np.ndarray: ...
+    def stream(self, image: Any, tiles: TileCount | None = None, tissue: TissueSkip | None = None
+               ) -> Iterator[Band]: ...
 
 
 @dataclass
@@ -198,6 +216,10 @@ class ImageOptions:
     overwrite: bool = False
     overlay: bool = False
     max_pixels: MaxPixels = "pillow"
+    format: str = "auto"              # serving.outputs.FORMATS
+    geojson: bool | None = None       # QuPath objects; None: with OME-Zarr outputs
+    level: int | None = None          # slide level to predict (None: by --mpp or the model card)
+    mpp: float | None = None          # target microns per pixel (picks the nearest slide level)
 
 
 Job = tuple[Path, "dict[str, Any] | None"]   # an input and its row in the previous table
@@ -229,7 +251,8 @@ def predict_folder(predictor: Predictor, inputs: list[Path], output_dir: Path, *
 
 def run_batch(engine: Engine, inputs: list[Path], output_dir: Path, *, overwrite: bool = False,
               overlay: bool = False, max_pixels: MaxPixels = "pillow", csv_interval: float = 2.0,
-              progress: bool | None = None) -> BatchSummary:
+              progress: bool | None = None, format: str = "auto", geojson: bool | None = None,
+              level: int | None = None, mpp: float | None = None) -> BatchSummary:
     """Predict every input through `engine`, writing masks, optional overlays and
     `predictions.csv` (see module doc).
 
@@ -238,7 +261,8 @@ def run_batch(engine: Engine, inputs: list[Path], output_dir: Path, *, overwrite
     """
     output_dir = Path(output_dir)
     _check_plan(inputs, output_dir)
-    options = ImageOptions(output_dir, overwrite=overwrite, overlay=overlay, max_pixels=max_pixels)
+    options = ImageOptions(output_dir, overwrite=overwrite, overlay=overlay, max_pixels=max_pixels,
+                           format=format, geojson=geojson, level=level, mpp=mpp)
     table = _Table(output_dir / CSV_NAME, engine.card.class_names)
     summary = BatchSummary(csv_path=table.path)
     jobs = [(path, table.rows.get(str(path))) for path in inputs]
@@ -268,10 +292,11 @@ def _check_plan(inputs: list[Path], output_dir: Path) -> None:
         if path.resolve().parent == out:
             raise UserError(f"{output_dir}: is the folder of input {path}; masks would mix with (or overwrite) "
                             "the inputs; choose another --output")
-        if path.stem in seen:
-            raise UserError(f"{seen[path.stem]} and {path} would both write {output_dir / (path.stem + '.png')}; "
+        stem = output_stem(path)
+        if stem in seen:
+            raise UserError(f"{seen[stem]} and {path} would both write {output_dir / stem}.*; "
                             "rename one or predict them separately")
-        seen[path.stem] = path
+        seen[stem] = path
 
 
 def _count(summary: BatchSummary, row: dict[str, Any]) -> None:
@@ -293,36 +318,85 @@ def _count(summary: BatchSummary, row: dict[str, Any]) -> None:
 
 def predict_image(predictor: Predictor, path: Path, options: ImageOptions,
                   previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Predict (or reuse) one image, write its mask (and overlay) atomically, and return its
-    table row; never raises for a bad file (its row says `error: ...`). previous: its row in
-    the previous table, whose RESUME_KEYS a skipped image keeps. Every engine runs this."""
+    """Predict (or reuse) one image, write its outputs atomically (serving.outputs), and
+    return its table row; never raises for a bad file (its row says `error: ...`).
+    previous: its row in the previous table, whose RESUME_KEYS a skipped image keeps.
+    Every engine runs this."""
     card = predictor.card
-    mask_path = options.output_dir / f"{path.stem}.png"
-    overlay_path = options.output_dir / OVERLAY_DIR / f"{path.stem}.png"
     t0 = time.perf_counter()
     try:
-        ids = None if options.overwrite else _existing_mask(mask_path, card.num_classes)
-        if ids is not None:
-            if options.overlay and not overlay_path.exists():
-                image = read_image(path, card.channels, options.max_pixels)
-                save_rgb_png(overlay_path, overlay_image(image, ids, card.colours))
-            kept = {k: (previous or {}).get(k, "") for k in RESUME_KEYS}
-            return _row(path, ids, card.num_classes, STATUS_SKIPPED, **kept)
-        image = read_image(path, card.channels, options.max_pixels)
-        tiles = TileCount()
-        ids = np.asarray(predictor.predict(image, tiles=tiles))
-        if ids.shape != image.shape[:2]:
-            raise RuntimeError(f"predictor returned shape {ids.shape} for a {image.shape[:2]} image")
-        save_palette_png(mask_path, ids, card.colours)
-        if options.overlay:
-            save_rgb_png(overlay_path, overlay_image(image, ids, card.colours))
-        return _row(path, ids, card.num_classes, STATUS_OK, tiles=tiles.tiles, skipped_tiles=tiles.skipped,
-                    seconds=round(time.perf_counter() - t0, 4))
+        targets = _targets(path, options)
+        overlay_path = options.output_dir / OVERLAY_DIR / f"{targets.stem}.png"
+        if not options.overwrite:
+            reused = _reuse(path, targets, options, card, overlay_path, previous)
+            if reused is not None:
+                return reused
+        source = open_input(path, card, level=options.level, mpp=options.mpp, max_pixels=options.max_pixels)
+        try:
+            tiles = TileCount()
+            stats = write_prediction(predictor, source, targets, tiles)
+            if options.overlay and stats.ids is not None and not source.is_slide:
+                save_rgb_png(overlay_path, overlay_image(source.array, stats.ids, card.colours))
+        finally:
+            source.close()
+        seconds = time.perf_counter() - t0
+        run = tiles.tiles - tiles.skipped
+        return _row(path, source.height, source.width, stats.counts, STATUS_OK, level=source.level,
+                    objects="" if stats.objects is None else stats.objects,
+                    uncertainty_mean=round(stats.uncertainty_mean, 5), tiles=tiles.tiles,
+                    skipped_tiles=tiles.skipped,
+                    seconds_saved=round(tiles.skipped * seconds / run, 2) if run else "",
+                    seconds=round(seconds, 4))
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop a 10 000-image batch
         message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         message = " ".join(message.split())  # one line, whatever the exception said; run_batch logs it
         log.debug("traceback for %s", path, exc_info=True)
         return {"file": str(path), "seconds": round(time.perf_counter() - t0, 4), "status": f"error: {message}"}
+
+
+def _targets(path: Path, options: ImageOptions) -> Targets:
+    """Where `path`'s outputs go; auto format: OME-Zarr for slides and very large images."""
+    fmt = options.format
+    if fmt == "auto":
+        from serving.slide import is_slide
+
+        slide = is_slide(path)
+        h, w = (0, 0) if slide else image_size(path)
+        fmt = resolve_format(fmt, slide, h * w)
+    geojson = fmt == "ome-zarr" if options.geojson is None else options.geojson
+    return Targets(options.output_dir, output_stem(path), fmt, geojson)
+
+
+def _reuse(path: Path, targets: Targets, options: ImageOptions, card: ModelCard, overlay_path: Path,
+           previous: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The row of outputs a previous run wrote (resume), or None to predict."""
+    kept = {k: (previous or {}).get(k, "") for k in RESUME_KEYS}
+    if targets.format == "ome-zarr":
+        summary = _existing_zarr(targets.mask)
+        if summary is None:
+            return None
+        return _row(path, summary["height"], summary["width"], np.asarray(summary["counts"]), STATUS_SKIPPED,
+                    level=summary.get("level", ""), uncertainty_mean=summary.get("uncertainty_mean", ""), **kept)
+    ids = _existing_mask(targets.mask, card.num_classes)
+    if ids is None:
+        return None
+    if options.overlay and not overlay_path.exists():
+        image = read_image(path, card.channels, options.max_pixels)
+        save_rgb_png(overlay_path, overlay_image(image, ids, card.colours))
+    return _row(path, ids.shape[0], ids.shape[1], np.bincount(ids.ravel(), minlength=card.num_classes),
+                STATUS_SKIPPED, level=0, **kept)
+
+
+def _existing_zarr(path: Path) -> dict[str, Any] | None:
+    """The summary a finished OME-Zarr output carries, or None (absent or not ours)."""
+    if not (path / "zarr.json").is_file():
+        return None
+    try:
+        summary = json.loads((path / "zarr.json").read_text(encoding="utf-8"))["attributes"]["flexunet"]
+        return summary if {"counts", "height", "width"} <= set(summary) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: exists but is not a finished flexunet OME-Zarr; predicting it again", path)
+        return None
 
 
 def _existing_mask(mask_path: Path, num_classes: int) -> np.ndarray | None:
@@ -343,11 +417,10 @@ def _existing_mask(mask_path: Path, num_classes: int) -> np.ndarray | None:
     return ids
 
 
-def _row(path: Path, ids: np.ndarray, num_classes: int, status: str, **measured: Any) -> dict[str, Any]:
-    """A table row from a mask; measured: tiles, skipped_tiles, seconds."""
-    counts = np.bincount(ids.ravel(), minlength=num_classes)
-    row: dict[str, Any] = {"file": str(path), "height": ids.shape[0], "width": ids.shape[1]}
-    row.update({f"#{k}": int(c) for k, c in enumerate(counts[:num_classes])})
+def _row(path: Path, height: int, width: int, counts: np.ndarray, status: str, **measured: Any) -> dict[str, Any]:
+    """A table row: size, class pixel counts, and `measured` (the _Table.MEASURED columns)."""
+    row: dict[str, Any] = {"file": str(path), "height": int(height), "width": int(width)}
+    row.update({f"#{k}": int(c) for k, c in enumerate(counts)})
     row.update(measured, status=status)
     return row
 
@@ -373,7 +446,7 @@ def overlay_image(image: np.ndarray, ids: np.ndarray, colours: list[tuple[int, i
 class _Table:
     """predictions.csv: rows keyed by input file, rewritten whole and atomically."""
 
-    MEASURED = ("tiles", "skipped_tiles", "seconds", "status")
+    MEASURED = ("level", "objects", "uncertainty_mean", "tiles", "skipped_tiles", "seconds_saved", "seconds", "status")
 
     def __init__(self, path: Path, class_names: list[str]):
         self.path = path

@@ -35,6 +35,12 @@ class ModelCard:
     tta_flips: list[str] = field(default_factory=lambda: ["lr", "ud", "lrud"])
     # One foreground class per image, decided from summed probabilities (serving.labels).
     single_foreground_class: bool = False
+    # Background skip for histology (serving.tissue), the default of `flexunet predict`
+    # with this model: the glomeruli model skips empty glass unless told otherwise.
+    tissue_threshold: int | None = None
+    # Training resolution in microns per pixel, when known: a slide level is chosen to
+    # match it, and a mismatch is warned about (serving.slide).
+    mpp: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from common.errors import UserError
+from serving.outputs import FORMATS
 from serving.settings import TilingSettings, add_arguments, from_arguments
 
 log = logging.getLogger("flexunet")
@@ -63,6 +64,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.engine != "ray" and (args.address is not None or args.workers is not None):
         raise UserError("--address and --workers are options of --engine ray")
+    if args.level is not None and args.mpp is not None:
+        raise UserError("--level and --mpp both choose the slide level; give one")
+    if (args.level is not None and args.level < 0) or (args.mpp is not None and not args.mpp > 0):
+        raise UserError("--level must be >= 0 and --mpp > 0")
     settings = predict_settings(args)  # flags and inputs first: a typo fails before the model loads
     inputs = resolve_inputs(args.input)
     if args.engine == "ray":
@@ -73,7 +78,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         engine = LocalEngine(load_predictor(args.model, settings))
     summary = run_batch(engine, inputs, Path(args.output), overwrite=args.overwrite,
-                        overlay=args.overlay, max_pixels=None if args.allow_large_images else "pillow")
+                        overlay=args.overlay, max_pixels=None if args.allow_large_images else "pillow",
+                        format=args.format, geojson=args.geojson, level=args.level, mpp=args.mpp)
     return 1 if summary.failed else 0
 
 
@@ -96,7 +102,9 @@ def add_predict_parser(sub: Any) -> None:
     p.add_argument("--input", required=True,
                    help="folder of images, a quoted glob such as 'scans/*.tif', or a manifest: a .csv or .parquet "
                         "file with a column 'path' of image paths or file:// URIs")
-    p.add_argument("--output", required=True, help="folder for <stem>.png masks and predictions.csv")
+    p.add_argument("--output", required=True,
+                   help="folder for the masks (<stem>.png or <stem>.ome.zarr), uncertainty maps, GeoJSON and "
+                        "predictions.csv")
     add_arguments(p)
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: one image after another in this process (default); ray: Ray Data actors "
@@ -106,6 +114,16 @@ def add_predict_parser(sub: Any) -> None:
                         "or RAY_ADDRESS)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="--engine ray: actors, each with one model session (default 1)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="png: <stem>.png masks; ome-zarr: <stem>.ome.zarr label images written chunk by chunk; "
+                        "auto (default): OME-Zarr for whole-slide TIFF/OME-TIFF/SVS and images above 64 MP")
+    p.add_argument("--geojson", action=argparse.BooleanOptionalAction, default=None,
+                   help="write <stem>.geojson, the objects as QuPath annotations (default: with OME-Zarr outputs)")
+    p.add_argument("--level", type=int, default=None, metavar="N",
+                   help="whole-slide inputs: the pyramid level to predict (0 = full resolution)")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="whole-slide inputs: predict the level nearest this many microns per pixel "
+                        "(default: the model's training resolution, when both are recorded)")
     p.add_argument("--overwrite", action="store_true", help="predict again images whose mask exists")
     p.add_argument("--overlay", action="store_true", help="also write overlays/<stem>.png")
     p.add_argument("--allow-large-images", action="store_true",

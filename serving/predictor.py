@@ -3,6 +3,8 @@
     predictor = TiledPredictor.from_onnx("model.onnx", TilingSettings(overlap=0.5))  # or overlap=0.5
     ids = predictor.predict(image)            # uint8 (H, W) class ids, bounded memory
     probs = predictor.predict_proba(image)    # float32 (H, W, K)
+    for band in predictor.stream(level):      # a whole-slide level (serving.slide): bands of
+        ...                                   # labels, probabilities and uncertainty, to disk
 
 The model carries its ModelCard (channels, classes, size multiple, training size) in its
 ONNX metadata, so no params.yaml is read. The knobs are serving.settings.TilingSettings
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,20 @@ from serving.labels import foreground_mass, unify_foreground
 from serving.settings import TilingSettings
 from serving.tiling import iter_bands
 from serving.tissue import TileCount, TissueSkip
+from serving.uncertainty import normalised_entropy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Band:
+    """Finished rows [row0, row0 + rows) of a streamed prediction."""
+
+    row0: int
+    ids: np.ndarray                  # uint8 (rows, W): per-pixel argmax (before any single-class rule)
+    probs: np.ndarray                # float32 (rows, W, K): blended probabilities
+    uncertainty: np.ndarray          # float32 (rows, W): normalised entropy of probs (serving.uncertainty)
+    tta_variance: np.ndarray | None  # float32 (rows, W): variance of the flipped predictions (--tta only)
 
 
 
@@ -79,15 +94,15 @@ class TiledPredictor:
     def iter_bands(self, image: np.ndarray, tiles: TileCount | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Finished bands (row0, float32 probabilities (rows, W, K)), top to bottom. tiles:
         filled with the number of windows and of windows skipped as background."""
-        return iter_bands(self.prepare(image), self.predict_fn, **self._tiling(tiles))
+        return ((band.row0, band.probs) for band in self.stream(image, tiles))
 
     def predict_proba(self, image: np.ndarray, tiles: TileCount | None = None) -> np.ndarray:
         """Class probabilities float32 (H, W, K). Holds H x W x K floats: for very large
         images prefer predict(), which keeps only the labels."""
         image = self.prepare(image)
         out = np.empty(image.shape[:2] + (self.card.num_classes,), dtype=np.float32)
-        for row0, band in iter_bands(image, self.predict_fn, **self._tiling(tiles)):
-            out[row0: row0 + band.shape[0]] = band
+        for band in self.stream(image, tiles):
+            out[band.row0: band.row0 + band.probs.shape[0]] = band.probs
         return out
 
     def predict(self, image: np.ndarray, tiles: TileCount | None = None) -> np.ndarray:
@@ -98,19 +113,51 @@ class TiledPredictor:
         image = self.prepare(image)
         labels = np.empty(image.shape[:2], dtype=np.uint8)
         mass = np.zeros(self.card.num_classes - 1)
-        for row0, band in iter_bands(image, self.predict_fn, **self._tiling(tiles)):
-            ids = labels[row0: row0 + band.shape[0]]
-            ids[:] = band.argmax(axis=-1)
+        for band in self.stream(image, tiles):
+            labels[band.row0: band.row0 + band.ids.shape[0]] = band.ids
             if self.card.single_foreground_class:
-                mass += foreground_mass(band, ids)
+                mass += foreground_mass(band.probs, band.ids)
         return unify_foreground(labels, mass) if self.card.single_foreground_class else labels
 
-    def _tiling(self, tiles: TileCount | None) -> dict[str, Any]:
+    def stream(self, image: Any, tiles: TileCount | None = None, tissue: TissueSkip | None = None
+               ) -> Iterator[Band]:
+        """Bands of labels, probabilities and uncertainty, top to bottom; nothing of the
+        image's size is held, so the caller writes them to disk (serving.outputs).
+
+        image: an (H, W[, C]) array, or a lazy (H, W, C) one (a slide level: serving.slide)
+        already in the model's channels. tissue: the background skip from a low-resolution
+        mask (a slide's pyramid level); None: built from the image when
+        `tissue_threshold` is set (in-memory images only). The single-foreground-class
+        rule is the caller's, after the last band (serving.labels.unify_foreground on the
+        summed foreground_mass), since it needs the whole image.
+        """
+        image = image if _is_lazy(image) else self.prepare(image)
+        if tissue is None:
+            threshold = self.tissue_threshold
+            if threshold is not None and _is_lazy(image):
+                raise UserError("a lazy image's background skip needs its tissue mask from a low-resolution "
+                                "level: pass tissue=TissueSkip(mask, step) (serving.slide does)")
+            tissue = TissueSkip.from_image(image, threshold, tiles) if threshold or tiles is not None else None
+        elif tiles is not None:
+            tissue.count = tiles
+        k = self.card.num_classes
+        for row0, band in iter_bands(image, self.predict_fn, **self._tiling(tissue)):
+            probs = band[..., :k]
+            yield Band(row0, probs.argmax(axis=-1).astype(np.uint8), probs, normalised_entropy(probs),
+                       band[..., k] if band.shape[-1] > k else None)
+
+    @property
+    def tissue_threshold(self) -> int | None:
+        """The background-skip threshold in use: the settings', else the model card's; 0 is off."""
+        value = self.settings.tissue_threshold
+        value = self.card.tissue_threshold if value is None else value
+        return value or None
+
+    def _tiling(self, skip: TissueSkip | None) -> dict[str, Any]:
         """serving.tiling's keywords for these settings and this model."""
         s = self.settings
-        skip = None if s.tissue_threshold is None and tiles is None else TissueSkip(s.tissue_threshold, tiles)
         return {"tile_size": self.tile_size, "overlap": s.overlap, "blend": s.blend, "batch_size": s.batch_size,
-                "multiple": self.card.size_multiple, "tta": self._flips(), "skip_fn": skip}
+                "multiple": self.card.size_multiple, "tta": self._flips(), "skip_fn": skip, "tta_variance": True}
 
     def _flips(self) -> tuple[str, ...]:
         """TTA flips: those the card says the model was trained with (kidney MRI: left-right only)."""
@@ -121,6 +168,10 @@ class TiledPredictor:
 
 
 # ---------------------------------------------------------------------- helpers
+def _is_lazy(image: Any) -> bool:
+    return not isinstance(image, np.ndarray) and len(getattr(image, "shape", ())) == 3
+
+
 def _check_tile(tile: int, card: ModelCard, source: str) -> int:
     """The model's own rule for tile sizes (TilingSettings checked it is a positive int under the cap)."""
     m = card.size_multiple

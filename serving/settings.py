@@ -87,11 +87,11 @@ def _flag(value: Any) -> bool:
 
 
 def _grey_level(value: Any) -> int | None:
-    if value is None or (_is_int(value) and value == 0):
-        return None  # 0 and unset both mean: no background skip
-    if not _is_int(value) or not 0 < value <= 255:
+    if value is None:
+        return None  # unset: the model card's (the glomeruli model's is PAS_TISSUE_THRESHOLD)
+    if not _is_int(value) or not 0 <= value <= 255:
         raise ValueError(f"must be a grey level 1..255 ({PAS_TISSUE_THRESHOLD} suits PAS histology), "
-                         f"or 0/unset for no background skip")
+                         f"0 for no background skip, or unset for the model card's")
     return int(value)
 
 
@@ -118,7 +118,8 @@ class TilingSettings:
         None, "onnxruntime intra-op threads (unset: all cores)", _positive("threads", "all cores"), metavar="N")
     tissue_threshold: int | None = _setting(
         None, "skip windows with < 1 % tissue: a nearly grey pixel at least this bright is background "
-              f"glass ({PAS_TISSUE_THRESHOLD} suits PAS histology; 0/unset: no skip)", _grey_level, metavar="LEVEL")
+              f"glass ({PAS_TISSUE_THRESHOLD} suits PAS histology; 0: no skip; unset: the model card's, "
+              f"which is {PAS_TISSUE_THRESHOLD} for glomeruli)", _grey_level, metavar="LEVEL")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

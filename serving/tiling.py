@@ -18,6 +18,8 @@ How an image is predicted
    the accumulated weights: windows' borders, where context is missing, count least.
 5. Memory is bounded: one band of window rows is held at a time and rows no later window
    touches are emitted (`iter_bands`), so peak memory grows with width x tile, not area.
+   The image may be lazy (a whole-slide level, serving.slide): anything with `.shape`
+   (H, W, C) and NumPy slicing; windows are then read through its storage chunks.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from serving._tiling_engine import FLIPS, BandAccumulator, TileBatch, check_prob
 from serving.settings import BLENDS, TilingSettings, check_setting
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
-SkipFn = Callable[[np.ndarray], bool]
+SkipFn = Callable[[int, int, int, int], bool]   # (y, x, h, w) -> skip this window
 
 __all__ = ["BLENDS", "importance_map", "iter_bands", "sliding_window_inference", "tta_flips", "window_starts"]
 
@@ -97,7 +99,11 @@ def _tile_hw(tile_size: int | tuple[int, int], multiple: int) -> tuple[int, int]
     return th, tw
 
 
-def _as_hwc(image: np.ndarray) -> np.ndarray:
+def _as_hwc(image: Any) -> Any:
+    if not isinstance(image, np.ndarray) and len(getattr(image, "shape", ())) == 3:
+        if min(image.shape) == 0:
+            raise ValueError(f"image must be non-empty, got shape {image.shape}")
+        return image   # lazy (H, W, C): read window by window
     image = np.asarray(image)
     if image.ndim == 2:
         return image[..., None]
@@ -106,12 +112,13 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _pad_to_tile(image: np.ndarray, th: int, tw: int) -> np.ndarray:
-    """Reflect-pad bottom/right to at least one tile; a copy only when padding is needed."""
+def _pad_to_tile(image: Any, th: int, tw: int) -> Any:
+    """Reflect-pad bottom/right to at least one tile; a copy only when padding is needed
+    (a lazy image is then read whole: it is under a tile high or wide)."""
     ph, pw = max(0, th - image.shape[0]), max(0, tw - image.shape[1])
     if ph == 0 and pw == 0:
         return image
-    return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+    return np.pad(np.asarray(image[:, :]), ((0, ph), (0, pw), (0, 0)), mode="reflect")
 
 
 def iter_bands(
@@ -125,6 +132,7 @@ def iter_bands(
     multiple: int = 1,
     tta: bool | Sequence[str] = False,
     skip_fn: SkipFn | None = None,
+    tta_variance: bool = False,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Predict `image` window by window; yield `(row0, probs)` for each finished band of rows.
 
@@ -148,10 +156,12 @@ def iter_bands(
     tta (False): flip test-time augmentation: each window also goes through the model
         flipped, the predictions flipped back and averaged. True: left-right, up-down and
         both (4x compute); or a subset such as ("lr",) for anatomy with an up and a down.
-    skip_fn (None): skip_fn(tile) -> True skips the model for that window (e.g. no tissue:
-        serving.tissue.TissueSkip); a skipped window counts as class 0 with probability 1,
-        blended like any other. It sees each raw tile (the image dtype, padded image) once,
-        in raster order.
+    skip_fn (None): skip_fn(y, x, h, w) -> True skips the model for that window (e.g. no
+        tissue: serving.tissue.TissueSkip), decided before the window is read; a skipped
+        window counts as class 0 with probability 1, blended like any other. It is called
+        once per window, in raster order, with padded-image coordinates.
+    tta_variance (False): with flips, each band gets one more trailing channel (K + 1):
+        the variance of the flipped predictions, blended like the probabilities.
     """
     image = _as_hwc(image)
     th, tw = _tile_hw(tile_size, multiple)
@@ -162,22 +172,24 @@ def iter_bands(
     xs = window_starts(padded.shape[1], tw, overlap)
     acc = BandAccumulator(importance_map((th, tw), blend), padded.shape[1], width)
     flips = tta_flips(tta)
+    variance = bool(tta_variance and flips)
     batches = make_batches(padded, ys, xs, (th, tw), batch_size, flips, skip_fn)
     next_row = dict(zip(ys, ys[1:] + [height]))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reader:
         pending = reader.submit(next, batches, None)
         while (batch := pending.result()) is not None:
             pending = reader.submit(next, batches, None)  # cut the next batch during compute
-            probs = _predict(batch, predict_fn, (th, tw), flips)
+            probs = _predict(batch, predict_fn, (th, tw), flips, variance)
             for (y, x), slot in zip(batch.windows, batch.slots):
                 acc.add(y, x, None if slot < 0 else probs[slot])
                 if x == xs[-1]:  # window row done: rows above the next row's start are final
                     if acc.num_classes is None:  # every window so far was skipped
-                        acc.set_classes(_probe_classes(predict_fn, padded, (th, tw), batch_size * (1 + len(flips))))
+                        n = batch_size * (1 + len(flips))
+                        acc.set_classes(_probe_classes(predict_fn, padded, (th, tw), n) + variance)
                     yield acc.pop(min(next_row[y], height))
 
 
-def _probe_classes(predict_fn: PredictFn, padded: np.ndarray, tile_hw: tuple[int, int], n: int) -> int:
+def _probe_classes(predict_fn: PredictFn, padded: Any, tile_hw: tuple[int, int], n: int) -> int:
     """Number of classes, learned from one (usual-shape) call when skip_fn skipped every window so far."""
     out = np.asarray(predict_fn(np.zeros((n,) + tile_hw + padded.shape[2:], dtype=np.float32)))
     if out.ndim != 4:
@@ -200,13 +212,14 @@ def tta_flips(tta: bool | Sequence[str]) -> tuple[str, ...]:
     return flips
 
 
-def _predict(batch: TileBatch, predict_fn: PredictFn, tile_hw: tuple[int, int], flips: tuple[str, ...]) -> np.ndarray:
+def _predict(batch: TileBatch, predict_fn: PredictFn, tile_hw: tuple[int, int], flips: tuple[str, ...],
+             variance: bool = False) -> np.ndarray:
     """Run one fixed-shape batch; return the real windows' probabilities (n, th, tw, K)."""
     if batch.inputs is None:  # every window of this batch was skipped
         return np.empty((0,) + tile_hw + (0,), dtype=np.float32)
     out = np.asarray(predict_fn(batch.inputs), dtype=np.float32)
     check_probs(out, batch, tile_hw)
-    return undo_tta(out, batch.num_real, batch.batch_size, flips) if flips else out[: batch.num_real]
+    return undo_tta(out, batch.num_real, batch.batch_size, flips, variance) if flips else out[: batch.num_real]
 
 
 def sliding_window_inference(image: np.ndarray, predict_fn: PredictFn, **tiling: Any) -> np.ndarray:

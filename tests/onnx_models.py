@@ -15,6 +15,7 @@ fixed seed: the same arguments always give the same model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,15 +30,17 @@ IR_VERSION = 8   # the IR version that goes with opset 17; every onnxruntime >= 
 def tiny_card(*, channels: int = 3, num_classes: int = 3, size_multiple: int = 4,
               tile_size: int = 32, class_names: list[str] | None = None,
               colours: list[tuple[int, int, int]] | None = None,
-              single_foreground_class: bool = False) -> ModelCard:
-    """The card make_tiny_onnx embeds (also handy for tests that need a card alone)."""
+              single_foreground_class: bool = False, **card_fields: Any) -> ModelCard:
+    """The card make_tiny_onnx embeds (also handy for tests that need a card alone);
+    card_fields: other ModelCard fields (tissue_threshold, mpp, ...)."""
     names = class_names or ["background"] + [f"class{i}" for i in range(1, num_classes)]
     base = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
     cols = colours or [base[i % len(base)] for i in range(num_classes)]
     layers = int(np.log2(size_multiple)) + 1 if size_multiple >= 1 else 1
     return ModelCard(channels=channels, num_classes=num_classes, size_multiple=size_multiple,
                      tile_size=tile_size, class_names=list(names), colours=list(cols),
-                     num_layers=layers, dataset="tiny-test", single_foreground_class=single_foreground_class)
+                     num_layers=layers, dataset="tiny-test", single_foreground_class=single_foreground_class,
+                     **card_fields)
 
 
 def _weights(channels: int, num_classes: int, kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +99,7 @@ def make_tiny_onnx(path: Path | str, *, channels: int = 3, num_classes: int = 3,
                    class_names: list[str] | None = None,
                    colours: list[tuple[int, int, int]] | None = None,
                    kernel_size: int = 3, with_card: bool = True,
-                   single_foreground_class: bool = False) -> Path:
+                   single_foreground_class: bool = False, **card_fields: Any) -> Path:
     """Write a tiny contract-honouring ONNX model to `path` and return the path.
 
     kernel_size: 1 makes every pixel independent (tiling is then exact w.r.t. a whole-image
@@ -107,7 +110,7 @@ def make_tiny_onnx(path: Path | str, *, channels: int = 3, num_classes: int = 3,
     path.parent.mkdir(parents=True, exist_ok=True)
     card = tiny_card(channels=channels, num_classes=num_classes, size_multiple=size_multiple,
                      tile_size=tile_size, class_names=class_names, colours=colours,
-                     single_foreground_class=single_foreground_class)
+                     single_foreground_class=single_foreground_class, **card_fields)
     model = tiny_model_proto(channels=channels, num_classes=num_classes,
                              kernel_size=kernel_size, card=card if with_card else None)
     onnx.save_model(model, str(path))

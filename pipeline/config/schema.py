@@ -119,6 +119,9 @@ class DatasetParams(_Section):
     split: SplitFractions = SplitFractions()
     num_mini_test: int = Field(6, ge=1)
     tile_overlap: float = Field(0.0, ge=0, lt=1)   # glomeruli-png: overlap of the training tiles
+    # Microns per pixel of the training images, when known: the model card records it, so
+    # `flexunet predict` picks the matching level of a whole-slide image (serving.slide).
+    mpp: float | None = Field(None, gt=0)
     nifti: NiftiParams = NiftiParams()
 
     @model_validator(mode="after")

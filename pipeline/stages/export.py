@@ -82,6 +82,7 @@ def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> Mod
         colours=[tuple(c) for c in params.mask.colours], num_layers=m.num_layers, run_id=run_id,
         dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
         single_foreground_class=params.mask.single_foreground_class,
+        tissue_threshold=params.predict.tissue_threshold or None, mpp=params.dataset.mpp,
         extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax"},
     )
 

@@ -20,6 +20,7 @@ from common.errors import UserError
 from serving.load import load_predictor
 from serving.settings import TilingSettings
 from serving.tiling import window_starts
+from serving.uncertainty import normalised_entropy, to_uint8
 from tests.conftest import tiny_dict
 from tests.onnx_models import make_tiny_onnx
 
@@ -85,8 +86,8 @@ def test_masks_overlays_and_table(tmp_path, monkeypatch, model, predictor):
     out = tmp_path / "out"
     rows = _rows(out)
     assert sorted(rows) == sorted(seen) and list(rows["r1"]) == [
-        "file", "height", "width", "px_background", "px_healthy", "px_CKD", "tiles", "skipped_tiles", "seconds",
-        "status"]
+        "file", "height", "width", "px_background", "px_healthy", "px_CKD", "level", "objects", "uncertainty_mean",
+        "tiles", "skipped_tiles", "seconds_saved", "seconds", "status"]
     for name, rgb in seen.items():
         mask = Image.open(out / f"{name}.png")
         assert mask.mode == "P" and mask.getpalette()[:9] == [v for c in COLOURS for v in c]
@@ -98,7 +99,12 @@ def test_masks_overlays_and_table(tmp_path, monkeypatch, model, predictor):
         counts = [int(row[f"px_{n}"]) for n in NAMES]
         assert row["status"] == "ok" and (int(row["height"]), int(row["width"])) == rgb.shape[:2]
         assert counts == np.bincount(ids.ravel(), minlength=3).tolist() and sum(counts) == ids.size
-        assert float(row["seconds"]) > 0 and int(row["skipped_tiles"]) == 0
+        assert float(row["seconds"]) > 0 and int(row["skipped_tiles"]) == 0 and row["level"] == "0"
+        assert row["objects"] == ""                                  # PNG outputs: no GeoJSON unless asked
+        unc = np.asarray(Image.open(out / "uncertainty" / f"{name}.png"))
+        probs = predictor.predict_proba(rgb)
+        np.testing.assert_array_equal(unc, to_uint8(normalised_entropy(probs)))
+        assert float(row["uncertainty_mean"]) == pytest.approx(float(normalised_entropy(probs).mean()), abs=1e-5)
         assert int(row["tiles"]) == len(window_starts(max(rgb.shape[0], 32), 32, 0.25)) * \
             len(window_starts(max(rgb.shape[1], 32), 32, 0.25))
         over = np.asarray(Image.open(out / "overlays" / f"{name}.png"))
@@ -139,13 +145,15 @@ def test_interrupted_run_keeps_a_consistent_table(tmp_path, predictor):
     out = tmp_path / "out"
 
     class Interrupted:
-        card, tile_size, calls = predictor.card, predictor.tile_size, 0
+        card, tile_size, settings, tissue_threshold = (predictor.card, predictor.tile_size, predictor.settings,
+                                                       predictor.tissue_threshold)
+        calls = 0
 
-        def predict(self, image, tiles=None):
+        def stream(self, image, tiles=None, tissue=None):
             self.calls += 1
             if self.calls == 3:
                 raise KeyboardInterrupt
-            return predictor.predict(image, tiles)
+            return predictor.stream(image, tiles, tissue)
 
     with pytest.raises(KeyboardInterrupt):
         predict_folder(Interrupted(), inputs, out, csv_interval=3600)  # only the final write can save the rows
@@ -187,7 +195,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, model, capsys):
          "error: --overlap 1.5: must be in [0, 1): the fraction of a window shared with its neighbour, e.g. 0.25"),
         (["--model", str(model), "--input", str(tmp_path / "in"), "--tissue-threshold", "300"],
          "error: --tissue-threshold 300: must be a grey level 1..255 (220 suits PAS histology), "
-         "or 0/unset for no background skip"),
+         "0 for no background skip, or unset for the model card's"),
         (["--model", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "in")],
          None),
         (["--model", str(tmp_path / "missing.onnx"), "--input", str(tmp_path / "in")], None),
@@ -210,7 +218,7 @@ def test_resolve_inputs_and_plan_checks(tmp_path, predictor):
     assert [p.name for p in resolve_inputs(str(tmp_path / "in" / "r*.png"))] == ["r1.png", "r2.png", "r3.png"]
     assert resolve_inputs(str(tmp_path / "in" / "g.png")) == [tmp_path / "in" / "g.png"]
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "in" / "a.jpg")
-    with pytest.raises(UserError, match="a.jpg and .*a.png would both write .*out/a.png; rename one"):
+    with pytest.raises(UserError, match="a.jpg and .*a.png would both write .*out/a\.\*; rename one"):
         predict_folder(predictor, resolve_inputs(str(tmp_path / "in")), tmp_path / "out")
     with pytest.raises(UserError, match="is the folder of input .*; choose another --output"):
         predict_folder(predictor, [tmp_path / "in" / "g.png"], tmp_path / "in")

@@ -34,5 +34,6 @@ def test_bad_settings(models):
     raises_one_line("threads 0", load_predictor, path, threads=0)
     raises_one_line("tta 'yes': must be true or false", load_predictor, path, tta="yes")
     raises_one_line("tissue_threshold 256", load_predictor, path, tissue_threshold=256)
-    assert TilingSettings(tissue_threshold=0).tissue_threshold is None     # 0 = off, like unset
+    assert TilingSettings(tissue_threshold=0).tissue_threshold == 0        # 0 = off; unset = the card's
+    assert load_predictor(path, tissue_threshold=0).tissue_threshold is None
     assert load_predictor(path, tile_size=64, threads=1).tile_size == 64

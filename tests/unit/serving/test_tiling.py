@@ -227,12 +227,12 @@ def test_skip_fn_skipped_windows_count_as_class_zero():
         return np.broadcast_to(np.array([0.0, 1.0], np.float32), batch.shape[:3] + (2,)).copy()
 
     out = sliding_window_inference(image, model, tile_size=32, overlap=0.0, batch_size=1,
-                                   skip_fn=lambda t: bool(t.min() == 255))
+                                   skip_fn=lambda y, x, h, w: bool(image[y:y + h, x:x + w].min() == 255))
     assert len(calls) == 4                     # 6 windows, 2 skipped
     assert np.array_equal(out[:, :32].argmax(-1), np.zeros((64, 32)))
     assert np.array_equal(out[:, :32, 0], np.ones((64, 32), np.float32))
     assert np.array_equal(out[:, 32:, 1], np.ones((64, 64), np.float32))
-    everything = sliding_window_inference(image, model, tile_size=32, skip_fn=lambda t: True)
+    everything = sliding_window_inference(image, model, tile_size=32, skip_fn=lambda *window: True)
     assert np.array_equal(everything[..., 0], np.ones((64, 96), np.float32))
 
 
@@ -266,9 +266,57 @@ def test_tiles_are_read_while_the_model_runs():
     """The next batch is cut out in a worker thread, not the thread that runs predict_fn."""
     threads: set[str] = set()
 
-    def skip(tile: np.ndarray) -> bool:
+    def skip(y: int, x: int, h: int, w: int) -> bool:
         threads.add(threading.current_thread().name)
         return False
 
     sliding_window_inference(_image(100, 100), plus_one, tile_size=32, skip_fn=skip)
     assert threads and all(name.startswith("tile-reader") for name in threads)
+
+
+class LazyArray:
+    """A (H, W, C) array that counts its reads and only supports 2-D slicing, like a slide level."""
+
+    def __init__(self, data: np.ndarray, chunks: tuple[int, int]):
+        self.data, self.chunks, self.shape, self.reads = data, chunks, data.shape, []
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        self.reads.append(key)
+        return self.data[key].copy()
+
+
+def test_lazy_image_gives_the_same_bands_and_reads_each_chunk_once():
+    image = _image(200, 300)
+    lazy = LazyArray(image, (64, 64))
+    expected = sliding_window_inference(image, plus_one, tile_size=32, overlap=0.5)
+    got = sliding_window_inference(lazy, plus_one, tile_size=32, overlap=0.5)
+    assert np.array_equal(got, expected)
+    keys = [(k[0].start, k[1].start) for k in lazy.reads]
+    assert len(keys) == len(set(keys)) == 4 * 5            # 200/64 -> 4 chunk rows, 300/64 -> 5 columns
+
+
+def test_skipped_windows_of_a_lazy_image_are_never_read():
+    image = _image(128, 256)
+    lazy = LazyArray(image, (64, 64))
+    sliding_window_inference(lazy, plus_one, tile_size=64, overlap=0.0,
+                             skip_fn=lambda y, x, h, w: x >= 128)   # the right half is "glass"
+    assert {k[1].start for k in lazy.reads} == {0, 64}
+
+
+def test_tta_variance_is_an_extra_channel_and_zero_for_a_flip_invariant_model():
+    image = _image(64, 64)
+    bands = list(iter_bands(image, lambda b: np.full(b.shape[:3] + (2,), 0.5, np.float32), tile_size=32,
+                            tta=True, tta_variance=True))
+    assert all(band.shape[-1] == 3 and np.array_equal(band[..., 2], np.zeros(band.shape[:2])) for _, band in bands)
+
+    def left_biased(batch: np.ndarray) -> np.ndarray:
+        out = np.zeros(batch.shape[:3] + (2,), np.float32)
+        out[:, :, :16, 0] = 1.0
+        out[:, :, 16:, 1] = 1.0
+        return out
+
+    (_, band), = iter_bands(np.zeros((32, 32, 1), np.uint8), left_biased, tile_size=32, tta=("lr",), tta_variance=True)
+    # identity says class 0 on the left, the flipped pass class 1: each prob is 0.5 +- 0.5
+    assert np.allclose(band[..., :2], 0.5) and np.allclose(band[..., 2], 0.25)
+    (_, plain), = iter_bands(np.zeros((32, 32, 1), np.uint8), left_biased, tile_size=32, tta=False, tta_variance=True)
+    assert plain.shape[-1] == 2                              # no flips: no variance channel

@@ -17,9 +17,13 @@ def test_background_skip_runs_only_tissue_tiles(models):
     assert tissue_mask(white, 241).all()                            # the threshold is the rule's parameter
     assert tissue_mask(np.full((32, 32, 3), 150, np.uint8), 220).all()   # grey tissue is not glass
     count = TileCount()
-    skip = TissueSkip(220, count)
-    assert skip(white) and not skip(pink) and (count.tiles, count.skipped) == (2, 1)
-    assert not TissueSkip(None)(white)                              # unset: nothing is skipped
+    both = np.concatenate([white, pink], axis=1)
+    skip = TissueSkip.from_image(both, 220, count)
+    assert skip(0, 0, 32, 32) and not skip(0, 32, 32, 32) and (count.tiles, count.skipped) == (2, 1)
+    assert skip(0, 64, 32, 32)                                      # beyond the image (padding): no tissue
+    assert not TissueSkip.from_image(both, None)(0, 0, 32, 32)       # unset: nothing is skipped
+    coarse = TissueSkip(tissue_mask(both[::8, ::8], 220), 8.0)       # a low-resolution mask (pyramid level)
+    assert coarse.tissue_fraction(0, 32, 32, 32) == 0.25 and coarse(0, 0, 32, 32)
 
     slide = np.full((64, 128, 3), 245, np.uint8)
     slide[10:30, 70:100] = (180, 90, 160)
