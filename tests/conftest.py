@@ -75,6 +75,7 @@ def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
         raw["dataset"]["name"] = "glomeruli"
         raw["mask"] = {"rgb_map": {"(0,0,0)": 0, "(255,0,0)": 1}, "class_names": ["background", "glomerulus"]}
         raw["model"]["num_classes"] = 2
+        raw["evaluate"]["object_metrics"] = "detection"   # as the glomeruli presets
     return raw
 
 

@@ -329,6 +329,10 @@ class EvaluateParams(_Section):
     # The quality floor: a test mean foreground Dice below it is reported as a warning,
     # recorded in metrics/eval.json and MLflow, and keeps the model from becoming champion.
     min_dice: float = Field(0.85, ge=0, le=1)
+    # Object-level scores next to the pixel ones (pipeline/scoring/objects.py): detection
+    # (objects matched at IoU >= 0.5: precision, recall, F1; glomeruli) | components
+    # (predicted components beyond a slice's two largest: two kidneys per slice) | none.
+    object_metrics: Literal["detection", "components", "none"] = "components"
 
 
 class ExportParams(_Section):

@@ -1,8 +1,9 @@
 """Evaluate stage: test-split metrics, confusion matrix and mini_test panels.
 
 Metrics are accumulated over the whole test split (pixel counts summed, then divided),
-not averaged per batch, so they do not depend on the batch size. Everything is logged
-into the training run named in models/train_run.json.
+not averaged per batch, so they do not depend on the batch size. The object scores
+(`evaluate.object_metrics`) and the uncertainty AUROC come from the same predictions in
+the same pass. Everything is logged into the training run named in models/train_run.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from pipeline.layout import TKV_EXTRA, Layout
 from pipeline.model.flexunet import load_model
 from pipeline.model.losses import get_loss
 from pipeline.panels import make_panel
+from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.confusion import Accumulator
+from pipeline.scoring.objects import ObjectScores
 from pipeline.scoring.tkv import tkv_report
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
@@ -34,22 +37,27 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
-                   ) -> tuple[dict[str, float], np.ndarray, dict[str, tuple[int, int]]]:
-    """Metrics, confusion matrix, and per image (stem) its predicted and true foreground
-    pixel counts (what TKV sums)."""
+                   ) -> tuple[dict[str, float | None], np.ndarray, dict[str, tuple[int, int]]]:
+    """Metrics (pixel, object and uncertainty scores), confusion matrix, and per image
+    (stem) its predicted and true foreground pixel counts (what TKV sums)."""
     p = layout.params
     pairs = load_split(layout.data_dir, split, p.mask, (p.model.image_width, p.model.image_height))
     ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
     loss_fn = get_loss(p.train.loss)
     acc = Accumulator(p.model.num_classes, p.mask.single_foreground_class)
+    objects, uncertainty = ObjectScores(p.evaluate.object_metrics, p.model.num_classes), UncertaintyAuroc()
     steps = -(-len(pairs) // p.evaluate.batch_size)
     counts: list[tuple[int, int]] = []
     for images, onehot in tqdm(ds, total=steps, desc=f"evaluating {split}", unit="batch"):
         probs = model(images, training=False)
-        truth = onehot.numpy()
-        labels = acc.update(truth, np.asarray(probs), float(keras.ops.mean(loss_fn(onehot, probs))))
-        counts += _foreground_pixels(labels, truth.argmax(-1))
-    return acc.metrics(p.mask.class_names), acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, counts)}
+        truth, probs_np = onehot.numpy(), np.asarray(probs)
+        labels = acc.update(truth, probs_np, float(keras.ops.mean(loss_fn(onehot, probs))))
+        ids = truth.argmax(-1)
+        objects.add(ids, labels)   # the served labels: the objects a user gets
+        uncertainty.update(probs_np, ids)
+        counts += _foreground_pixels(labels, ids)
+    metrics = {**acc.metrics(p.mask.class_names), **objects.metrics(), **uncertainty.metrics()}
+    return metrics, acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, counts)}
 
 
 def _foreground_pixels(labels: np.ndarray, truth: np.ndarray) -> list[tuple[int, int]]:
@@ -124,7 +132,8 @@ def evaluate(layout: Layout) -> dict[str, Any]:
         plots.confusion_matrix(confusion, p.mask.class_names, layout.plots / "confusion_matrix.png")
         save_mini_test(model, layout)
         warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate.min_dice)
-        report = {**metrics, "confusion_matrix": confusion.tolist(), "min_dice": p.evaluate.min_dice,
+        report = {**metrics, "confusion_matrix": confusion.tolist(), "object_metrics": p.evaluate.object_metrics,
+                  "min_dice": p.evaluate.min_dice,
                   "below_min_dice": metrics["mean_foreground_dice"] < p.evaluate.min_dice, "warnings": warnings}
         write_json(layout.metrics / "eval.json", report)
         if warnings:
@@ -144,6 +153,9 @@ def evaluate(layout: Layout) -> dict[str, Any]:
                      f"{tkv['repeat_cv_true_percent']:.1f} %)" if tkv.get("repeat_subjects") else "")
     log.info("test: mean foreground Dice %.4f, seed dice_coef_multiclass %.4f",
              metrics["mean_foreground_dice"], metrics["dice_coef_multiclass"])
+    if metrics["uncertainty_auroc"] is not None:
+        log.info("test: uncertainty AUROC for wrong pixels %.4f (mean uncertainty %.3f wrong, %.3f right)",
+                 metrics["uncertainty_auroc"], metrics["uncertainty_mean_wrong"], metrics["uncertainty_mean_right"])
     for warning in warnings:
         log.warning("%s: this model is not to be trusted (metrics/eval.json 'warnings')", warning)
     return report

@@ -9,7 +9,10 @@ size, predicted once, labels resized back):
 - `seam_*` / `interior_*`: Dice inside strips of `predict.seam_width` px either side of
   every inner window border vs everywhere else, so a blending problem shows up as a gap;
 - `tiles` / `skipped_tiles`: windows run over all images, and those skipped as background
-  (`predict.tissue_threshold`).
+  (`predict.tissue_threshold`);
+- `tiled_object*` / `tiled_stray_*`: the object scores of `evaluate.object_metrics` on
+  the whole tiled masks, where an object cut by a window border is still one object (the
+  evaluate stage's glomeruli test split is tiles, whose borders cut objects).
 Images no larger than a tile have no seams; their seam metrics are absent (null).
 """
 
@@ -25,6 +28,7 @@ from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
 from pipeline.panels import make_panel
 from pipeline.scoring.confusion import confusion, dice_scores
+from pipeline.scoring.objects import ObjectScores
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
 from serving.batch import predict_folder
@@ -71,12 +75,14 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
     with remove_on_failure(outputs):
         summary = predict_folder(predictor, [pair.image for pair in pairs], out_dir, overwrite=True, overlay=True)
         conf = {k: np.zeros((n, n), np.int64) for k in ("tiled", "resized", "seam", "interior")}
+        objects = ObjectScores(p.evaluate.object_metrics, n)
         panel_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for pair in pairs:
             image = read_image(pair.image, p.model.image_channels)
             truth = read_mask(pair.mask, p.mask)
             tiled = read_mask(out_dir / f"{pair.image.stem}.png", p.mask)
             conf["tiled"] += confusion(truth, tiled, n)
+            objects.add(truth, tiled)
             conf["resized"] += confusion(truth, resized_prediction(predictor, image, p.model.image_width), n)
             seams = seam_mask(*truth.shape, tile, q.overlap, q.seam_width)
             if seams.any():
@@ -88,7 +94,9 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
         report: dict[str, Any] = {"images": len(pairs), "tile_size": tile, "overlap": q.overlap, "blend": q.blend,
                                   "tta": q.tta, "tissue_threshold": q.tissue_threshold, "failed": summary.failed,
                                   "tiles": summary.tiles, "skipped_tiles": summary.skipped_tiles,
-                                  "megapixels_per_second": round(summary.mp_per_s, 4)}
+                                  "megapixels_per_second": round(summary.mp_per_s, 4),
+                                  "object_metrics": p.evaluate.object_metrics,
+                                  **{f"tiled_{k}": v for k, v in objects.metrics().items()}}
         for key, matrix in conf.items():
             report.update(dice_scores(matrix, names, f"{key}_") if matrix.sum() else
                           {f"{key}_mean_foreground_dice": None})

@@ -16,6 +16,7 @@ from pipeline.tracking import start_run
 from common.atomic import write_json
 from common.errors import UserError
 from pipeline.scoring.confusion import confusion, dice_scores
+from pipeline.scoring.objects import ObjectCounts, detection_scores
 from tests.conftest import tiny_dict
 from tests.onnx_models import make_tiny_onnx
 
@@ -69,6 +70,16 @@ def test_tiled_evaluation_writes_masks_metrics_and_panel(glomeruli_layout):
     # 64 px images, 32 px tiles at overlap 0.25: 3 x 3 windows each; no tissue skip by default
     assert report["tiles"] == 9 * len(images) and report["skipped_tiles"] == 0
     assert report["tissue_threshold"] is None
+    # Object scores of the same whole masks (glomeruli: detection at IoU >= 0.5).
+    assert on_disk["object_metrics"] == "detection"
+    objects = ObjectCounts()
+    for image in images:
+        objects += detection_scores(read_mask(layout.data_dir / "mini_test" / "masks" / image.name, layout.params.mask),
+                                    read_mask(layout.tiled_predictions / f"{image.stem}.png", layout.params.mask))
+    assert {f"tiled_{k}": v for k, v in objects.metrics().items()}.items() <= on_disk.items()
+    assert on_disk["tiled_objects_true"] >= 1
+    assert 0 <= on_disk["tiled_objects_matched"] <= min(on_disk["tiled_objects_true"], on_disk["tiled_objects_predicted"])
+    assert on_disk["tiled_object_f1"] is None or 0 <= on_disk["tiled_object_f1"] <= 1
 
 
 def test_failed_tiled_evaluation_leaves_no_outputs(glomeruli_layout):

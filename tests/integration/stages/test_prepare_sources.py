@@ -350,6 +350,13 @@ def test_nifti_data_trains_and_evaluates_with_tkv(tmp_path, caplog):
     assert report["warnings"] == [f"test mean foreground Dice {report['mean_foreground_dice']:.4f} is below "
                                   f"evaluate.min_dice 0.999"]
     assert any("below evaluate.min_dice" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    # Kidney slices: stray components (evaluate.object_metrics components) and the uncertainty AUROC.
+    assert report["object_metrics"] == "components"
+    assert report["stray_components"] >= report["slices_with_stray_components"] >= 0
+    assert report["stray_pixels"] >= report["stray_components"] and report["stray_components_per_slice"] >= 0
+    assert "object_f1" not in report
+    assert report["uncertainty_wrong_pixels"] > 0 and 0 <= report["uncertainty_auroc"] <= 1
+    assert 0 <= report["uncertainty_mean_right"] <= 1 and 0 <= report["uncertainty_mean_wrong"] <= 1
     tkv = json.loads((layout.metrics / "tkv.json").read_text())
     test_scans = [s for s in manifest["scans"] if s["split"] == "test"]
     assert tkv["available"] and tkv["scans"] == len(test_scans)
