@@ -12,7 +12,9 @@ size, predicted once, labels resized back):
   (`predict.tissue_threshold`);
 - `tiled_object*` / `tiled_stray_*`: the object scores of `evaluate.object_metrics` on
   the whole tiled masks, where an object cut by a window border is still one object (the
-  evaluate stage's glomeruli test split is tiles, whose borders cut objects).
+  evaluate stage's glomeruli test split is tiles, whose borders cut objects);
+- `tiled_uncertainty_auroc`: how well the 8-bit uncertainty maps the prediction wrote
+  (uncertainty/<stem>.png) single out the wrong pixels of the tiled masks.
 Images no larger than a tile have no seams; their seam metrics are absent (null).
 """
 
@@ -28,10 +30,12 @@ from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
 from pipeline.panels import make_panel
 from pipeline.scoring.confusion import confusion, dice_scores
+from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.objects import ObjectScores
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
 from serving.batch import predict_folder
+from serving.outputs import UNCERTAINTY_DIR
 from common.imageio import read_image, resize_image, resize_labels, save_rgb_png
 from serving.labels import to_labels
 from serving.predictor import TiledPredictor
@@ -75,7 +79,7 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
     with remove_on_failure(outputs):
         summary = predict_folder(predictor, [pair.image for pair in pairs], out_dir, overwrite=True, overlay=True)
         conf = {k: np.zeros((n, n), np.int64) for k in ("tiled", "resized", "seam", "interior")}
-        objects = ObjectScores(p.evaluate.object_metrics, n)
+        objects, uncertainty = ObjectScores(p.evaluate.object_metrics, n), UncertaintyAuroc()
         panel_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for pair in pairs:
             image = read_image(pair.image, p.model.image_channels)
@@ -83,6 +87,9 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
             tiled = read_mask(out_dir / f"{pair.image.stem}.png", p.mask)
             conf["tiled"] += confusion(truth, tiled, n)
             objects.add(truth, tiled)
+            # the 8-bit map `flexunet predict` wrote beside the mask: what a reviewer sorts by
+            stored = read_image(out_dir / UNCERTAINTY_DIR / f"{pair.image.stem}.png", 1)[..., 0]
+            uncertainty.add(stored / 255.0, tiled != truth)
             conf["resized"] += confusion(truth, resized_prediction(predictor, image, p.model.image_width), n)
             seams = seam_mask(*truth.shape, tile, q.overlap, q.seam_width)
             if seams.any():
@@ -96,7 +103,8 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
                                   "tiles": summary.tiles, "skipped_tiles": summary.skipped_tiles,
                                   "megapixels_per_second": round(summary.mp_per_s, 4),
                                   "object_metrics": p.evaluate.object_metrics,
-                                  **{f"tiled_{k}": v for k, v in objects.metrics().items()}}
+                                  **{f"tiled_{k}": v for k, v in objects.metrics().items()},
+                                  **{f"tiled_{k}": v for k, v in uncertainty.metrics().items()}}
         for key, matrix in conf.items():
             report.update(dice_scores(matrix, names, f"{key}_") if matrix.sum() else
                           {f"{key}_mean_foreground_dice": None})
