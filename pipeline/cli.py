@@ -29,7 +29,7 @@ log = logging.getLogger("flexunet")
 # Top-level modules of the `flexunet[pipeline]` extra (pyproject.toml): every command but
 # `predict` needs them; the light install (`pip install flexunet`) has none of them.
 PIPELINE_EXTRA = frozenset({"tensorflow", "keras", "mlflow", "dvc", "dvclive", "tf2onnx", "onnx", "optuna",
-                            "pydantic", "matplotlib", "nibabel", "scipy", "pandas"})
+                            "pydantic", "matplotlib", "nibabel", "scipy", "pandas", "tifffile", "zarr"})
 
 
 def quiet_tensorflow(debug: bool, onednn: bool | None = None) -> None:
@@ -216,6 +216,29 @@ def cmd_preset(args: argparse.Namespace) -> None:
     print(f"{target}: now preset {args.name!r} (previous file kept as {target.name}.bak)")
 
 
+def _slide_size(text: str) -> int | tuple[int, int]:
+    """--size 50000 (square) or HEIGHTxWIDTH."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a side in px (50000) or HEIGHTxWIDTH (30000x50000)")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def cmd_synthesize(args: argparse.Namespace) -> None:
+    """A synthetic PAS whole slide (pyramidal OME-TIFF) for the whole-slide path."""
+    from pipeline.data.synthetic.whole_slide import write_whole_slide
+
+    summary = write_whole_slide(Path(args.whole_slide), args.size, seed=args.seed, tissue_fraction=args.tissue_fraction,
+                                mpp=args.mpp, mask_path=Path(args.mask) if args.mask else None)
+    levels = ", ".join(f"{w}x{h}" for h, w in summary["levels"])
+    print(f"{args.whole_slide}: levels {levels} (width x height); {summary['islands']} islands, tissue "
+          f"{summary['tissue_fraction']:.4f}, {summary['glomerulus_pixels']} glomerulus px"
+          + (f"; truth {args.mask}" if args.mask else "") + f" ({summary['seconds']:.1f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexunet", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and TensorFlow logs")
@@ -251,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="rewrite each stage's code deps in dvc.yaml to what it runs")
     p.add_argument("--mermaid", action="store_true", help="print the package import graph as a mermaid chart")
     p.set_defaults(func=cmd_deps)
+    p = sub.add_parser("synthesize", help="write a synthetic PAS whole slide (pyramidal OME-TIFF, glomeruli)")
+    p.add_argument("--whole-slide", required=True, metavar="OUT.ome.tif", help="the slide to write")
+    p.add_argument("--size", type=_slide_size, default=50000, help="side in px, or HEIGHTxWIDTH (default: 50000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tissue-fraction", type=float, default=0.10,
+                   help="share of level-0 pixels that are tissue (default: 0.10, at most 0.3)")
+    p.add_argument("--mpp", type=float, default=0.5, help="level-0 microns per pixel recorded (default: 0.5)")
+    p.add_argument("--mask", metavar="MASK.tif", help="also write the truth (uint8, 1 = glomerulus) as a tiled TIFF")
+    p.set_defaults(func=cmd_synthesize)
     from serving.cli import add_predict_parser  # the light install's command: no TensorFlow, no pydantic
 
     add_predict_parser(sub)
