@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tissue-fraction", type=float, default=0.10,
                    help="share of level-0 pixels that are tissue (default: 0.10, at most 0.3)")
-    p.add_argument("--mpp", type=float, default=0.5, help="level-0 microns per pixel recorded (default: 0.5)")
+    p.add_argument("--mpp", type=float, default=2.0,
+                   help="level-0 microns per pixel recorded (default: 2.0, the synthetic glomeruli training images')")
     p.add_argument("--mask", metavar="MASK.tif", help="also write the truth (uint8, 1 = glomerulus) as a tiled TIFF")
     p.set_defaults(func=cmd_synthesize)
     from serving.cli import add_predict_parser  # the light install's command: no TensorFlow, no pydantic

@@ -61,6 +61,9 @@ class LevelArray:
         self._path, self._level, self._array, self._layout = path, level, array, layout
         self.shape = shape
         self.dtype = np.dtype(np.uint8)
+        # The stored tile (row, column) size: readers fetch whole tiles (serving.tiling's chunk cache).
+        yx = layout.lead + (1 if layout.samples == "first" else 0)
+        self.chunks: tuple[int, int] = (int(array.chunks[yx]), int(array.chunks[yx + 1]))
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):

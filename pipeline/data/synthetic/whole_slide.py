@@ -15,6 +15,9 @@ Why it looks the way it does:
 - Glass is (242, 242, 242) plus noise from a fixed 997 px periodic texture: the value at
   (y, x) is known anywhere without state, so an island blends into exactly the glass that
   surrounds it, and the texture costs nothing per tile.
+- The recorded pixel size is the synthetic glomeruli dataset's, TRAINING_MPP (the 256 px
+  training images draw what a 1024 px tile at 0.5 um/px shows, so 2 um/px; the glomeruli
+  preset's dataset.mpp), so `flexunet predict` picks level 0 for the model trained on them.
 - Memory is bounded by one row of 512 px tiles: level 0 is produced band by band and handed
   to tifffile as a generator of tiles; each band, halved by 2x2 box averaging, is spooled
   zlib-compressed to a temporary file and becomes the next level's bands (and so on down to
@@ -45,6 +48,7 @@ from serving.tissue import tissue_mask
 
 TILE = 512                # TIFF tile side and the height of a band of level 0
 ISLAND = 256              # the training tiles' size: one render per island
+TRAINING_MPP = 2.0        # microns per pixel of the synthetic glomeruli training images (the preset's dataset.mpp)
 TISSUE_THRESHOLD = 220    # serving.tissue's threshold for PAS histology (TilingSettings.tissue_threshold)
 MAX_SIDE_LOWEST = 1024    # the pyramid goes down until both sides are <= this
 MAX_TISSUE_FRACTION = 0.3
@@ -259,7 +263,7 @@ def _tiles(bands: Iterable[np.ndarray], width: int, each: Callable[[np.ndarray],
 # ---------------------------------------------------------------- the slide
 
 def write_whole_slide(path: Path, size: int | tuple[int, int], *, seed: int = 0, tissue_fraction: float = 0.10,
-                      mpp: float = 0.5, mask_path: Path | None = None, progress: bool = True) -> dict:
+                      mpp: float = TRAINING_MPP, mask_path: Path | None = None, progress: bool = True) -> dict:
     """Write a synthetic PAS slide of `size` px (side, or (height, width)) to `path` as a
     pyramidal OME-TIFF; optionally its truth (uint8, 1 = glomerulus) as a tiled TIFF at
     `mask_path`. Deterministic for (size, seed, tissue_fraction); returns a summary."""

@@ -40,7 +40,7 @@ def test_pyramid_is_readable_with_mpp_and_box_averaged_levels(slide) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["s.ome.tif", "truth.tif"]   # no temp file left
     with open_slide(path) as s:
         assert [(lv.height, lv.width, lv.downsample) for lv in s.levels] == [(2048, 2048, 1.0), (1024, 1024, 2.0)]
-        assert s.channels == 3 and s.mpp == pytest.approx(0.5)
+        assert s.channels == 3 and s.mpp == pytest.approx(2.0)
         level0 = s.read(0)
         np.testing.assert_array_equal(s.read(1), _halve(level0))
         np.testing.assert_array_equal(s.array(0)[700:1300, 100:900], level0[700:1300, 100:900])
