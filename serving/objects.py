@@ -55,21 +55,40 @@ class SlideObject:
 
 
 @dataclass
-class _Object:
-    """An object being traced (rects grow band by band) or finished (geom set, rects dropped);
-    coordinates at the predicted level, so union and merging stay in exact integers."""
+class _Open:
+    """An object still touching the last band's bottom row; coordinates at the predicted level,
+    so rectangles, union and merging stay exact integers."""
 
     class_id: int
     pixels: int = 0
-    sums: np.ndarray | None = None                     # (K,) float64 summed probabilities
+    sums: np.ndarray | None = None                         # (K,) float64 summed probabilities
     rects: list[np.ndarray] = field(default_factory=list)  # (n, 4) int64 x0, y0, x1, y1
-    geom: Polygon | MultiPolygon | None = None
 
-    def absorb(self, other: _Object) -> None:
+    def absorb(self, other: _Open) -> None:
         self.pixels += other.pixels
         self.rects.extend(other.rects)
         if self.sums is not None and other.sums is not None:
             self.sums = self.sums + other.sums
+
+
+@dataclass
+class _Finished:
+    """Finished objects, as arrays: most objects open and close within one band, and a
+    slide may hold millions, so they are never one Python object each until objects()."""
+
+    cls: np.ndarray      # (m,) int64
+    pixels: np.ndarray   # (m,) int64
+    sums: np.ndarray | None  # (m, K) float64
+    geoms: np.ndarray    # (m,) Polygon | MultiPolygon at the predicted level
+
+    @staticmethod
+    def concat(parts: list[_Finished], k: int, with_probs: bool) -> _Finished:
+        if not parts:
+            return _Finished(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                             np.zeros((0, k)) if with_probs else None, np.empty(0, object))
+        return _Finished(np.concatenate([p.cls for p in parts]), np.concatenate([p.pixels for p in parts]),
+                         np.concatenate([p.sums for p in parts]) if with_probs else None,
+                         np.concatenate([p.geoms for p in parts]))
 
 
 class ObjectTracer:
@@ -87,8 +106,8 @@ class ObjectTracer:
         self._width: int | None = None
         self._with_probs: bool | None = None
         self._next_id = 0
-        self._open: dict[int, _Object] = {}
-        self._done: list[_Object] = []
+        self._open: dict[int, _Open] = {}
+        self._done: list[_Finished] = []
         self._finished = False
         # Runs of the last row seen: where the next band's runs attach to open objects.
         self._edge = _Runs.empty()
@@ -130,24 +149,25 @@ class ObjectTracer:
         """Every object, sorted by class, then top, then left. Closes the tracer (objects still
         open at the last band are finished); may be called again, e.g. with another unify_to."""
         if not self._finished:
-            for oid in list(self._open):
-                self._close(oid)
+            self._finish(list(self._open))
             self._edge = _Runs.empty()
             self._finished = True
-        done = self._done
+            self._done = [_Finished.concat(self._done, self.num_classes, bool(self._with_probs))]
+        done = self._done[0]
         if unify_to is not None:
             if not 1 <= unify_to < self.num_classes:
                 raise ValueError(f"unify_to must be a foreground class 1..{self.num_classes - 1}, got {unify_to}")
-            done = self._unified(unify_to)
-        out = []
-        for obj in done:
-            geom = obj.geom
-            if self.downsample != 1.0:
-                geom = shapely.transform(geom, lambda c: c * self.downsample)
-            mean = float(obj.sums[obj.class_id] / obj.pixels) if obj.sums is not None else math.nan
-            out.append(SlideObject(obj.class_id, geom, obj.pixels, mean))
-        out.sort(key=lambda o: (o.class_id, o.polygon.bounds[1], o.polygon.bounds[0]))
-        return out
+            done = self._unified(done, unify_to)
+        geoms = done.geoms
+        if self.downsample != 1.0 and len(geoms):
+            geoms = shapely.transform(geoms, lambda c: c * self.downsample)
+        if done.sums is not None:
+            mean = done.sums[np.arange(len(geoms)), done.cls] / np.maximum(done.pixels, 1)
+        else:
+            mean = np.full(len(geoms), math.nan)
+        bounds = shapely.bounds(geoms).reshape(-1, 4)
+        order = np.lexsort((bounds[:, 0], bounds[:, 1], done.cls))
+        return [SlideObject(int(done.cls[k]), geoms[k], int(done.pixels[k]), float(mean[k])) for k in order]
 
     # ------------------------------------------------------------------ internals
     def _attach(self, runs: _Runs, row0: int, rows: int) -> None:
@@ -175,78 +195,95 @@ class ObjectTracer:
             for old, new in {(int(a), int(b)) for a, b in zip(edge.obj, target) if a != b}:
                 self._open[new].absorb(self._open.pop(old))
         band_root = root[nc:]
+        born = self._next_id
         fresh = np.unique(band_root[comp_obj[band_root] == none])
-        comp_obj[fresh] = self._next_id + np.arange(len(fresh))
+        comp_obj[fresh] = born + np.arange(len(fresh))
         self._next_id += len(fresh)
         obj = comp_obj[band_root]
 
-        self._add_rects(runs, obj, row0)
         last = runs.row == rows - 1
         self._edge = _Runs(runs.cls[last], runs.row[last], runs.x0[last], runs.x1[last], None, obj[last])
-        still_open = set(np.unique(obj[last]).tolist())
-        for oid in [o for o in self._open if o not in still_open]:
-            self._close(oid)
-
-    def _add_rects(self, runs: _Runs, obj: np.ndarray, row0: int) -> None:
         if len(runs) == 0:
+            self._finish(list(self._open))
             return
-        # Identical runs in consecutive rows (necessarily one object) become one rectangle.
-        order = np.lexsort((runs.row, runs.x1, runs.x0, obj))
-        o, r, a, b = obj[order], runs.row[order], runs.x0[order], runs.x1[order]
-        new = np.ones(len(o), bool)
-        new[1:] = (o[1:] != o[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (r[1:] != r[:-1] + 1)
-        first = np.flatnonzero(new)
-        last = np.append(first[1:], len(o)) - 1
-        rects = np.stack([a[first], r[first] + row0, b[first], r[last] + row0 + 1], axis=1)
-        rect_obj = o[first]
+        open_ids = np.unique(obj[last])
 
+        rects, rect_obj = _rectangles(runs, obj, row0)
         ids, first_run, inv = np.unique(obj, return_index=True, return_inverse=True)
         pixels = np.bincount(inv, weights=runs.x1 - runs.x0, minlength=len(ids)).astype(np.int64)
         sums = None
         if runs.sums is not None:
             sums = np.stack([np.bincount(inv, weights=runs.sums[:, k], minlength=len(ids))
                              for k in range(runs.sums.shape[1])], axis=1)
-        splits = np.flatnonzero(rect_obj[1:] != rect_obj[:-1]) + 1   # rect_obj is sorted like ids
-        for k, (oid, block) in enumerate(zip(ids.tolist(), np.split(rects, splits))):
+        id_cls = runs.cls[first_run]
+        bounds = np.searchsorted(rect_obj, ids)   # rects are sorted by object: ids[k]'s slice
+        bounds = np.append(bounds, len(rect_obj))
+        # Continuing or still open objects go through the dict; the rest (most) never do.
+        kept = (ids < born) | np.isin(ids, open_ids)
+        for k in np.flatnonzero(kept).tolist():
+            oid = int(ids[k])
             entry = self._open.get(oid)
             if entry is None:
-                entry = self._open[oid] = _Object(int(runs.cls[first_run[k]]),
-                                                  sums=None if sums is None else np.zeros(sums.shape[1]))
-            entry.rects.append(block)
+                entry = self._open[oid] = _Open(int(id_cls[k]), sums=None if sums is None else np.zeros(sums.shape[1]))
+            entry.rects.append(rects[bounds[k]: bounds[k + 1]])
             entry.pixels += int(pixels[k])
             if sums is not None:
                 entry.sums += sums[k]
+        local = np.flatnonzero(~kept)
+        dense = np.full(len(ids), -1)
+        dense[local] = np.arange(len(local))
+        owner = dense[np.searchsorted(ids, rect_obj)]
+        mine = owner >= 0
+        batch = _Finished(id_cls[local], pixels[local], None if sums is None else sums[local], np.empty(0, object))
+        open_set = set(open_ids.tolist())
+        self._finish([oid for oid in self._open if oid not in open_set], batch, rects[mine], owner[mine])
 
-    def _close(self, oid: int) -> None:
-        obj = self._open.pop(oid)
-        obj.geom = _rects_to_geometry(np.concatenate(obj.rects))
-        obj.rects = []
-        self._done.append(obj)
+    def _finish(self, oids: list[int], batch: _Finished | None = None,
+                rects: np.ndarray | None = None, owner: np.ndarray | None = None) -> None:
+        """Polygons for `batch` (rectangles `rects` of owner 0..m-1) and the open objects `oids`,
+        which leave the dict."""
+        k = self.num_classes
+        if batch is None:
+            batch = _Finished.concat([], k, bool(self._with_probs))
+            rects, owner = np.zeros((0, 4), np.int64), np.zeros(0, np.int64)
+        closing = [self._open.pop(oid) for oid in oids]
+        m = len(batch.cls)
+        if closing:
+            blocks = [np.concatenate(o.rects) for o in closing]
+            rects = np.concatenate([rects] + blocks)
+            owner = np.concatenate([owner] + [np.full(len(b), m + i) for i, b in enumerate(blocks)])
+            batch = _Finished(
+                np.concatenate([batch.cls, [o.class_id for o in closing]]).astype(np.int64),
+                np.concatenate([batch.pixels, [o.pixels for o in closing]]).astype(np.int64),
+                None if batch.sums is None else np.concatenate([batch.sums, [o.sums for o in closing]]),
+                batch.geoms)
+        if len(batch.cls):
+            batch.geoms = _geometries(rects, owner, len(batch.cls))
+            self._done.append(batch)
 
-    def _unified(self, unify_to: int) -> list[_Object]:
-        done = self._done
-        if not done:
-            return []
-        geoms = np.array([o.geom for o in done], dtype=object)
-        cls = np.array([o.class_id for o in done])
-        i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    def _unified(self, done: _Finished, unify_to: int) -> _Finished:
+        geoms, cls = done.geoms, done.cls
+        m = len(geoms)
+        i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects") if m else (np.zeros(0, int),) * 2
         keep = (i < j) & (cls[i] != cls[j])
         i, j = i[keep], j[keep]
         if self.connectivity == 4 and len(i):
             # Pixel edges shared = 4-adjacent pixels; a common corner point is no contact.
             shared = shapely.length(shapely.intersection(geoms[i], geoms[j])) > 0
             i, j = i[shared], j[shared]
-        root = _components(len(done), i, j)
-        groups: dict[int, list[int]] = {}
-        for k, r in enumerate(root.tolist()):
-            groups.setdefault(r, []).append(k)
-        out = []
-        for members in groups.values():
-            parts = [done[k] for k in members]
-            sums = None if parts[0].sums is None else np.sum([p.sums for p in parts], axis=0)
-            geom = parts[0].geom if len(parts) == 1 else _tidy(shapely.union_all(geoms[members]))
-            out.append(_Object(unify_to, sum(p.pixels for p in parts), sums, geom=geom))
-        return out
+        roots, group = np.unique(_components(m, i, j), return_inverse=True)
+        g = len(roots)
+        pixels = np.bincount(group, weights=done.pixels, minlength=g).astype(np.int64)
+        sums = None
+        if done.sums is not None:
+            sums = np.stack([np.bincount(group, weights=done.sums[:, k], minlength=g)
+                             for k in range(done.sums.shape[1])], axis=1)
+        out = np.empty(g, object)
+        out[group] = geoms   # right for single members; merged groups are overwritten below
+        sizes = np.bincount(group, minlength=g)
+        for k in np.flatnonzero(sizes > 1).tolist():
+            out[k] = _tidy(shapely.union_all(geoms[group == k]))
+        return _Finished(np.full(g, unify_to, np.int64), pixels, sums, out)
 
 
 # ---------------------------------------------------------------------- runs and components
@@ -345,24 +382,76 @@ def _components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- polygons
-def _rects_to_geometry(rects: np.ndarray) -> Polygon | MultiPolygon:
-    """The union of one object's pixel rectangles (x0, y0, x1, y1), along pixel edges."""
-    rects = rects[np.lexsort((rects[:, 0], rects[:, 1]))]
+def _rectangles(runs: _Runs, obj: np.ndarray, row0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rectangles (x0, y0, x1, y1; image rows) and their objects, sorted by object: identical
+    runs in consecutive rows (necessarily one object) become one rectangle."""
+    order = np.lexsort((runs.row, runs.x1, runs.x0, obj))
+    o, r, a, b = obj[order], runs.row[order], runs.x0[order], runs.x1[order]
+    new = np.ones(len(o), bool)
+    new[1:] = (o[1:] != o[:-1]) | (a[1:] != a[:-1]) | (b[1:] != b[:-1]) | (r[1:] != r[:-1] + 1)
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], len(o)) - 1
+    return np.stack([a[first], r[first] + row0, b[first], r[last] + row0 + 1], axis=1), o[first]
+
+
+def _geometries(rects: np.ndarray, owner: np.ndarray, m: int) -> np.ndarray:
+    """The union of each object's pixel rectangles, along pixel edges: (m,) geometries.
+
+    Most blobs hold one run per row with consecutive rows sharing an edge; their outline is
+    the right side going down, then the left side going up: a simple counter-clockwise ring,
+    built for all of them at once. The rest go through a shapely union, one by one."""
+    order = np.lexsort((rects[:, 0], rects[:, 1], owner))
+    rects, owner = rects[order], owner[order]
     x0, y0, x1, y1 = rects.T
-    if (np.array_equal(y0[1:], y1[:-1]) and np.all(x0[1:] < x1[:-1]) and np.all(x0[:-1] < x1[1:])):
-        # One run per row and consecutive rows sharing an edge (most blobs): the outline is the
-        # right side going down, then the left side going up; a simple, counter-clockwise ring.
-        right = np.stack([x1, y0, x1, y1], axis=1).reshape(-1, 2)
-        left = np.stack([x0, y1, x0, y0], axis=1)[::-1].reshape(-1, 2)
-        return Polygon(_corners(np.concatenate([right, left]).astype(np.float64)))
-    return _tidy(shapely.union_all(shapely.box(x0, y0, x1, y1)))
+    chained = (y0[1:] == y1[:-1]) & (x0[1:] < x1[:-1]) & (x0[:-1] < x1[1:])
+    slow = np.zeros(m, bool)
+    slow[owner[1:][(owner[1:] == owner[:-1]) & ~chained]] = True
+    geoms = np.empty(m, object)
+
+    fast = ~slow[owner]
+    fo, (fx0, fy0, fx1, fy1) = owner[fast], rects[fast].T
+    if len(fo):
+        counts = np.bincount(fo, minlength=m)
+        start = np.cumsum(counts) - counts
+        local = np.arange(len(fo)) - start[fo]
+        n, base = counts[fo], 4 * start[fo]
+        pts = np.empty((4 * len(fo), 2))
+        right, left = base + 2 * local, base + 2 * n + 2 * (n - 1 - local)
+        pts[right] = np.stack([fx1, fy0], 1)
+        pts[right + 1] = np.stack([fx1, fy1], 1)
+        pts[left] = np.stack([fx0, fy1], 1)
+        pts[left + 1] = np.stack([fx0, fy0], 1)
+        rings = np.repeat(np.arange(m), 4 * counts)
+        pts, rings = _corners(pts, rings)
+        which, dense = np.unique(rings, return_inverse=True)
+        geoms[which] = shapely.polygons(shapely.linearrings(pts, indices=dense))
+    slow_ids = np.flatnonzero(slow)
+    lo, hi = np.searchsorted(owner, slow_ids, "left"), np.searchsorted(owner, slow_ids, "right")
+    for k, a, b in zip(slow_ids.tolist(), lo.tolist(), hi.tolist()):
+        geoms[k] = _tidy(shapely.union_all(shapely.box(x0[a:b], y0[a:b], x1[a:b], y1[a:b])))
+    return geoms
 
 
-def _corners(ring: np.ndarray) -> np.ndarray:
-    """An axis-parallel ring (n, 2, open) without repeated or straight-through vertices."""
-    ring = ring[np.any(np.roll(ring, -1, axis=0) != ring, axis=1)]
-    before, after = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
-    return ring[before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]]
+def _corners(pts: np.ndarray, rings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-parallel rings (points grouped by ring id, open) without repeated or
+    straight-through vertices."""
+    def neighbours(rings):
+        first = np.ones(len(rings), bool)
+        first[1:] = rings[1:] != rings[:-1]
+        last = np.append(first[1:], True)
+        starts, ends = np.flatnonzero(first), np.flatnonzero(last)
+        size = ends - starts + 1
+        idx = np.arange(len(rings))
+        return (np.where(first, np.repeat(ends, size), idx - 1),
+                np.where(last, np.repeat(starts, size), idx + 1))
+
+    _, nxt = neighbours(rings)
+    keep = np.any(pts[nxt] != pts, axis=1)
+    pts, rings = pts[keep], rings[keep]
+    prev, nxt = neighbours(rings)
+    before, after = pts - pts[prev], pts[nxt] - pts
+    keep = before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]
+    return pts[keep], rings[keep]
 
 
 def _tidy(geom):
