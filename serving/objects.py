@@ -10,8 +10,10 @@ what the boundary needs:
 - vertically identical runs become rectangles, kept per object with its pixel count and
   summed class probabilities;
 - an object with no run in the band's last row is closed: its rectangles become one
-  polygon along pixel edges (a direct ring when every row holds one run, the common blob;
-  a shapely union otherwise) and only the polygon is kept.
+  polygon along pixel edges (for blobs with one run per row the ring is built directly,
+  for all objects of a band at once; a shapely union otherwise) and only the polygon is
+  kept. Objects born and finished within one band never become Python objects before
+  objects(): a slide may hold millions of them.
 
 So memory grows with the open objects' rectangles plus the finished polygons (the
 foreground's boundary), never with the image area, and an object crossing band edges is
