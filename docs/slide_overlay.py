@@ -87,14 +87,15 @@ def main() -> None:
         colour = tuple(v / 255 for v in f["properties"]["classification"]["color"])
         left.add_patch(patch(f["geometry"], colour, 0.8))
         right.add_patch(patch(f["geometry"], colour, 1.4))
-    edges = truth[y0: y0 + 2 * half, x0: x0 + 2 * half]
-    edges = edges ^ ndimage.binary_erosion(edges)
-    ty, tx = np.nonzero(edges)
-    right.scatter(tx + x0 + 0.5, ty + y0 + 0.5, s=0.3, c="cyan", marker="s", linewidths=0, label="true outline")
+    crop = truth[y0: y0 + 2 * half, x0: x0 + 2 * half].astype(np.float32)
+    right.contour(np.arange(x0, x0 + 2 * half) + 0.5, np.arange(y0, y0 + 2 * half) + 0.5, crop, levels=[0.5],
+                  colors="cyan", linewidths=1.6, linestyles="--")
+    true_objects = int(ndimage.label(truth, structure=np.ones((3, 3)))[1])
     left.add_patch(plt.Rectangle((x0, y0), 2 * half, 2 * half, fill=False, ec="black", lw=1.2, ls="--"))
-    left.set_title(f"{args.size} x {args.size} px synthetic PAS slide: {len(features)} GeoJSON objects "
-                   f"({stats['skipped_tiles']} of {stats['tiles']} windows skipped as glass)", fontsize=10)
-    right.set_title("full resolution: predicted polygons (red, traced along pixel edges), true outline (cyan)",
+    left.set_title(f"{args.size} x {args.size} px synthetic PAS slide: {len(features)} GeoJSON objects, "
+                   f"{true_objects} true glomeruli ({stats['skipped_tiles']} of {stats['tiles']} windows skipped "
+                   f"as glass)", fontsize=10)
+    right.set_title("full resolution: predicted polygons (red, traced along pixel edges), true outline (cyan, dashed)",
                     fontsize=10)
     right.set_xlim(x0, x0 + 2 * half)
     right.set_ylim(y0 + 2 * half, y0)

@@ -41,6 +41,8 @@ class ModelCard:
     # Training resolution in microns per pixel, when known: a slide level is chosen to
     # match it, and a mismatch is warned about (serving.slide).
     mpp: float | None = None
+    # Smallest object (pixels) the GeoJSON, the CSV's object count and the evaluation keep.
+    min_object_px: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:

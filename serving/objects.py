@@ -25,6 +25,12 @@ objects, so two Polygons (a single Polygon touching itself at a point would be i
 With 8-connectivity they are one object whose geometry is a MultiPolygon of parts touching
 at points (valid); that is the only case `SlideObject.polygon` is not a Polygon.
 
+The rules the evaluation shares (pipeline/scoring/objects.py): objects are 8-connected
+(CONNECTIVITY: a predicted border is a staircase of argmax decisions, and a one-pixel
+diagonal link must not split a glomerulus in two), and objects of fewer than
+`min_object_px` pixels at the predicted level are specks, not objects (`is_object`;
+TilingSettings.min_object_px, the model card's by default).
+
 `objects(unify_to=c)` applies serving.labels' single-foreground-class rule after the last
 band, as the predictor does: objects of different foreground classes sharing an edge (any
 contact with 8-connectivity) are merged, and the mean probability becomes that of class c.
@@ -43,6 +49,14 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 
 from common.atomic import atomic_path
+
+
+CONNECTIVITY = 8   # the one connectivity of predicted objects: GeoJSON, CSV counts and evaluation
+
+
+def is_object(pixels: int | np.ndarray, min_object_px: int) -> bool | np.ndarray:
+    """An object is at least min_object_px pixels (at the predicted level); smaller ones are specks."""
+    return np.asarray(pixels) >= max(1, min_object_px)
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,7 @@ class _Finished:
 class ObjectTracer:
     """Feed bands with add_band (contiguous, top to bottom), then call objects()."""
 
-    def __init__(self, num_classes: int, *, downsample: float = 1.0, connectivity: int = 4):
+    def __init__(self, num_classes: int, *, downsample: float = 1.0, connectivity: int = CONNECTIVITY):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background and a class), got {num_classes}")
         if connectivity not in (4, 8):

@@ -5,7 +5,8 @@ finished once the last band is in, with the single-foreground-class decision
 (serving.labels), which needs the whole image's sums and so is applied afterwards.
 
 - PngOutput: `<stem>.png` (palette of class ids) and `uncertainty/<stem>.png` (8-bit
-  normalised entropy, serving.uncertainty). Holds the image's labels: for small images.
+  normalised entropy, serving.uncertainty; with --tta also `uncertainty/<stem>.tta.png`,
+  the flip variance x 4). Holds the image's labels: for small images.
 - OmeZarrOutput: `<stem>.ome.zarr`, an OME-Zarr 0.5 (zarr v3) image whose `labels/<name>`
   is the multiscale label image, class colours and names in its `image-label` metadata,
   and whose own pixels are a grey preview of the input at the resolution of its
@@ -49,10 +50,15 @@ class PngOutput:
         self.mask_path, self.uncertainty_path, self.colours = mask_path, uncertainty_path, card.colours
         self.ids = np.zeros((height, width), np.uint8)
         self.uncertainty = np.zeros((height, width), np.uint8)
+        self.tta_variance: np.ndarray | None = None
 
     def write(self, row0: int, ids: np.ndarray, uncertainty: np.ndarray, tta_variance: np.ndarray | None) -> None:
         self.ids[row0: row0 + ids.shape[0]] = ids
         self.uncertainty[row0: row0 + ids.shape[0]] = to_uint8(uncertainty)
+        if tta_variance is not None:
+            if self.tta_variance is None:
+                self.tta_variance = np.zeros_like(self.uncertainty)
+            self.tta_variance[row0: row0 + ids.shape[0]] = to_uint8(TTA_VARIANCE_SCALE * tta_variance)
 
     def finish(self, unify_to: int | None) -> np.ndarray:
         """Save both PNGs; return the class ids (for overlays)."""
@@ -62,6 +68,8 @@ class PngOutput:
         from PIL import Image
 
         save_png(Image.fromarray(self.uncertainty, mode="L"), self.uncertainty_path)
+        if self.tta_variance is not None:
+            save_png(Image.fromarray(self.tta_variance, mode="L"), self.uncertainty_path.with_suffix(".tta.png"))
         return self.ids
 
 
@@ -119,7 +127,7 @@ class OmeZarrOutput:
         unc = zarr.open_group(str(uncertainty_path), mode="w", zarr_format=3)
         unc.attrs.update({"flexunet": {
             "uncertainty": "normalised entropy of the blended class probabilities x 255 (0 certain, 255 uniform)",
-            "tta_variance": "variance of the flip-TTA predictions x 255 (with --tta)",
+            "tta_variance": "variance of the flip-TTA predictions x 4 x 255 (with --tta; 255: the largest possible)",
             "level0_pixels_per_pixel": self.downsample, "mpp": mpp}})
         self.buffers = [_RowBuffer(self.level0), _RowBuffer(self._array(unc, "uncertainty", (height, width)))]
         if tta:
@@ -133,7 +141,7 @@ class OmeZarrOutput:
         self.buffers[0].write(row0, ids)
         self.buffers[1].write(row0, to_uint8(uncertainty))
         if len(self.buffers) > 2 and tta_variance is not None:
-            self.buffers[2].write(row0, to_uint8(tta_variance))
+            self.buffers[2].write(row0, to_uint8(TTA_VARIANCE_SCALE * tta_variance))
 
     def finish(self, unify_to: int | None) -> None:
         for buffer in self.buffers:
@@ -207,6 +215,7 @@ def grey_preview(image: np.ndarray) -> np.ndarray:
 FORMATS = ("auto", "png", "ome-zarr")
 ZARR_ABOVE_PIXELS = 64 * 2**20     # auto: OME-Zarr for slides and images above 64 MP
 UNCERTAINTY_DIR = "uncertainty"
+TTA_VARIANCE_SCALE = 4.0   # a probability's variance is at most 1/4: x 4 puts it on 0..1 before 8 bits
 
 
 def output_stem(path: Path) -> str:
@@ -306,8 +315,9 @@ def write_prediction(predictor: Any, source: Any, targets: Targets, tiles: Any =
         else:
             stats.ids = ids
     if tracer is not None:
-        from serving.objects import write_geojson
+        from serving.objects import is_object, write_geojson
 
-        stats.objects = write_geojson(targets.objects, tracer.objects(unify_to), card.class_names,
-                                      [tuple(c) for c in card.colours], mpp=source.mpp)
+        kept = [o for o in tracer.objects(unify_to) if is_object(o.pixels, predictor.min_object_px)]
+        stats.objects = write_geojson(targets.objects, kept, card.class_names, [tuple(c) for c in card.colours],
+                                      mpp=source.mpp)
     return stats

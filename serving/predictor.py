@@ -153,6 +153,12 @@ class TiledPredictor:
         value = self.card.tissue_threshold if value is None else value
         return value or None
 
+    @property
+    def min_object_px(self) -> int:
+        """Smallest object kept (serving.objects.is_object): the settings', else the model card's."""
+        value = self.settings.min_object_px
+        return int(self.card.min_object_px if value is None else value)
+
     def _tiling(self, skip: TissueSkip | None) -> dict[str, Any]:
         """serving.tiling's keywords for these settings and this model."""
         s = self.settings

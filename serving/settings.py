@@ -95,6 +95,14 @@ def _grey_level(value: Any) -> int | None:
     return int(value)
 
 
+def _count_or_unset(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise ValueError("must be a pixel count >= 0 (0: keep every object), or unset for the model card's")
+    return int(value)
+
+
 def _setting(default: Any, help: str, check: Callable[[Any], Any], **flag: Any) -> Any:
     """A field with its one-line help (the CLI flag's) and its rule."""
     return field(default=default, metadata={"help": help, "check": check, "flag": flag})
@@ -120,6 +128,10 @@ class TilingSettings:
         None, "skip windows with < 1 % tissue: a nearly grey pixel at least this bright is background "
               f"glass ({PAS_TISSUE_THRESHOLD} suits PAS histology; 0: no skip; unset: the model card's, "
               f"which is {PAS_TISSUE_THRESHOLD} for glomeruli)", _grey_level, metavar="LEVEL")
+
+    min_object_px: int | None = _setting(
+        None, "objects (GeoJSON, CSV count, evaluation) smaller than this many pixels are specks and dropped "
+              "(0: keep all; unset: the model card's)", _count_or_unset, metavar="PX")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

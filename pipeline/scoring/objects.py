@@ -29,11 +29,19 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-CONNECTIVITY = np.ones((3, 3), dtype=bool)   # 8-connectivity (module docstring)
+from serving.objects import CONNECTIVITY, is_object
+
+STRUCTURE = ndimage.generate_binary_structure(2, 2 if CONNECTIVITY == 8 else 1)
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+def _components(mask: np.ndarray, min_pixels: int = 0) -> tuple[np.ndarray, int]:
+    """Connected components (serving.objects' connectivity), without those under min_pixels."""
+    labels, count = ndimage.label(mask, structure=STRUCTURE)
+    if min_pixels > 1 and count:
+        area = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = is_object(area, min_pixels)
+        keep[0] = False
+        labels, count = ndimage.label(keep[labels], structure=STRUCTURE)
     return labels, int(count)
 
 
@@ -93,14 +101,17 @@ def _match(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     return [(i, j) for i, j in zip(r.tolist(), c.tolist()) if eligible[i, j]]
 
 
-def detection_scores(truth: np.ndarray, pred: np.ndarray, class_id: int = 1, iou: float = 0.5) -> ObjectCounts:
-    """Objects of one class in one image (2-D class-id masks of the same shape)."""
+def detection_scores(truth: np.ndarray, pred: np.ndarray, class_id: int = 1, iou: float = 0.5,
+                     min_object_px: int = 0) -> ObjectCounts:
+    """Objects of one class in one image (2-D class-id masks of the same shape); predicted
+    objects under min_object_px pixels are specks (serving.objects.is_object), as in the
+    GeoJSON a user gets. True objects are all counted."""
     if truth.shape != pred.shape:
         raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
     if not 0 < iou <= 1:
         raise ValueError(f"iou threshold must be in (0, 1], got {iou}")
     t_labels, n_true = _components(truth == class_id)
-    p_labels, n_pred = _components(pred == class_id)
+    p_labels, n_pred = _components(pred == class_id, min_object_px)
     counts = ObjectCounts(true=n_true, predicted=n_pred)
     if not (n_true and n_pred):
         return counts
@@ -182,10 +193,10 @@ class ObjectScores:
     (the truth is not needed); none: no keys.
     """
 
-    def __init__(self, mode: str, num_classes: int):
+    def __init__(self, mode: str, num_classes: int, min_object_px: int = 0):
         if mode not in ("detection", "components", "none"):
             raise ValueError(f"object metrics mode must be detection, components or none, got {mode!r}")
-        self.mode, self.num_classes = mode, num_classes
+        self.mode, self.num_classes, self.min_object_px = mode, num_classes, min_object_px
         self.detection = ObjectCounts()
         self.components = ComponentCounts()
 
@@ -197,7 +208,7 @@ class ObjectScores:
             return
         if self.mode == "detection":
             for class_id in range(1, self.num_classes):
-                self.detection += detection_scores(truth, pred, class_id)
+                self.detection += detection_scores(truth, pred, class_id, min_object_px=self.min_object_px)
         elif self.mode == "components":
             self.components.add(pred)
 

@@ -45,7 +45,8 @@ def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
     ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
     loss_fn = get_loss(p.train.loss)
     acc = Accumulator(p.model.num_classes, p.mask.single_foreground_class)
-    objects, uncertainty = ObjectScores(p.evaluate.object_metrics, p.model.num_classes), UncertaintyAuroc()
+    objects, uncertainty = ObjectScores(p.evaluate.object_metrics, p.model.num_classes,
+                                                p.predict.min_object_px or 0), UncertaintyAuroc()
     steps = -(-len(pairs) // p.evaluate.batch_size)
     counts: list[tuple[int, int]] = []
     for images, onehot in tqdm(ds, total=steps, desc=f"evaluating {split}", unit="batch"):

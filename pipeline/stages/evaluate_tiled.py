@@ -79,7 +79,7 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
     with remove_on_failure(outputs):
         summary = predict_folder(predictor, [pair.image for pair in pairs], out_dir, overwrite=True, overlay=True)
         conf = {k: np.zeros((n, n), np.int64) for k in ("tiled", "resized", "seam", "interior")}
-        objects, uncertainty = ObjectScores(p.evaluate.object_metrics, n), UncertaintyAuroc()
+        objects, uncertainty = ObjectScores(p.evaluate.object_metrics, n, predictor.min_object_px), UncertaintyAuroc()
         panel_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for pair in pairs:
             image = read_image(pair.image, p.model.image_channels)

@@ -83,6 +83,7 @@ def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> Mod
         dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
         single_foreground_class=params.mask.single_foreground_class,
         tissue_threshold=params.predict.tissue_threshold or None, mpp=params.dataset.mpp,
+        min_object_px=params.predict.min_object_px or 0,
         extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax"},
     )
 

@@ -19,7 +19,9 @@ COLOURS = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
 
 
 def trace(labels, probs=None, *, bands=None, num_classes=3, unify_to=None, rng=None, **kwargs):
-    """Objects of `labels` fed in bands of the given heights (random 1..9 with rng, else one)."""
+    """Objects of `labels` fed in bands of the given heights (random 1..9 with rng, else one);
+    4-connectivity unless told (the stricter case for polygons; predict uses CONNECTIVITY)."""
+    kwargs.setdefault("connectivity", 4)
     tracer = ObjectTracer(num_classes, **kwargs)
     row0 = 0
     heights = iter(bands or [])

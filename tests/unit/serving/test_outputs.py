@@ -4,12 +4,15 @@ OME-Zarr label image, a zarr uncertainty map and the CSV row out, equal to the i
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely.geometry
 import tifffile
 import zarr
+from scipy import ndimage
 
 from serving.batch import CSV_NAME, predict_folder
 from serving.load import load_predictor
@@ -150,3 +153,79 @@ def test_format_rules():
     assert resolve_format("auto", False, ZARR_ABOVE_PIXELS) == "png"
     assert resolve_format("auto", False, ZARR_ABOVE_PIXELS + 1) == "ome-zarr"
     assert resolve_format("png", True, 10) == "png"
+
+
+def _features(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    assert data["type"] == "FeatureCollection"
+    return data["features"]
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_geojson_is_what_qupath_reads_and_covers_the_predicted_pixels(tmp_path, slide, models, level):
+    path, _ = slide
+    predictor = load_predictor(models["plain"], tissue_threshold=0, min_object_px=0)
+    out = tmp_path / "out"
+    predict_folder(predictor, [path], out, level=level)           # OME-Zarr outputs: GeoJSON by default
+    labels = zarr.open_group(str(out / "case.ome.zarr"), mode="r")["labels/segmentation/0"][:]
+    features = _features(out / "case.geojson")
+    assert int(_rows(out)["case.ome.tif"]["objects"]) == len(features) > 2
+    scale = 2.0 ** level                                           # coordinates are level-0 pixels
+    for class_id in (1, 2):
+        mine = [f for f in features if f["properties"]["classification"]["name"] == NAMES[class_id]]
+        assert all(f["type"] == "Feature" and f["geometry"]["type"] in ("Polygon", "MultiPolygon") for f in mine)
+        assert all(f["properties"]["classification"]["color"] == list(COLOURS[class_id]) for f in mine)
+        shapes = [shapely.geometry.shape(f["geometry"]) for f in mine]
+        assert all(s.is_valid for s in shapes)
+        pixels = int((labels == class_id).sum())
+        assert abs(sum(s.area for s in shapes) / scale**2 - pixels) <= 0.02 * pixels
+        assert sum(s.area for s in shapes) == pixels * scale**2     # traced along pixel edges: exact
+        structure = ndimage.generate_binary_structure(2, 2)          # objects are 8-connected
+        assert len(mine) == ndimage.label(labels == class_id, structure)[1]
+        xs = [x for s in shapes for x in s.bounds[::2]]
+        assert max(xs) <= 1500 and max(xs) > 1500 * 0.5              # level-0 extent, whatever the level
+
+
+def test_specks_under_min_object_px_are_dropped(tmp_path, slide, models):
+    path, _ = slide
+    out = tmp_path / "out"
+    predict_folder(load_predictor(models["plain"], tissue_threshold=0, min_object_px=40), [path], out)
+    labels = zarr.open_group(str(out / "case.ome.zarr"), mode="r")["labels/segmentation/0"][:]
+    areas = [shapely.geometry.shape(f["geometry"]).area for f in _features(out / "case.geojson")]
+    structure = ndimage.generate_binary_structure(2, 2)
+    sizes = [c for k in (1, 2) for c in np.bincount(ndimage.label(labels == k, structure)[0].ravel())[1:]]
+    assert min(areas) >= 40 and len(areas) == sum(1 for c in sizes if c >= 40) < len(sizes)
+
+
+def test_tta_writes_the_flip_variance_beside_the_entropy(tmp_path, slide, models):
+    path, level0 = slide
+    out = tmp_path / "out"
+    predictor = load_predictor(models["plain"], tissue_threshold=0, tta=True)
+    session = predictor.session
+
+    def skewed(batch: np.ndarray) -> np.ndarray:       # the tiny model is flip-symmetric: break that
+        p = session(batch) * np.linspace(0.2, 1.0, batch.shape[2], dtype=np.float32)[None, None, :, None] ** \
+            np.arange(1, 4, dtype=np.float32)
+        return p / p.sum(-1, keepdims=True)
+
+    predictor.predict_fn = skewed
+    predict_folder(predictor, [path], out, geojson=False)
+    unc = zarr.open_group(str(out / "case.uncertainty.zarr"), mode="r")
+    assert set(unc.array_keys()) == {"uncertainty", "tta_variance"}
+    assert unc["tta_variance"].shape == level0.shape[:2] and unc["tta_variance"][:].max() > 0
+
+
+def test_png_inputs_write_the_uncertainty_png_and_geojson_on_request(tmp_path, models):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = _slide_pixels(200, 260)
+    Image.fromarray(image).save(folder / "small.png")
+    out = tmp_path / "out"
+    predictor = load_predictor(models["plain"], tissue_threshold=0)
+    predict_folder(predictor, [folder / "small.png"], out, geojson=True)
+    assert (out / "small.png").is_file() and (out / "uncertainty" / "small.png").is_file()
+    ids = np.asarray(Image.open(out / "small.png"))
+    features = _features(out / "small.geojson")
+    assert sum(shapely.geometry.shape(f["geometry"]).area for f in features) == np.count_nonzero(ids)
