@@ -89,3 +89,21 @@ def test_other_commands_name_the_extra_in_one_line(light_venv, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, (args, out.stderr)
         assert lines[0].startswith("error: ") and f"pip install 'flexunet[{extra}]'" in lines[0], lines
+
+
+def test_predict_reads_a_pyramidal_tiff_and_writes_ome_zarr_and_geojson(light_venv, tmp_path):
+    import tifffile
+
+    venv, env = light_venv
+    model = make_tiny_onnx(tmp_path / "model.onnx", tile_size=32)
+    (tmp_path / "in").mkdir()
+    level0 = np.random.default_rng(1).integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "in" / "slide.ome.tif") as tif:
+        tif.write(level0, subifds=1, tile=(64, 64), photometric="rgb", compression="zlib")
+        tif.write(level0[::2, ::2], subfiletype=1, tile=(64, 64), photometric="rgb", compression="zlib")
+    out = _run([str(venv / "bin" / "flexunet"), "predict", "--model", str(model), "--input", "in",
+                "--output", "out"], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "slide.ome.zarr" / "labels" / "segmentation" / "0" / "zarr.json").is_file()
+    assert (tmp_path / "out" / "slide.uncertainty.zarr" / "uncertainty" / "zarr.json").is_file()
+    assert '"FeatureCollection"' in (tmp_path / "out" / "slide.geojson").read_text()
