@@ -75,7 +75,7 @@ def test_same_outputs_as_local_then_resume_from_manifests(tmp_path, model, input
     local, distributed = tmp_path / "local", tmp_path / "ray"
     assert predict(model, inputs, local) == 1                              # the corrupt file fails
     assert predict(model, inputs, distributed, "--engine", "ray", "--workers", "2") == 1
-    assert files(distributed) == files(local) and len(files(local)) == 2 * len(SIZES)
+    assert files(distributed) == files(local) and len(files(local)) == 3 * len(SIZES)   # mask, overlay, uncertainty
     assert untimed(distributed) == untimed(local)
     by_file = {Path(r["file"]).stem: r for r in rows(distributed)}
     assert by_file["corrupt"]["status"].startswith(f"error: {inputs / 'corrupt.png'}: not a readable image")
