@@ -43,6 +43,10 @@ def main() -> None:
     from matplotlib.path import Path as MplPath
     from scipy import ndimage
 
+    import zarr
+
+    from pipeline.scoring.objects import detection_scores
+    from serving.load import load_predictor
     from serving.slide import open_slide
 
     with tempfile.TemporaryDirectory(prefix="slide-overlay-") as tmp:
@@ -57,6 +61,9 @@ def main() -> None:
         with open_slide(slide) as s:
             image = np.asarray(s.read(0))
         truth = tifffile.imread(truth_path) > 0
+        pred = zarr.open_group(str(out / "slide.ome.zarr"), mode="r")["labels/segmentation/0"][:]
+        card_min = load_predictor(args.model).min_object_px
+        scores = detection_scores(truth.astype(np.uint8), pred, 1, min_object_px=card_min).metrics()
         with (out / "predictions.csv").open() as fh:
             header, row = [line.rstrip("\n").split(",") for line in fh][:2]
         stats = dict(zip(header, row))
@@ -92,11 +99,12 @@ def main() -> None:
                   colors="cyan", linewidths=1.6, linestyles="--")
     true_objects = int(ndimage.label(truth, structure=np.ones((3, 3)))[1])
     left.add_patch(plt.Rectangle((x0, y0), 2 * half, 2 * half, fill=False, ec="black", lw=1.2, ls="--"))
-    left.set_title(f"{args.size} x {args.size} px synthetic PAS slide: {len(features)} GeoJSON objects, "
-                   f"{true_objects} true glomeruli ({stats['skipped_tiles']} of {stats['tiles']} windows skipped "
-                   f"as glass)", fontsize=10)
-    right.set_title("full resolution: predicted polygons (red, traced along pixel edges), true outline (cyan, dashed)",
-                    fontsize=10)
+    left.set_title(f"{args.size} x {args.size} px synthetic PAS slide, {stats['skipped_tiles']} of {stats['tiles']} "
+                   f"windows skipped as glass\n{len(features)} GeoJSON objects, {true_objects} true glomeruli; "
+                   f"object F1 {scores['object_f1']:.2f} at IoU >= 0.5 (precision {scores['object_precision']:.2f}, "
+                   f"recall {scores['object_recall']:.2f})", fontsize=10)
+    right.set_title("full resolution: predicted polygons (red, traced along pixel edges),\n"
+                    "true outline (cyan, dashed)", fontsize=10)
     right.set_xlim(x0, x0 + 2 * half)
     right.set_ylim(y0 + 2 * half, y0)
     for ax in (left, right):
