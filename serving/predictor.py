@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,13 @@ class Band:
     row0: int
     ids: np.ndarray                  # uint8 (rows, W): per-pixel argmax (before any single-class rule)
     probs: np.ndarray                # float32 (rows, W, K): blended probabilities
-    uncertainty: np.ndarray          # float32 (rows, W): normalised entropy of probs (serving.uncertainty)
     tta_variance: np.ndarray | None  # float32 (rows, W): variance of the flipped predictions (--tta only)
+
+    @cached_property
+    def uncertainty(self) -> np.ndarray:
+        """float32 (rows, W): normalised entropy of probs (serving.uncertainty); computed
+        when asked, so predict(), which keeps labels only, does not pay for the logarithms."""
+        return normalised_entropy(self.probs)
 
 
 
@@ -143,7 +149,7 @@ class TiledPredictor:
         k = self.card.num_classes
         for row0, band in iter_bands(image, self.predict_fn, **self._tiling(tissue)):
             probs = band[..., :k]
-            yield Band(row0, probs.argmax(axis=-1).astype(np.uint8), probs, normalised_entropy(probs),
+            yield Band(row0, probs.argmax(axis=-1).astype(np.uint8), probs,
                        band[..., k] if band.shape[-1] > k else None)
 
     @property
