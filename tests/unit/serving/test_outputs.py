@@ -229,3 +229,28 @@ def test_png_inputs_write_the_uncertainty_png_and_geojson_on_request(tmp_path, m
     ids = np.asarray(Image.open(out / "small.png"))
     features = _features(out / "small.geojson")
     assert sum(shapely.geometry.shape(f["geometry"]).area for f in features) == np.count_nonzero(ids)
+
+
+def test_level_choice_and_its_errors(tmp_path, slide, models, caplog):
+    from common.errors import UserError
+    from serving.card import ModelCard
+    from serving.inputs import open_input
+
+    path, _ = slide
+    card = load_predictor(models["histology"]).card            # trained at 0.5 um/px, like level 0
+    assert open_input(path, card).level == 0
+    coarse = ModelCard(**{**card.__dict__, "mpp": 1.0})        # a model trained at 1 um/px: level 1
+    source = open_input(path, coarse)
+    assert (source.level, source.downsample, source.height) == (1, 2.0, 550)
+    source.close()
+    with caplog.at_level("WARNING"):
+        open_input(path, card, level=2).close()                # 2 um/px for a 0.5 um/px model
+    assert "level 2 is 2 um/px but the model was trained at 0.5 um/px" in caplog.text
+    with pytest.raises(UserError, match="level 5"):
+        open_input(path, card, level=5)
+    png = tmp_path / "plain.png"
+    from PIL import Image
+
+    Image.fromarray(_slide_pixels(40, 50)).save(png)
+    with pytest.raises(UserError, match="this file has one level"):
+        open_input(png, card, level=1)
