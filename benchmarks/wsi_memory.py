@@ -129,6 +129,13 @@ def compare(work: Path, size: int, model: str, rounds: int) -> dict:
             "ratio": round(best["streamed"] / best["in_memory"], 4)}
 
 
+def model_label(path: str) -> str:
+    """Which model: its dataset (from the card) and the first 12 hex digits of its sha256."""
+    from serving.card import read_card, sha256_file
+
+    return f"{read_card(path).dataset} model, sha256 {sha256_file(path)[:12]}"
+
+
 def markdown(r: dict) -> str:
     m, b, c = r["machine"], r["big"], r["compare"]
     return "\n".join([
@@ -162,7 +169,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wsi-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result = {"machine": machine_summary(), "model": os.path.relpath(args.model, REPO), "rounds": args.rounds,
+        result = {"machine": machine_summary(), "model": model_label(args.model), "rounds": args.rounds,
                   "compare": compare(work, args.compare, args.model, args.rounds),
                   "big": big_slide(work, args.size, args.model)}
     finally:
