@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from common.atomic import atomic_dir
 from common.errors import UserError
@@ -214,6 +215,7 @@ def grey_preview(image: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- one input's outputs
 FORMATS = ("auto", "png", "ome-zarr")
 ZARR_ABOVE_PIXELS = 64 * 2**20     # auto: OME-Zarr for slides and images above 64 MP
+PROGRESS_ABOVE_PIXELS = 16 * 2**20  # a progress bar over the rows of images above 16 MP
 UNCERTAINTY_DIR = "uncertainty"
 TTA_VARIANCE_SCALE = 4.0   # a probability's variance is at most 1/4: x 4 puts it on 0..1 before 8 bits
 
@@ -295,7 +297,12 @@ def write_prediction(predictor: Any, source: Any, targets: Targets, tiles: Any =
                                         mpp=source.mpp, tta=bool(predictor.settings.tta), name=targets.stem)
         else:
             output = PngOutput(targets.mask, targets.uncertainty, source.height, source.width, card)
+        # A slide takes minutes: a bar over its rows (off for small images and off a terminal).
+        rows = stack.enter_context(tqdm(total=source.height, unit="row", desc=targets.stem, leave=False,
+                                        disable=True if source.height * source.width < PROGRESS_ABOVE_PIXELS
+                                        else None))
         for band in predictor.stream(source.array, tiles, tissue=source.tissue(predictor.tissue_threshold)):
+            rows.update(band.ids.shape[0])
             output.write(band.row0, band.ids, band.uncertainty, band.tta_variance)
             counts += np.bincount(band.ids.ravel(), minlength=k)[:k]
             entropy_sum += float(band.uncertainty.sum(dtype=np.float64))
