@@ -120,6 +120,9 @@ def initial_weights(layout: Layout) -> Iterator[tuple[Path, str] | None]:
         return
     if not is_mlflow_uri(value):
         path = layout.root / value
+        if path.resolve() == layout.model_file.resolve():
+            raise DataError(f"{path}: train.init_from names the train stage's own output, which DVC removes before "
+                            f"the stage runs; copy it aside (cp {value} models/init.keras) and name the copy")
         if not path.is_file():
             raise DataError(f"{path}: train.init_from names no file; give a .keras model (e.g. models/model.keras "
                             f"of another run), an MLflow URI (models:/<name>@<alias>) or null")
@@ -145,7 +148,8 @@ def train(layout: Layout) -> TrainResult:
     if snapshot is not None:
         tags.update({"flexunet.resumed_from_run": snapshot.run_id or "unknown",
                      "flexunet.resumed_at_epoch": str(snapshot.epochs_done + 1)})
-    with remove_on_failure(outputs), initial_weights(layout) as init, \
+    # init_from is resolved first: a wrong value stops before any output is touched
+    with initial_weights(layout) as init, remove_on_failure(outputs), \
             start_run(p.mlflow, project_root, tags=tags, system_metrics=True) as run:
         run.log_params(p.flat())
         if init is not None:

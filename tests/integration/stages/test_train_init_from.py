@@ -104,6 +104,8 @@ def test_a_source_of_another_architecture_is_one_line_naming_both(tmp_path):
     assert not layout.model_file.exists()
     with pytest.raises(FlexUNetError, match="names no file"):
         train(_layout(tmp_path / "project", "models/missing.keras"))   # relative to the project root
+    with pytest.raises(FlexUNetError, match=r"names the train stage's own output, which DVC removes"):
+        train(_layout(tmp_path / "project", "models/model.keras"))
 
 
 def test_a_registered_alias_resolves_to_its_training_runs_keras_model(tmp_path):
