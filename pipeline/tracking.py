@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 _FIX = "start it, or set MLFLOW_TRACKING_URI (or mlflow.tracking_uri in params.yaml) to a reachable store"
 _EXPS_MARKER = (".dvc", "tmp", "exps")
 
+# The name the train stage logs its Keras model under: what a models:/ URI resolves to
+# (the registered version is the ONNX pyfunc; its run also holds this Keras model).
+KERAS_MODEL_NAME = "model"
+
 
 def find_project_root(start: Path) -> Path:
     """`start`, or the real repo when `start` lies inside a DVC temp experiment copy."""
@@ -132,7 +136,7 @@ class RunLogger:
             dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=digest)
         mlflow.log_input(dataset, context=context, tags=tags)
 
-    def log_keras_model(self, model: Any, input_example: np.ndarray, name: str = "model") -> None:
+    def log_keras_model(self, model: Any, input_example: np.ndarray, name: str = KERAS_MODEL_NAME) -> None:
         import mlflow
         import mlflow.keras
 
@@ -202,6 +206,66 @@ def onnx_signature(onnx_path: Path) -> Any:
 
     return ModelSignature(inputs=Schema([spec(v) for v in graph.input]),
                           outputs=Schema([spec(v) for v in graph.output]))
+
+
+# --------------------------------------------------------------------------- fine-tuning sources
+MLFLOW_SCHEMES = ("models:/", "runs:/")
+
+
+def is_mlflow_uri(value: str) -> bool:
+    return value.startswith(MLFLOW_SCHEMES) or "://" in value
+
+
+def _registered_run(client: Any, uri: str) -> str | None:
+    """The training run of models:/<name>@<alias> or models:/<name>/<version>; None for
+    any other URI (runs:/..., models:/m-<id>), which MLflow downloads as it is."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, number = ref.rsplit("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        return None
+    if not version.run_id:
+        raise FlexUNetError(f"train.init_from {uri}: version {version.version} of {version.name} names no "
+                            f"training run (registered from a path); give runs:/<run id>/{KERAS_MODEL_NAME} or a "
+                            f".keras file")
+    return version.run_id
+
+
+def download_keras_model(uri: str, cfg: MlflowParams, project_root: Path, dest: Path) -> tuple[Path, str]:
+    """The .keras file behind an MLflow URI, downloaded into `dest`, and the URI it came from.
+
+    models:/<name>@<alias> and models:/<name>/<version> resolve to the registered version's
+    training run, whose Keras model (logged by the train stage as `model`, with
+    mlflow.log_model true) is downloaded: the registered model itself is ONNX, which
+    cannot be trained. runs:/... and other artifact URIs are downloaded as they are."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    store = reachable_tracking_uri(cfg, project_root)
+    try:
+        run_id = _registered_run(_client(store), uri)
+        source = f"runs:/{run_id}/{KERAS_MODEL_NAME}" if run_id else uri
+        with use_store(store):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest),
+                                                             tracking_uri=store))
+    except MlflowException as exc:
+        why = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
+        raise FlexUNetError(f"train.init_from {uri}: not found in the tracking store {store} ({why}); give a "
+                            f"registered model (models:/<name>@<alias>), runs:/<run id>/{KERAS_MODEL_NAME} or a "
+                            f".keras file") from None
+    found = [local] if local.suffix == ".keras" else sorted(local.rglob("*.keras"))
+    if len(found) != 1:
+        what = "no .keras file" if not found else f"{len(found)} .keras files"
+        hint = " (was it trained with mlflow.log_model: false?)" if run_id else ""
+        raise FlexUNetError(f"train.init_from {uri}: {source} holds {what}{hint}; point it at one Keras model "
+                            f"(runs:/<run id>/{KERAS_MODEL_NAME}) or a .keras file")
+    return found[0], source
 
 
 # MLflow 3 classifies an experiment as GenAI or model training by this tag (values from the

@@ -69,13 +69,14 @@ def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
                         normalization=False)
     raw["train"].update(epochs=2, batch_size=4, num_infer_images=2, max_minutes=None, use_tuned_params=False,
                         warmup_epochs=0)
-    raw["evaluate"].update(num_panels=2, min_dice=0.0)
+    # The repository's real sample by its absolute path: a test's project root is a temp dir.
+    raw["evaluate"].update(num_panels=2, min_dice=0.0, real_sample=str(REPO / raw["evaluate"]["real_sample"]))
     raw["mlflow"]["experiment_name"] = "tests"
     if name == "glomeruli":
         raw["dataset"]["name"] = "glomeruli"
         raw["mask"] = {"rgb_map": {"(0,0,0)": 0, "(255,0,0)": 1}, "class_names": ["background", "glomerulus"]}
         raw["model"]["num_classes"] = 2
-        raw["evaluate"]["object_metrics"] = "detection"   # as the glomeruli presets
+        raw["evaluate"].update(object_metrics="detection", real_sample=None)   # as the glomeruli presets
     return raw
 
 

@@ -311,6 +311,12 @@ class TrainParams(_Section):
     cache: Literal["auto", "memory", "files"] = "auto"
     # Resume a killed training at its last completed epoch (state in checkpoints/train/).
     resume: bool = True
+    # Fine-tuning: start from the weights of a trained model of the same architecture
+    # instead of random ones: a .keras file (relative to the project root) or an MLflow URI
+    # (models:/<name>@<alias>, models:/<name>/<version>: the registered version's training
+    # run's Keras model; runs:/<run id>/model). null = random initialisation. Tune trials
+    # ignore it (they compare architectures, which a fixed start would not fit).
+    init_from: str | None = Field(None, min_length=1)
     augment: AugmentParams = AugmentParams()
 
     @model_validator(mode="after")
@@ -333,6 +339,9 @@ class EvaluateParams(_Section):
     # (objects matched at IoU >= 0.5: precision, recall, F1; glomeruli) | components
     # (predicted components beyond a slice's two largest: two kidneys per slice) | none.
     object_metrics: Literal["detection", "components", "none"] = "components"
+    # The real development sample (a folder of images/ and masks/, relative to the project
+    # root) scored after every kidney-t2w run (pipeline/scoring/real_sample.py); null = skip.
+    real_sample: str | None = Field("data/real-sample/kidney-t2w", min_length=1)
 
 
 class ExportParams(_Section):

@@ -179,6 +179,15 @@ def image_to_ids(img: Image.Image, mask: MaskParams, source: str = "mask", count
     return rgb_to_ids(np.asarray(img.convert("RGB")), mask, source, count)
 
 
+def blend_tolerant(mask: MaskParams) -> MaskParams:
+    """`mask` for masks known to be resized after colouring (blended class borders): the
+    exact rule becomes tolerance with color_tolerance BLEND_SLACK (Pillow's rounding of a
+    blend); a tolerance or nearest rule of the params is kept as it is."""
+    if mask.color_mode != "exact":
+        return mask
+    return MaskParams.model_validate({**mask.model_dump(), "color_mode": "tolerance", "color_tolerance": BLEND_SLACK})
+
+
 def read_mask(path: Path | str, mask: MaskParams, count: SnapCount | None = None) -> np.ndarray:
     """Read a mask file as (H, W) uint8 class ids (`count`: add its pixels read / snapped)."""
     return image_to_ids(open_image(path), mask, source=str(path), count=count)

@@ -2,6 +2,9 @@
 
 Used by the train stage (a full run, resumable epoch by epoch) and by every tuning trial
 (a subset, no files), so a trial's score and the final model come from the same code.
+Fine-tuning (train.init_from) is the same loop started from a trained model's weights
+instead of random ones; only the train stage passes them (a tuning trial compares
+architectures, which one fixed start would not fit).
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from common.errors import FlexUNetError
 from pipeline.config.schema import Params, TrainParams
 from pipeline.data.pairs import find_pairs
 from pipeline.data.tfdata import SplitArrays, load_arrays, plain_batches, steps_per_epoch, training_stream
 from pipeline.layout import Layout
 from pipeline.model.architecture import forward_flops
 from pipeline.model.callbacks import EpochSeeds, MlflowEpochLogger, TimeGuard
-from pipeline.model.flexunet import build_flexunet
+from pipeline.model.flexunet import build_flexunet, load_model
 from pipeline.model.losses import get_loss, training_metrics
 from pipeline.model.resume import RestoreCallbacks, SaveEpoch, Snapshot, TrainingState, restore
 
@@ -66,6 +70,33 @@ def compile_model(params: Params, steps_per_epoch: int = 1, all_metrics: bool = 
     # there make tf.function trace the whole step a second time (seconds per fit on a CPU).
     model.optimizer.build(model.trainable_variables)
     return model
+
+
+def describe(model: keras.Model) -> str:
+    """A FlexUNet's architecture in the params' terms, for the init_from mismatch error."""
+    convs = {layer.name: layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)}
+    first = convs.get("enc0_conv0")
+    if first is None:   # not a FlexUNet: what can still be compared
+        return f"{model.name}: {len(model.weights)} weight tensors, {model.count_params():,} parameters"
+    levels = sum(1 for name in convs if name.startswith("enc") and name.endswith("_conv0"))
+    batchnorm = any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    channels, classes = model.input_shape[-1], model.output_shape[-1]
+    return (f"base_filters {first.filters}, first kernel {first.kernel_size[0]}x{first.kernel_size[1]}, "
+            f"{levels} levels, {channels} channels, {classes} classes, normalization {str(batchnorm).lower()}")
+
+
+def load_initial_weights(model: keras.Model, source: Path, label: str) -> None:
+    """Fine-tuning: the weights of the trained model in `source` (a .keras file) into the
+    freshly built `model`; shapes must match one to one (the image size may differ: every
+    weight of the fully convolutional FlexUNet is independent of it)."""
+    trained = load_model(source)
+    ours, theirs = [tuple(w.shape) for w in model.weights], [tuple(w.shape) for w in trained.weights]
+    if ours != theirs:
+        raise FlexUNetError(f"train.init_from {label}: its model ({describe(trained)}) does not fit the one "
+                            f"params.yaml builds ({describe(model)}); set model (and train.use_tuned_params: "
+                            f"false) to its architecture, or train from scratch with train.init_from: null")
+    model.set_weights(trained.get_weights())
+    log.info("init_from: %d weight tensors (%s parameters) from %s", len(ours), f"{model.count_params():,}", label)
 
 
 def _callbacks(layout: Layout, run, state: TrainingState | None, snapshot: Snapshot | None,
@@ -133,13 +164,16 @@ def load_training_data(layout: Layout, train_subset: int | None = None) -> tuple
 
 def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool = False,
         stage_callbacks: list | None = None, extra_callbacks: list | None = None,
-        data: tuple[SplitArrays, SplitArrays] | None = None, validation_freq: int = 1) -> Fit:
+        data: tuple[SplitArrays, SplitArrays] | None = None, validation_freq: int = 1,
+        init_from: tuple[Path, str] | None = None) -> Fit:
     """Build, compile and fit FlexUNet from layout.params: the one training loop, used by
     the train stage (stage=True; `state`: where epochs are saved for resuming;
     `stage_callbacks`: its DVCLive and epoch-change panels) and by every
     tuning trial (its train subset in `data`, shared by the study's trials; Optuna's
     pruning callback in extra_callbacks; validation only every `validation_freq` epochs
-    when nothing prunes on the way)."""
+    when nothing prunes on the way). `init_from`: a .keras file (and what to call it in
+    messages) whose weights start the training, unless it resumes (its snapshot holds
+    the weights of its epochs, which started from those)."""
     p, t = layout.params, layout.params.train
     keras.utils.set_random_seed(t.seed)
     train_split, valid_split = data if data is not None else load_training_data(layout)
@@ -147,6 +181,8 @@ def fit(layout: Layout, run, *, state: TrainingState | None = None, stage: bool 
     model = compile_model(p, steps_per_epoch=steps, all_metrics=stage)
     snapshot = state.latest() if state is not None else None
     start = 0
+    if init_from is not None and snapshot is None:
+        load_initial_weights(model, *init_from)
     if snapshot is not None:
         restore(model, snapshot)
         start = snapshot.epochs_done

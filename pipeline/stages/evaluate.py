@@ -4,6 +4,11 @@ Metrics are accumulated over the whole test split (pixel counts summed, then div
 not averaged per batch, so they do not depend on the batch size. The object scores
 (`evaluate.object_metrics`) and the uncertainty AUROC come from the same predictions in
 the same pass. Everything is logged into the training run named in models/train_run.json.
+
+For kidney-t2w the run is also scored on the real development sample
+(`evaluate.real_sample`, pipeline/scoring/real_sample.py): metrics/real_sample.json,
+plots/real_sample_panel.png and MLflow `real_*`, so a model that only learnt the
+synthetic generator shows it.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import plots
-from pipeline.data.pairs import mini_test_pairs
+from pipeline.data.masks import SnapCount, blend_tolerant, ids_to_rgb, read_mask
+from pipeline.data.pairs import find_pairs, mini_test_pairs
 from pipeline.data.samples import load_infer_samples
-from pipeline.data.tfdata import find_pairs, load_split, make_dataset
+from pipeline.data.tfdata import load_split, make_dataset
 from pipeline.layout import TKV_EXTRA, Layout
 from pipeline.model.flexunet import load_model
 from pipeline.model.losses import get_loss
@@ -27,10 +33,12 @@ from pipeline.panels import make_panel
 from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.confusion import Accumulator
 from pipeline.scoring.objects import ObjectScores
+from pipeline.scoring.real_sample import real_sample_report, resized_labels, score_slice, summary_line
 from pipeline.scoring.tkv import tkv_report
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
-from common.imageio import save_palette_png, save_rgb_png
+from common.errors import DataError
+from common.imageio import read_image, resize_image, resize_labels, save_palette_png, save_rgb_png
 from serving.labels import to_labels
 
 log = logging.getLogger(__name__)
@@ -99,6 +107,48 @@ def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
     return panel
 
 
+# Panel rows at this size: 8 slices at 512 px would make a 10 MB picture of the same masks.
+PANEL_SIDE = 256
+
+
+def real_sample(model: keras.Model, layout: Layout) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Score the model on evaluate.real_sample (kidney-t2w only) and draw its panel; the
+    report says why when it is skipped (no panel then)."""
+    p = layout.params
+    if p.evaluate.real_sample is None or p.dataset.name != "kidney-t2w":
+        why = ("evaluate.real_sample is null" if p.evaluate.real_sample is None
+               else f"the real sample is kidney-t2w; this dataset is {p.dataset.name}")
+        return {"available": False, "reason": why}, None
+    folder = layout.root / p.evaluate.real_sample
+    if not (folder / "images").is_dir():
+        raise DataError(f"{folder}: real sample missing (evaluate.real_sample); restore it "
+                        f"(git checkout -- {p.evaluate.real_sample}) or set evaluate.real_sample: null")
+    rules, count = blend_tolerant(p.mask), SnapCount()   # its masks were resized after colouring
+    scores, rows = [], []
+    for pair in find_pairs(folder):
+        image = read_image(pair.image, p.model.image_channels)
+        truth = read_mask(pair.mask, rules, count)
+        if truth.shape != image.shape[:2]:
+            raise DataError(f"{pair.mask}: {truth.shape[1]}x{truth.shape[0]} px, its image "
+                            f"{image.shape[1]}x{image.shape[0]}; a mask must match its image")
+        labels = resized_labels(lambda x: model(x, training=False), image, p.model.image_width,
+                                p.model.image_height, p.mask.single_foreground_class)
+        scores.append(score_slice(pair.image.stem, truth, labels, p.model.num_classes))
+        rows.append([resize_image(image, PANEL_SIDE, PANEL_SIDE)]
+                    + [ids_to_rgb(resize_labels(ids, PANEL_SIDE, PANEL_SIDE), p.mask.colours) for ids in (truth, labels)])
+    report = real_sample_report(scores, p.mask.class_names, snapped_pixels=count.snapped, mask_pixels=count.pixels)
+    return {**report, "folder": p.evaluate.real_sample}, make_panel(*map(list, zip(*rows)))
+
+
+def _not_scored_panel(reason: str) -> np.ndarray:
+    """The panel DVC expects as an output, saying why there is none."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (480, 40), (255, 255, 255))
+    ImageDraw.Draw(canvas).text((6, 14), f"real sample not scored: {reason}", fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
 def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None, min_dice: float) -> list[str]:
     """One line per reason to distrust this model: training cut short, or Dice under the floor."""
     out = []
@@ -125,8 +175,9 @@ def evaluate(layout: Layout) -> dict[str, Any]:
     model = load_model(layout.model_file)
     run_info = layout.read_run()
     tkv_json, tkv_plot = layout.metrics / "tkv.json", layout.plots / "bland_altman.png"
+    real_json, real_panel = layout.metrics / "real_sample.json", layout.plots / "real_sample_panel.png"
     outputs = [layout.metrics / "eval.json", layout.plots / "confusion_matrix.png",
-               layout.plots / "mini_test_panel.png", layout.predictions, tkv_json, tkv_plot]
+               layout.plots / "mini_test_panel.png", layout.predictions, tkv_json, tkv_plot, real_json, real_panel]
     project_root = find_project_root(layout.root)
     with remove_on_failure(outputs), start_run(p.mlflow, project_root, run_id=run_info["run_id"]) as run:
         metrics, confusion, counts = evaluate_split(model, layout)
@@ -143,9 +194,13 @@ def evaluate(layout: Layout) -> dict[str, Any]:
         tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
         run.log_metrics({f"test_{k}": v for k, v in metrics.items() if v is not None})
         run.log_metrics({f"test_tkv_{k}": v for k, v in tkv.items() if isinstance(v, float)})
+        real, panel = real_sample(model, layout)
+        write_json(real_json, real)
+        save_rgb_png(real_panel, panel if panel is not None else _not_scored_panel(real["reason"]))
+        run.log_metrics({k: v for k, v in real.items() if k.startswith("real_") and isinstance(v, (int, float))})
         for path, folder in ((layout.plots / "confusion_matrix.png", "plots"), (tkv_plot, "plots"),
                              (layout.plots / "mini_test_panel.png", "plots"), (layout.metrics / "eval.json", "metrics"),
-                             (tkv_json, "metrics")):
+                             (tkv_json, "metrics"), (real_json, "metrics"), (real_panel, "plots")):
             run.log_artifact(path, folder)
         if tkv.get("available"):
             log.info("TKV on %d test scans: bias %+.1f ml, 95%% limits of agreement %+.1f .. %+.1f ml%s",
@@ -157,6 +212,11 @@ def evaluate(layout: Layout) -> dict[str, Any]:
     if metrics["uncertainty_auroc"] is not None:
         log.info("test: uncertainty AUROC for wrong pixels %.4f (mean uncertainty %.3f wrong, %.3f right)",
                  metrics["uncertainty_auroc"], metrics["uncertainty_mean_wrong"], metrics["uncertainty_mean_right"])
+    if real.get("available"):
+        log.info("%s; %d of %d mask pixels snapped (blended edges)", summary_line(real, p.mask.class_names),
+                 real["real_snapped_pixels"], real["real_mask_pixels"])
+    else:
+        log.info("real sample not scored: %s", real["reason"])
     for warning in warnings:
         log.warning("%s: this model is not to be trusted (metrics/eval.json 'warnings')", warning)
     return report

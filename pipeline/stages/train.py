@@ -6,17 +6,26 @@ the later stages), metrics/train.json, plots/train_curves.png and the per-epoch 
 plots in dvclive/. A killed training resumes at its last completed epoch (pipeline.model.resume).
 The run records its three splits as inputs (the dataset fingerprint as their digest) and
 samples system metrics (CPU, memory) while it trains.
+
+Fine-tuning: `train.init_from` (a .keras file, or an MLflow URI resolved by
+pipeline.tracking.download_keras_model) gives the weights the training starts from; the
+run is tagged `flexunet.init_from` with the value and `flexunet.init_from_source` with
+what was loaded.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.atomic import atomic_path, remove_on_failure, write_json
+from common.errors import DataError
 from pipeline import plots
 from pipeline.data.pairs import find_pairs
 from pipeline.data.samples import load_infer_samples, load_large_samples
@@ -26,7 +35,8 @@ from pipeline.model.callbacks import EpochChangeInference, EpochChangeTiledInfer
 from pipeline.model.fit import Fit, fit, onednn_enabled
 from pipeline.model.flexunet import as_float32
 from pipeline.model.resume import Snapshot, TrainingState
-from pipeline.tracking import find_project_root, standard_tags, start_run, store_record
+from pipeline.tracking import (download_keras_model, find_project_root, is_mlflow_uri, standard_tags, start_run,
+                               store_record)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,29 @@ def log_datasets(layout: Layout, run, manifest: dict) -> None:
                         tags={"dataset.fingerprint": fingerprint})
 
 
+@contextmanager
+def initial_weights(layout: Layout) -> Iterator[tuple[Path, str] | None]:
+    """train.init_from as a local .keras file and its source (an MLflow model downloaded
+    into a temporary folder, removed afterwards); None when it is null."""
+    value = layout.params.train.init_from
+    if value is None:
+        yield None
+        return
+    if not is_mlflow_uri(value):
+        path = layout.root / value
+        if path.resolve() == layout.model_file.resolve():
+            raise DataError(f"{path}: train.init_from names the train stage's own output, which DVC removes before "
+                            f"the stage runs; copy it aside (cp {value} models/init.keras) and name the copy")
+        if not path.is_file():
+            raise DataError(f"{path}: train.init_from names no file; give a .keras model (e.g. models/model.keras "
+                            f"of another run), an MLflow URI (models:/<name>@<alias>) or null")
+        yield path, str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="init-from-") as tmp:
+        path, source = download_keras_model(value, layout.params.mlflow, find_project_root(layout.root), Path(tmp))
+        yield path, f"{value} ({source})" if source != value else value
+
+
 def train(layout: Layout) -> TrainResult:
     p = layout.params
     manifest = layout.read_manifest()
@@ -115,13 +148,18 @@ def train(layout: Layout) -> TrainResult:
     if snapshot is not None:
         tags.update({"flexunet.resumed_from_run": snapshot.run_id or "unknown",
                      "flexunet.resumed_at_epoch": str(snapshot.epochs_done + 1)})
-    with remove_on_failure(outputs), start_run(p.mlflow, project_root, tags=tags, system_metrics=True) as run:
+    # init_from is resolved first: a wrong value stops before any output is touched
+    with initial_weights(layout) as init, remove_on_failure(outputs), \
+            start_run(p.mlflow, project_root, tags=tags, system_metrics=True) as run:
         run.log_params(p.flat())
+        if init is not None:
+            run.set_tags({"flexunet.init_from": p.train.init_from, "flexunet.init_from_source": init[1]})
         log_datasets(layout, run, manifest)
         for epoch in range(snapshot.epochs_done if snapshot else 0):   # the new run's curves start at epoch 1
             run.log_metrics({k: v[epoch] for k, v in snapshot.history.items()}, step=epoch + 1)
         layout.models.mkdir(parents=True, exist_ok=True)
-        result = fit(layout, run, state=state, stage=True, stage_callbacks=stage_callbacks(layout, run, snapshot))
+        result = fit(layout, run, state=state, stage=True, stage_callbacks=stage_callbacks(layout, run, snapshot),
+                     init_from=init)
         model = as_float32(result.model, p.model)
         done = _finish(layout, run, model, result)
     if state is not None:

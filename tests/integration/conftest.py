@@ -3,7 +3,7 @@ DVC-remote tests share (one `dvc repro`), one prepared tiny dataset, and (starte
 use, gone at the end) one throw-away PostgreSQL cluster and one MLflow tracking server on
 it (tests/integration/servers.py).
 
-`project` copies common/, pipeline/, serving/ and dvc.yaml into a temporary git + DVC
+`project` copies common/, pipeline/, serving/, dvc.yaml and the real sample into a temporary git + DVC
 repository with tiny params, runs `dvc repro`, commits the result (tag `repro`), adds a
 local directory as the default DVC remote and pushes to it. The end-to-end tests then
 change the project in sequence; the remote test clones the `repro` tag elsewhere.
@@ -62,7 +62,10 @@ def build_project(root: Path) -> None:
     shutil.copy(REPO / "dvc.yaml", root)
     (root / "data" / "raw").mkdir(parents=True)
     shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw")   # prepare's (empty) raw-data dep
+    sample = "data/real-sample/kidney-t2w"   # in git, as in the repository (evaluate's dep)
+    shutil.copytree(REPO / sample, root / sample)
     raw = tiny_dict()
+    raw["evaluate"]["real_sample"] = sample
     raw["train"].update(epochs=1, use_tuned_params=True, epoch_change_infer=False)
     raw["mlflow"]["log_model"] = False
     raw["tune"] = dict(TINY_TUNE)

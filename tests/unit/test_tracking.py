@@ -93,3 +93,11 @@ def test_reopening_a_run_the_store_lacks_is_one_clear_error(tmp_path):
     with pytest.raises(FlexUNetError, match=f"MLflow run {run.run_id} is missing or deleted"):
         with start_run(cfg, tmp_path, run_id=run.run_id):
             pass
+
+
+def test_init_from_values_that_are_mlflow_uris():
+    from pipeline.tracking import is_mlflow_uri
+
+    assert all(is_mlflow_uri(v) for v in ("models:/flexunet-kidney-t2w@champion", "models:/m/3", "runs:/abc/model",
+                                          "mlflow-artifacts://host/x"))
+    assert not any(is_mlflow_uri(v) for v in ("models/model.keras", "/abs/model.keras"))

@@ -8,7 +8,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from pipeline.config.load import params_from_dict
-from pipeline.data.masks import SnapCount, UnknownColours, ids_to_rgb, read_mask, rgb_to_ids
+from pipeline.data.masks import SnapCount, UnknownColours, blend_tolerant, ids_to_rgb, read_mask, rgb_to_ids
 from common.errors import DataError, ParamsError
 from pipeline.config.schema import MaskParams
 from tests.conftest import tiny_dict
@@ -109,6 +109,19 @@ def test_a_foreign_colour_stays_an_error_in_tolerance_mode(tmp_path):
     count = SnapCount()
     got = read_mask(path, _mask(color_mode="nearest"), count)
     assert (got[0, :4] == 0).all() and count.snapped > 4   # blue is nearest to black
+
+
+def test_blend_tolerant_reads_resized_masks_and_keeps_a_looser_rule(tmp_path):
+    _, big = _resized_mask()
+    path = tmp_path / "resized.png"
+    Image.fromarray(big).save(path)
+    rules = blend_tolerant(MASK)
+    assert (rules.color_mode, rules.color_tolerance, rules.rgb_map) == ("tolerance", 1.0, MASK.rgb_map)
+    count = SnapCount()
+    read_mask(path, rules, count)
+    assert count.snapped > 0
+    for kept in (_mask(color_mode="nearest"), _mask(color_mode="tolerance", color_tolerance=30)):
+        assert blend_tolerant(kept) is kept
 
 
 def test_exact_mode_counts_nothing_snapped(tmp_path):
