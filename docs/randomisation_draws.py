@@ -31,7 +31,6 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from pipeline.config.load import load_params
     from pipeline.data.synthetic import randomise
