@@ -102,7 +102,7 @@ class NiftiParams(BaseModel):
 # SynthSeg's defaults (Billot et al. 2023) mapped to 2-D slices in mm and 0..1 signal.
 class RandomiseParams(_Section):
     splits: list[Literal["train", "valid", "test"]] = Field(default_factory=lambda: ["train", "valid"])
-    realistic_fraction: float = Field(0.2, ge=0, le=1)   # slices keeping the T2w-like rendering
+    realistic_fraction: float = Field(0.5, ge=0, le=1)   # slices keeping the T2w-like rendering (docs/data.md)
     rotation_deg: float = Field(15.0, ge=0, le=180)
     scaling: float = Field(0.15, ge=0, lt=1)
     shear: float = Field(0.012, ge=0, lt=1)

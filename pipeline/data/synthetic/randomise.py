@@ -38,7 +38,7 @@ class Ranges:
     """How wide each random draw is. Defaults follow SynthSeg's (Billot et al. 2023, the
     `brain_generator` defaults), mapped from 1 mm 3-D voxels and 0..255 intensities to
     these 2-D slices in mm and 0..1 signal."""
-    realistic_fraction: float = 0.2   # share of slices keeping the T2w-like rendering
+    realistic_fraction: float = 0.5   # share of slices keeping the T2w-like rendering
     rotation_deg: float = 15.0        # SynthSeg rotation_bounds 15
     scaling: float = 0.15             # per-axis scale in 1 +/- this (SynthSeg 0.2; coronal MRI FOVs vary less)
     shear: float = 0.012              # SynthSeg shearing_bounds
