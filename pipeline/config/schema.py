@@ -97,6 +97,24 @@ class NiftiParams(BaseModel):
         return self
 
 
+# params.yaml `dataset.randomise`: SynthSeg-style domain randomisation of the synthetic
+# kidney-t2w slices (pipeline.data.synthetic.randomise; docs/data.md). Ranges follow
+# SynthSeg's defaults (Billot et al. 2023) mapped to 2-D slices in mm and 0..1 signal.
+class RandomiseParams(_Section):
+    splits: list[Literal["train", "valid", "test"]] = Field(default_factory=lambda: ["train", "valid"])
+    realistic_fraction: float = Field(0.5, ge=0, le=1)   # slices keeping the T2w-like rendering (docs/data.md)
+    rotation_deg: float = Field(15.0, ge=0, le=180)
+    scaling: float = Field(0.15, ge=0, lt=1)
+    shear: float = Field(0.012, ge=0, lt=1)
+    elastic_mm: float = Field(6.0, ge=0)
+    mean_max: float = Field(0.9, gt=0, le=1)
+    std_max: float = Field(0.1, ge=0)
+    bias_std: float = Field(0.5, ge=0)
+    resolution_max: float = Field(2.5, ge=1)
+    noise_max: float = Field(0.05, ge=0)
+    gamma_std: float = Field(0.4, ge=0)
+
+
 class DatasetParams(_Section):
     name: Literal["kidney-t2w", "glomeruli"] = "kidney-t2w"
     # synthetic: the embedded generator. Real data, read from `raw`: imagemask (the seed's
@@ -123,6 +141,11 @@ class DatasetParams(_Section):
     # `flexunet predict` picks the matching level of a whole-slide image (serving.slide).
     mpp: float | None = Field(None, gt=0)
     nifti: NiftiParams = NiftiParams()
+    # synthetic kidney-t2w: realistic (one fixed T2w-like rendering) | randomised (each slice
+    # of the `randomise.splits` rendered from its tissue label map with a new random contrast,
+    # deformation, bias, resolution, noise and gamma: SynthSeg-style domain randomisation)
+    appearance: Literal["realistic", "randomised"] = "realistic"
+    randomise: RandomiseParams = RandomiseParams()
 
     @model_validator(mode="after")
     def _source_fits_name(self) -> DatasetParams:

@@ -3,16 +3,25 @@
 Anatomy is described in millimetres in a patient frame (x: image left -> right, i.e. the
 patient's right -> left; y: head -> feet; z: anterior -> posterior), so a subject looks
 the same at every image_size. A scan only adds a rigid offset, a bias field and noise.
+
+Every painting step also writes a tissue label (`Tissue`) when asked, so the same anatomy
+can be rendered a second way: `appearance="randomised"` hands each slice's label map to
+`randomise.render_slice` (SynthSeg-style domain randomisation: new contrasts, deformation,
+bias, blur, noise, gamma per slice), because a model trained on one fixed grey rendering
+learns that rendering rather than the anatomy. The realistic rendering is untouched by it
+(its bytes, hence the dataset fingerprint, are the same as before labels existed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
-from pipeline.data.synthetic import detmath
+from pipeline.data.synthetic import detmath, randomise
 
 GROUPS: tuple[str, str] = ("CKD", "healthy")
 FOV_MM = 384.0  # 256 px x 1.5 mm, kept constant so physical size never depends on image_size
@@ -20,6 +29,37 @@ SLICE_MM = 5.0
 _TEXTURE_MM = (5.0, 12.0, 30.0)  # fine tissue grain, bowel loops, organ-scale shading
 _MARGIN_MM = 60.0  # texture grid reaches past the FOV so rigid offsets never leave it
 _BODY_DEPTH_MM = 120.0  # half AP depth of the trunk: coronal width shrinks away from z = 0
+
+
+class Tissue(IntEnum):
+    """Label map values: one per tissue the painter draws with its own signal. Each kidney
+    has its own cortex and medulla labels, as its cortico-medullary contrast is its own."""
+    AIR = 0
+    SKIN_FAT = 1
+    WALL_MUSCLE = 2
+    ABDOMEN = 3
+    LUNG = 4
+    HEART = 5
+    LIVER = 6
+    SPLEEN = 7
+    BOWEL_FLUID = 8
+    BOWEL_GAS = 9
+    BOWEL_WALL = 10
+    PSOAS = 11
+    VERTEBRA = 12
+    DISC = 13
+    BACK_MUSCLE = 14
+    CSF = 15
+    CORD = 16
+    PERIRENAL_FAT = 17
+    HILUM = 18
+    CORTEX_R = 19    # image left: the patient's right kidney
+    MEDULLA_R = 20
+    CORTEX_L = 21
+    MEDULLA_L = 22
+
+
+Appearance = Literal["realistic", "randomised"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +74,7 @@ class ScanVolume:
     image: np.ndarray  # (Z, H, W) uint8 T2w-looking grey volume
     kidney: np.ndarray  # (Z, H, W) bool, both kidneys
     spacing_mm: tuple[float, float, float]  # (z, y, x) voxel size
+    labels: np.ndarray | None = None  # (Z, H, W) uint8 Tissue map in the image's frame (randomised only)
 
 
 @dataclass(frozen=True)
@@ -164,7 +205,15 @@ def _textures(seed: int, number: int, z: np.ndarray, y: np.ndarray, x: np.ndarra
 
 # ---------------------------------------------------------------- anatomy painting
 
-def _body(a: _Anatomy, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _paint(sig: np.ndarray, lab: np.ndarray | None, value, label, where: np.ndarray) -> None:
+    """Write a signal (and, when a label map is kept, its tissue label) where `where` holds."""
+    np.copyto(sig, value, where=where)
+    if lab is not None:
+        np.copyto(lab, np.asarray(label, np.uint8), where=where)
+
+
+def _body(a: _Anatomy, z: np.ndarray, y: np.ndarray, x: np.ndarray,
+          lab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Signal of skin fat / wall muscle / abdomen, and the inside-the-wall mask."""
     X, Y = x[None, :], y[:, None]
     theta = detmath.arctan2(Y / a.half_height, X / a.half_width)
@@ -175,11 +224,14 @@ def _body(a: _Anatomy, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.
     depth = (s - rho[None].astype(np.float32)) * a.half_width  # mm below the skin
     inner = depth >= a.fat + 9
     sig = np.where(depth < 0, 0.0, np.where(depth < a.fat, 0.8, np.where(inner, 0.62, 0.24)))
+    if lab is not None:
+        lab[...] = np.where(depth < 0, Tissue.AIR, np.where(depth < a.fat, Tissue.SKIN_FAT, np.where(
+            inner, Tissue.ABDOMEN, Tissue.WALL_MUSCLE)))
     return sig.astype(np.float32), inner
 
 
 def _organs(sig: np.ndarray, inner: np.ndarray, a: _Anatomy, z: np.ndarray, y: np.ndarray,
-            x: np.ndarray, tex: list[np.ndarray]) -> None:
+            x: np.ndarray, tex: list[np.ndarray], lab: np.ndarray | None = None) -> None:
     """Lungs and heart above the domes, liver, spleen, bowel loops; edges wobble with the
     coarse texture so no organ has a ruler-straight border."""
     Z, Y, X = z[:, None, None], y[None, :, None], x[None, None, :]
@@ -187,33 +239,38 @@ def _organs(sig: np.ndarray, inner: np.ndarray, a: _Anatomy, z: np.ndarray, y: n
     dome = np.where(X < 0, a.domes[0] + 0.01 * (X + 70) ** 2, a.domes[1] + 0.01 * (X - 70) ** 2) + 0.5 * Z
     chest = inner & (Y < dome + wavy / 2)
     heart = ((X - 15) / 65) ** 2 + ((Y - sum(a.domes) / 2 + 15) / 55) ** 2 + ((Z + 45) / 45) ** 2 < 1
-    np.copyto(sig, np.where(heart, 0.3, 0.04), where=chest)
+    _paint(sig, lab, np.where(heart, 0.3, 0.04), np.where(heart, Tissue.HEART, Tissue.LUNG), chest)
     liver = (X < -5 - 1.5 * Z + wavy) & (Y < a.liver_edge - 0.004 * (X + a.half_width) ** 2 + wavy)
     liver &= inner & ~chest
-    np.copyto(sig, 0.27, where=liver)
+    _paint(sig, lab, 0.27, Tissue.LIVER, liver)
     sy, sx, sl, sw = a.spleen
     sx = min(sx, a.half_width - a.fat - sw - 12)
     spleen = ((Y - sy) / sl) ** 2 + ((X - sx) / sw) ** 2 + ((Z - 15) / 35) ** 2 < 1 + 0.1 * tex[2]
     spleen &= inner & ~chest
-    np.copyto(sig, 0.45, where=spleen)
+    _paint(sig, lab, 0.45, Tissue.SPLEEN, spleen)
     # Loops follow the zero set of smooth noise, which gives winding tubes rather than blobs.
     loops = inner & ~chest & ~liver & ~spleen & (Y > -50 + 0.25 * np.abs(X) + wavy)
     loops &= np.abs(tex[2] + 0.35 * tex[1]) < a.bowel - 0.004 * Z
     content = np.where(tex[1] > 0.2, 0.85, np.where(tex[0] < -2.2, 0.05, 0.33))
-    np.copyto(sig, content, where=loops)
+    kind = np.where(tex[1] > 0.2, Tissue.BOWEL_FLUID, np.where(tex[0] < -2.2, Tissue.BOWEL_GAS, Tissue.BOWEL_WALL))
+    _paint(sig, lab, content, kind, loops)
 
 
-def _spine(sig: np.ndarray, inner: np.ndarray, a: _Anatomy, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> None:
+def _spine(sig: np.ndarray, inner: np.ndarray, a: _Anatomy, z: np.ndarray, y: np.ndarray, x: np.ndarray,
+           lab: np.ndarray | None = None) -> None:
     """Vertebral bodies with bright discs, psoas, and the CSF column in posterior slices."""
     dx = np.abs(x[None, :] - a.spine[0] - a.spine[1] * (y[:, None] / 100) ** 2)
     yy = y[:, None]
     zz = z[:, None, None]
     disc = (yy - a.spine[2]) % 36 < 7
     psoas = (yy > -15) & (dx > 20) & (dx < 24 + 0.13 * (yy + 15))
-    np.copyto(sig, 0.22, where=inner & psoas & (zz > -10) & (zz < 25))
-    np.copyto(sig, np.where(disc, 0.68, 0.42), where=inner & (dx < 21) & (zz > -18) & (zz < 20))
-    np.copyto(sig, 0.25, where=inner & (dx > 9) & (dx < 55) & (zz >= 24))
-    np.copyto(sig, np.where((dx < 3.5) & (yy < 20), 0.45, 0.95), where=inner & (dx < 8) & (zz >= 20) & (zz < 38))
+    _paint(sig, lab, 0.22, Tissue.PSOAS, inner & psoas & (zz > -10) & (zz < 25))
+    _paint(sig, lab, np.where(disc, 0.68, 0.42), np.where(disc, Tissue.DISC, Tissue.VERTEBRA),
+           inner & (dx < 21) & (zz > -18) & (zz < 20))
+    _paint(sig, lab, 0.25, Tissue.BACK_MUSCLE, inner & (dx > 9) & (dx < 55) & (zz >= 24))
+    cord = (dx < 3.5) & (yy < 20)
+    _paint(sig, lab, np.where(cord, 0.45, 0.95), np.where(cord, Tissue.CORD, Tissue.CSF),
+           inner & (dx < 8) & (zz >= 20) & (zz < 38))
 
 
 def _span(coords: np.ndarray, centre: float, reach: float) -> slice:
@@ -221,7 +278,7 @@ def _span(coords: np.ndarray, centre: float, reach: float) -> slice:
 
 
 def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, y: np.ndarray,
-                  x: np.ndarray, tex: np.ndarray) -> None:
+                  x: np.ndarray, tex: np.ndarray, lab: np.ndarray | None = None) -> None:
     """Perirenal fat, hilum vessels, then cortex / pyramids / columns; mask = what is drawn."""
     (cz, cy, cx), (depth, length, width) = k.centre, k.axes
     ys, xs = _span(y, cy, 1.5 * length), _span(x, cx, 1.5 * length)
@@ -239,18 +296,26 @@ def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, 
     vessel = (((p - 1.12) / 0.22) ** 2 + (q / 0.12) ** 2)[None] + w2 / 0.5 ** 2 < 1
     inside = (r < 1) & ~notch
     box = sig[:, ys, xs]
-    np.copyto(box, 0.4, where=(r < 1.2) & ~inside)
-    np.copyto(box, 0.12, where=vessel)
+    lbox = None if lab is None else lab[:, ys, xs]
+    _paint(box, lbox, 0.4, Tissue.PERIRENAL_FAT, (r < 1.2) & ~inside)
+    _paint(box, lbox, 0.12, Tissue.HILUM, vessel)
     outer = (r > 1 - k.cortex) | ((detmath.cos(k.pyramids * theta + k.phase) > 0.75) & (r > 0.35))
     level = np.where(outer, k.level, k.level * (1 - k.contrast)) * (1 + k.patchiness * tex[:, ys, xs])
-    np.copyto(box, level, where=inside)
+    cortex, medulla = (Tissue.CORTEX_R, Tissue.MEDULLA_R) if cx < 0 else (Tissue.CORTEX_L, Tissue.MEDULLA_L)
+    _paint(box, lbox, level, np.where(outer, cortex, medulla), inside)
     mask[:, ys, xs] |= inside
 
 
 # ---------------------------------------------------------------- scan
 
-def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slices: int, seed: int) -> ScanVolume:
-    """One coronal T2w volume (num_slices, image_size, image_size) uint8 + its kidney mask."""
+def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slices: int, seed: int,
+                appearance: Appearance = "realistic",
+                ranges: randomise.Ranges | None = None) -> ScanVolume:
+    """One coronal T2w volume (num_slices, image_size, image_size) uint8 + its kidney mask.
+
+    appearance="randomised": each slice re-rendered from its tissue label map with `ranges`
+    (default `randomise.Ranges()`), deformed with its mask; deterministic for (seed,
+    subject, scan, slice)."""
     a = _anatomy(subject, seed)
     rng = np.random.default_rng([_key(seed), a.number, 2, scan_index + 1])
     px = FOV_MM / image_size
@@ -261,15 +326,35 @@ def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slic
     z = (scanner_z + a.slab_z - shift[0]).astype(np.float32)
     y, x = ((scanner_xy - d).astype(np.float32) for d in shift[1:])
     tex = _textures(seed, a.number, z, y, x)
-    sig, inner = _body(a, z, y, x)
-    _organs(sig, inner, a, z, y, x, tex)
-    _spine(sig, inner, a, z, y, x)
+    lab = np.zeros((len(z), len(y), len(x)), np.uint8) if appearance == "randomised" else None
+    sig, inner = _body(a, z, y, x, lab)
+    _organs(sig, inner, a, z, y, x, tex, lab)
+    _spine(sig, inner, a, z, y, x, lab)
     kidney = np.zeros(sig.shape, bool)
     for k in a.kidneys:
-        _kidney_paint(sig, kidney, k, z, y, x, tex[0])
+        _kidney_paint(sig, kidney, k, z, y, x, tex[0], lab)
     sig *= 1 + 0.06 * tex[0] + 0.05 * tex[2]
     sig = ndimage.gaussian_filter(sig, (0, 0.6, 0.6), truncate=3.0)  # point-spread: soften drawn edges
-    return ScanVolume(_acquire(sig, rng, scanner_z, scanner_xy), kidney, (SLICE_MM, px, px))
+    image = _acquire(sig, rng, scanner_z, scanner_xy)
+    if lab is None:
+        return ScanVolume(image, kidney, (SLICE_MM, px, px))
+    return _randomised(image, lab, tex[0], a, scan_index, seed, px, ranges or randomise.Ranges())
+
+
+def _randomised(image: np.ndarray, lab: np.ndarray, tex: np.ndarray, a: _Anatomy, scan_index: int, seed: int,
+                px: float, ranges: randomise.Ranges) -> ScanVolume:
+    """Every slice re-rendered from its label map; the mask is read off the deformed labels,
+    so it follows the deformation exactly."""
+    # What tells CKD from healthy once absolute intensities are random: each kidney's
+    # medulla relative to its own cortex, and its scarring-like patchiness.
+    kidneys = {int(Tissue.CORTEX_R): a.kidneys[0], int(Tissue.CORTEX_L): a.kidneys[1]}
+    structure = [randomise.KidneyTissue(cortex, cortex + 1, k.contrast, k.patchiness) for cortex, k in kidneys.items()]
+    images, labels = np.empty_like(image), np.empty_like(lab)
+    for z in range(image.shape[0]):
+        rng = np.random.default_rng([_key(seed), a.number, 5, scan_index + 1, z])
+        images[z], labels[z] = randomise.render_slice(lab[z], image[z], tex[z], structure, len(Tissue), px, rng, ranges)
+    kidney = np.isin(labels, [t for k in structure for t in (k.cortex, k.medulla)])
+    return ScanVolume(images, kidney, (SLICE_MM, px, px), labels)
 
 
 def _acquire(sig: np.ndarray, rng: np.random.Generator, z: np.ndarray, xy: np.ndarray) -> np.ndarray:

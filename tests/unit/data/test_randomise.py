@@ -1,0 +1,106 @@
+"""Domain-randomised kidney-t2w slices: deterministic, masks follow the deformation, the
+contrast varies between draws, the realistic rendering is unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipeline.data.synthetic import randomise
+from pipeline.data.synthetic.kidney_t2w import Tissue, make_subjects, render_scan
+
+SEED = 137
+KIDNEY = [Tissue.CORTEX_R, Tissue.MEDULLA_R, Tissue.CORTEX_L, Tissue.MEDULLA_L]
+STILL = randomise.Ranges(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
+
+
+def _subject(group: str = "healthy"):
+    return next(s for s in make_subjects(8, 0.0, 2, SEED) if s.group == group)
+
+
+def test_realistic_rendering_is_the_one_before_randomisation_existed():
+    """The default (realistic) bytes feed the dataset fingerprint: the label painting added
+    beside them must not move a pixel (hash of the rendering before labels existed)."""
+    h = hashlib.sha256()
+    for subject in make_subjects(4, 0.25, 2, SEED)[:2]:
+        scan = render_scan(subject, 0, 64, 3, SEED)
+        h.update(scan.image.tobytes())
+        h.update(scan.kidney.tobytes())
+        assert scan.labels is None
+    assert h.hexdigest() == "ee58f4ef53a1d0583969f702d0d12f5d05c66948827466a8fed5d840635eb5ca"
+
+
+def test_randomised_is_deterministic_and_differs_per_scan_and_seed():
+    subject = _subject()
+    a = render_scan(subject, 0, 48, 3, SEED, "randomised")
+    b = render_scan(subject, 0, 48, 3, SEED, "randomised")
+    assert a.image.tobytes() == b.image.tobytes() and a.labels.tobytes() == b.labels.tobytes()
+    assert (a.kidney == b.kidney).all()
+    assert a.image.tobytes() != render_scan(subject, 1, 48, 3, SEED, "randomised").image.tobytes()
+    assert a.image.tobytes() != render_scan(subject, 0, 48, 3, SEED + 1, "randomised").image.tobytes()
+
+
+def test_without_deformation_a_realistic_draw_is_the_realistic_rendering():
+    subject = _subject()
+    real = render_scan(subject, 0, 64, 3, SEED)
+    still = render_scan(subject, 0, 64, 3, SEED, "randomised", STILL)
+    assert (still.image == real.image).all() and (still.kidney == real.kidney).all()
+    # The label map holds the same kidney as the painter's mask.
+    assert (np.isin(still.labels, KIDNEY) == real.kidney).all()
+
+
+def test_mask_follows_the_deformation():
+    subject = _subject()
+    real = render_scan(subject, 0, 64, 4, SEED)
+    moved = render_scan(subject, 0, 64, 4, SEED, "randomised",
+                        randomise.Ranges(rotation_deg=20, scaling=0.2, elastic_mm=8))
+    assert (moved.kidney == np.isin(moved.labels, KIDNEY)).all()
+    assert (moved.kidney != real.kidney).any()     # the anatomy did move
+    # ... but stays a comparable kidney: deformation scales areas by at most ~(1.2)^2.
+    ratio = moved.kidney.sum() / real.kidney.sum()
+    assert 0.6 < ratio < 1.6
+    # Each label region's pixels in the image come from that tissue: in a still realistic
+    # draw the deformation is the identity; with a pure warp of labels and the realistic
+    # image together, a kidney pixel of the mask is a kidney pixel of the warped labels.
+    rng = np.random.default_rng(0)
+    coords = randomise.deformation(rng, 64, 6.0, randomise.Ranges(rotation_deg=30, elastic_mm=10))
+    labels = render_scan(subject, 0, 64, 4, SEED, "randomised", STILL).labels
+    from scipy import ndimage
+    warped = ndimage.map_coordinates(labels[2], coords, order=0)
+    mask = ndimage.map_coordinates(np.isin(labels[2], KIDNEY).astype(np.uint8), coords, order=0)
+    assert (np.isin(warped, KIDNEY) == mask.astype(bool)).all()
+
+
+def test_intensities_vary_between_draws_and_kidney_contrast_is_relative():
+    subject = _subject()
+    ranges = randomise.Ranges(realistic_fraction=0.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0,
+                              bias_std=0, resolution_max=1.0, noise_max=0, gamma_std=0, std_max=0)
+    scan = render_scan(subject, 0, 64, 4, SEED, "randomised", ranges)
+    # A new tissue contrast in every slice: the liver / abdomen / wall ordering changes.
+    means = np.array([[scan.image[z][scan.labels[z] == t].mean() for t in (Tissue.ABDOMEN, Tissue.WALL_MUSCLE)]
+                      for z in range(4)])
+    assert np.ptp(means[:, 0]) > 10 and np.ptp(means[:, 1]) > 10
+    # Within a kidney the medulla sits its own `contrast` away from the cortex, whatever the draw.
+    kidneys = [randomise.KidneyTissue(int(Tissue.CORTEX_R), int(Tissue.MEDULLA_R), 0.35, 0.05),
+               randomise.KidneyTissue(int(Tissue.CORTEX_L), int(Tissue.MEDULLA_L), 0.1, 0.05)]
+    cortices = set()
+    for seed in range(6):
+        mean, std = randomise._means(np.random.default_rng(seed), len(Tissue), kidneys, randomise.Ranges())
+        c = mean[Tissue.CORTEX_R]
+        assert mean[Tissue.CORTEX_L] == c and std[Tissue.MEDULLA_L] == std[Tissue.CORTEX_R]
+        assert abs(mean[Tissue.MEDULLA_R] - c) == pytest.approx(0.35 * c, rel=1e-5)
+        assert abs(mean[Tissue.MEDULLA_L] - c) == pytest.approx(0.1 * c, rel=1e-5)
+        cortices.add(float(c))
+    assert len(cortices) == 6
+
+
+def test_ranges_are_deterministic_per_generator():
+    a = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges())
+    b = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges())
+    assert a.tobytes() == b.tobytes()
+    field = randomise.smooth_field(np.random.default_rng(1), 5, 40)
+    assert field.shape == (40, 40) and field.dtype == np.float32 and field.std() > 0.1
+    k = randomise._gaussian_kernel(0.8)
+    assert k.sum() == pytest.approx(1.0) and (k == k[::-1]).all()
