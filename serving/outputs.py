@@ -205,11 +205,11 @@ class OmeZarrOutput:
 
 
 def grey_preview(image: np.ndarray) -> np.ndarray:
-    """uint8 (h, w) luma of an (h, w, C) uint8 image (the OME-Zarr's reference picture)."""
-    if image.shape[2] == 1:
-        return np.ascontiguousarray(image[..., 0])
-    rgb = image[..., :3].astype(np.uint32)
-    return ((rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114 + 500) // 1000).astype(np.uint8)
+    """uint8 (h, w) luma of an (h, w, C) uint8 image (the OME-Zarr's reference picture):
+    the predictor's own conversion (Pillow's luma), so the preview is what a grey model sees."""
+    from serving.predictor import convert_channels
+
+    return np.ascontiguousarray(convert_channels(image, 1)[..., 0])
 
 
 # ---------------------------------------------------------------------- one input's outputs
