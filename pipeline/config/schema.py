@@ -141,10 +141,10 @@ class DatasetParams(_Section):
     # `flexunet predict` picks the matching level of a whole-slide image (serving.slide).
     mpp: float | None = Field(None, gt=0)
     nifti: NiftiParams = NiftiParams()
-    # synthetic kidney-t2w: realistic (one fixed T2w-like rendering) | randomised (each slice
-    # of the `randomise.splits` rendered from its tissue label map with a new random contrast,
-    # deformation, bias, resolution, noise and gamma: SynthSeg-style domain randomisation)
-    appearance: Literal["realistic", "randomised"] = "realistic"
+    # synthetic kidney-t2w: randomised (each slice of the `randomise.splits` rendered from its
+    # tissue label map with a new random contrast, deformation, bias, resolution, noise and
+    # gamma: SynthSeg-style domain randomisation) | realistic (one fixed T2w-like rendering)
+    appearance: Literal["realistic", "randomised"] = "randomised"
     randomise: RandomiseParams = RandomiseParams()
 
     @model_validator(mode="after")
@@ -357,7 +357,7 @@ class EvaluateParams(_Section):
     num_panels: int = Field(6, ge=1)
     # The quality floor: a test mean foreground Dice below it is reported as a warning,
     # recorded in metrics/eval.json and MLflow, and keeps the model from becoming champion.
-    min_dice: float = Field(0.85, ge=0, le=1)
+    min_dice: float = Field(0.75, ge=0, le=1)
     # Object-level scores next to the pixel ones (pipeline/scoring/objects.py): detection
     # (objects matched at IoU >= 0.5: precision, recall, F1; glomeruli) | components
     # (predicted components beyond a slice's two largest: two kidneys per slice) | none.

@@ -8,8 +8,13 @@ Every painting step also writes a tissue label (`Tissue`) when asked, so the sam
 can be rendered a second way: `appearance="randomised"` hands each slice's label map to
 `randomise.render_slice` (SynthSeg-style domain randomisation: new contrasts, deformation,
 bias, blur, noise, gamma per slice), because a model trained on one fixed grey rendering
-learns that rendering rather than the anatomy. The realistic rendering is untouched by it
-(its bytes, hence the dataset fingerprint, are the same as before labels existed).
+learns that rendering rather than the anatomy. The label painting never moves a pixel of
+the realistic rendering (pinned in tests/unit/data/test_randomise.py).
+
+Once contrasts are random, shape is what a model learns, so the anatomy's shape ranges are
+those of adult kidneys rather than one bean: coronal widths 5-8 cm against lengths 9-13 cm,
+tilt and curvature, a renal sinus from a shallow notch to a deep C, urine in the pelvis, and
+simple cysts (common in CKD). Pelvis and cysts are not kidney in the mask, as in real masks.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Tissue(IntEnum):
     MEDULLA_R = 20
     CORTEX_L = 21
     MEDULLA_L = 22
+    RENAL_FLUID = 23  # urine in the renal pelvis, and cysts: outside the kidney mask, as in the real masks
 
 
 Appearance = Literal["realistic", "randomised"]
@@ -90,6 +96,8 @@ class _Kidney:
     outline: tuple[tuple[float, float], ...]  # (amplitude, phase) of outline harmonics 2, 3, ...
     pyramids: int
     phase: float
+    sinus: tuple[float, float]  # renal sinus (hilum notch) half-depth and half-height, fractions of the radius
+    cysts: tuple[tuple[float, float, float, float], ...]  # (p, q, z offset mm, radius mm) in the kidney's frame
 
 
 @dataclass(frozen=True)
@@ -140,17 +148,23 @@ def _kidney(rng: np.random.Generator, side: int, healthy: bool, size: float) -> 
     s = size * rng.normal(1.0, 0.03)
     # The right kidney (image left, side -1) sits lower: the liver pushes it down.
     centre = (rng.uniform(-2, 2), (12.0 if side < 0 else -8.0) + rng.uniform(-10, 10), side * rng.uniform(58, 70))
-    axes = tuple(float(a * s * rng.normal(1.0, 0.04)) for a in (19.0, 55.0, 27.0))
+    # (AP depth, length, width): length 9-13 cm and width 5-8 cm (adult kidneys), so a
+    # coronal section's width varies as much as real ones do rather than one bean shape.
+    axes = (float(19.0 * s * rng.normal(1.0, 0.1)), float(s * rng.uniform(45.0, 65.0)), float(s * rng.uniform(24.0, 40.0)))
 
     def pick(healthy_range: tuple[float, float], ckd_range: tuple[float, float]) -> float:
         return float(rng.uniform(*(healthy_range if healthy else ckd_range)))
 
     return _Kidney(
-        centre=centre, axes=axes, tilt=rng.uniform(0.1, 0.3), bend=rng.uniform(0.08, 0.16),
+        centre=centre, axes=axes, tilt=rng.uniform(-0.05, 0.45), bend=rng.uniform(0.04, 0.25),
         cortex=pick((0.15, 0.2), (0.07, 0.11)), level=pick((0.62, 0.7), (0.52, 0.6)),
         contrast=pick((0.28, 0.4), (0.06, 0.12)), patchiness=pick((0.03, 0.06), (0.06, 0.1)),
         outline=tuple((rng.uniform(0, 0.015 if healthy else 0.045), rng.uniform(0, 2 * np.pi)) for _ in range(4)),
-        pyramids=int(rng.integers(6, 9)), phase=rng.uniform(0, 2 * np.pi))
+        pyramids=int(rng.integers(6, 9)), phase=rng.uniform(0, 2 * np.pi),
+        sinus=(float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.2, 0.5))),
+        # Simple cysts: common in CKD, occasional in healthy kidneys; bright fluid on T2.
+        cysts=tuple((float(rng.uniform(-0.6, 0.5)), float(rng.uniform(-0.75, 0.75)), float(rng.uniform(-8, 8)),
+                     float(rng.uniform(3.0, 9.0))) for _ in range(int(rng.integers(0, 2 if healthy else 5)))))
 
 
 def _anatomy(subject: SubjectSpec, seed: int) -> _Anatomy:
@@ -279,7 +293,8 @@ def _span(coords: np.ndarray, centre: float, reach: float) -> slice:
 
 def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, y: np.ndarray,
                   x: np.ndarray, tex: np.ndarray, lab: np.ndarray | None = None) -> None:
-    """Perirenal fat, hilum vessels, then cortex / pyramids / columns; mask = what is drawn."""
+    """Perirenal fat, hilum vessels, urine in the renal pelvis and cysts, then cortex /
+    pyramids / columns; mask = the parenchyma drawn (sinus, pelvis and cysts left out)."""
     (cz, cy, cx), (depth, length, width) = k.centre, k.axes
     ys, xs = _span(y, cy, 1.5 * length), _span(x, cx, 1.5 * length)
     if ys.start >= ys.stop or xs.start >= xs.stop:
@@ -292,13 +307,19 @@ def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, 
     rb = 1 + sum(amp * detmath.cos(j * theta + ph) for j, (amp, ph) in enumerate(k.outline, 2))
     w2 = (((z - cz) / depth) ** 2)[:, None, None]
     r = np.sqrt(((p ** 2 + q ** 2) / rb ** 2)[None] + w2).astype(np.float32)
-    notch = (((p - 0.95) / 0.42) ** 2 + (q / 0.3) ** 2)[None] + w2 / 0.75 ** 2 < 1
+    notch = (((p - 0.95) / k.sinus[0]) ** 2 + (q / k.sinus[1]) ** 2)[None] + w2 / 0.75 ** 2 < 1
     vessel = (((p - 1.12) / 0.22) ** 2 + (q / 0.12) ** 2)[None] + w2 / 0.5 ** 2 < 1
-    inside = (r < 1) & ~notch
+    cyst = np.zeros_like(notch)
+    for pc, qc, zc, rc in k.cysts:
+        cyst |= ((((p - pc) * width / rc) ** 2 + ((q - qc) * length / rc) ** 2)[None]
+                 + (((z - cz - zc) / rc) ** 2)[:, None, None]) < 1
+    pelvis = (((p - 0.8) / (0.7 * k.sinus[0])) ** 2 + (q / (0.7 * k.sinus[1])) ** 2)[None] + w2 / 0.6 ** 2 < 1
+    inside = (r < 1) & ~notch & ~cyst
     box = sig[:, ys, xs]
     lbox = None if lab is None else lab[:, ys, xs]
     _paint(box, lbox, 0.4, Tissue.PERIRENAL_FAT, (r < 1.2) & ~inside)
     _paint(box, lbox, 0.12, Tissue.HILUM, vessel)
+    _paint(box, lbox, 0.9, Tissue.RENAL_FLUID, (notch & pelvis) | cyst)
     outer = (r > 1 - k.cortex) | ((detmath.cos(k.pyramids * theta + k.phase) > 0.75) & (r > 0.35))
     level = np.where(outer, k.level, k.level * (1 - k.contrast)) * (1 + k.patchiness * tex[:, ys, xs])
     cortex, medulla = (Tissue.CORTEX_R, Tissue.MEDULLA_R) if cx < 0 else (Tissue.CORTEX_L, Tissue.MEDULLA_L)

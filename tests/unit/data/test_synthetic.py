@@ -104,6 +104,21 @@ def test_kidney_area_tapers_towards_the_poles() -> None:
     assert area[kz[0]] < area[5:7].max() and area[kz[-1]] < area[5:7].max()
 
 
+def test_kidney_shapes_vary_like_adult_kidneys() -> None:
+    """Coronal sections of real kidneys range from slim beans to wide ovals and C shapes
+    (the renal sinus): widths 5-8 cm against lengths 9-13 cm, and CKD kidneys carry more
+    cysts. A narrow range taught the model one bean, which it then painted on real slices."""
+    from pipeline.data.synthetic.kidney_t2w import _anatomy
+
+    kidneys = [(s.group, k) for s in _subjects(40) for k in _anatomy(s, SEED).kidneys]
+    ratio = np.array([k.axes[2] / k.axes[1] for _, k in kidneys])
+    assert ratio.min() < 0.45 and ratio.max() > 0.75
+    sinus = np.array([k.sinus[0] for _, k in kidneys])
+    assert sinus.min() < 0.35 and sinus.max() > 0.65
+    cysts = {g: np.mean([len(k.cysts) for group, k in kidneys if group == g]) for g in GROUPS}
+    assert cysts["CKD"] > 2 * cysts["healthy"]
+
+
 @pytest.mark.parametrize(("size", "slices"), [(32, 12), (16, 1), (33, 5)])
 def test_small_and_odd_sizes(size: int, slices: int) -> None:
     vol = render_scan(_subjects()[1], 0, size, slices, SEED)
