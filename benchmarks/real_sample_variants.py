@@ -1,0 +1,121 @@
+"""Real-sample kidney Dice of the synthetic training data's variants, at the default budget.
+
+For each variant (a name and params.yaml overrides) it runs `flexunet prepare`, `train` and
+`evaluate` in a fresh temporary project beside this checkout's code and `.venv`: the
+default model and 10 epochs, `train.use_tuned_params: false` (no study: the study's pick
+on randomised validation slices is noise, and it would add one more thing that moves),
+no model logged. It reports the real-sample scores `evaluate` writes
+(metrics/real_sample.json: pooled kidney Dice with its bootstrap interval, per-slice Dice,
+class accuracy) next to the synthetic test Dice. Each variant is deterministic: a rerun
+gives the same numbers. Results: benchmarks/results/real_sample_variants.{json,md}, the
+table in docs/results.md.
+
+    python benchmarks/real_sample_variants.py [--only default,realistic]
+    python benchmarks/real_sample_variants.py --variant name KEY=VALUE ...   # one ad-hoc variant
+
+Eight real slices decide these rows, so read them with their intervals: a difference of a
+few hundredths is within what the training seed alone moves (the `seed 7` row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_results import machine_summary, write_results  # noqa: E402
+
+VARIANTS: dict[str, list[str]] = {
+    "default (randomised, realistic_fraction 0.5)": [],
+    "default, train.seed 7": ["train.seed=7"],
+    "realistic appearance": ["dataset.appearance=realistic"],
+    "realistic_fraction 0.3": ["dataset.randomise.realistic_fraction=0.3"],
+    "elastic_mm 10": ["dataset.randomise.elastic_mm=10"],
+}
+COMMON = ["train.use_tuned_params=false", "mlflow.log_model=false"]
+
+
+def run_variant(name: str, overrides: list[str], python: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="real-variant-") as tmp:
+        root = Path(tmp)
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        (root / "data").mkdir()
+        os.symlink(REPO / "data" / "real-sample", root / "data" / "real-sample")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+        args = [a for kv in COMMON + overrides for a in ("-S", kv)]
+        seconds = {}
+        for stage in ("prepare", "train", "evaluate"):
+            start = time.perf_counter()
+            done = subprocess.run([python, "-m", "pipeline.cli", stage, *args], cwd=root, env=env,
+                                  capture_output=True, text=True)
+            seconds[stage] = round(time.perf_counter() - start, 1)
+            if done.returncode:
+                raise SystemExit(f"{name}: flexunet {stage} failed:\n{done.stderr[-3000:]}")
+        real = json.loads((root / "metrics" / "real_sample.json").read_text())
+        test = json.loads((root / "metrics" / "eval.json").read_text())
+    return {"overrides": overrides, "seconds": seconds,
+            "real_kidney_dice": real["real_kidney_dice"],
+            "real_kidney_dice_ci": [real["real_kidney_dice_ci_low"], real["real_kidney_dice_ci_high"]],
+            "real_dice_CKD": real.get("real_dice_CKD"), "real_dice_healthy": real.get("real_dice_healthy"),
+            "real_class_accuracy": real.get("real_class_accuracy"),
+            "per_slice": {s["stem"]: round(s["kidney_dice"], 3) for s in real["per_slice"]},
+            "predicted_classes": [s["predicted_class"] for s in real["per_slice"]],
+            "test_mean_foreground_dice": test["mean_foreground_dice"]}
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def markdown(result: dict) -> str:
+    mc = result["machine"]
+    lines = [f"Machine: {mc['cpu']}, {mc['cores']} cores, vector ISA {mc['vector_isa']}. "
+             f"Each row: prepare + train + evaluate, {' '.join(COMMON)}.", "",
+             "| variant | overrides | real kidney Dice [95 % CI] | per slice (CKD x4 / healthy x4) | real CKD / healthy Dice | "
+             "real class accuracy | synthetic test Dice |", "|---|---|---:|---|---:|---:|---:|"]
+    for name, r in result["variants"].items():
+        ci = r["real_kidney_dice_ci"]
+        interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        slices = list(r["per_slice"].values())
+        per = " ".join(f"{v:.2f}" for v in slices[:4]) + " / " + " ".join(f"{v:.2f}" for v in slices[4:])
+        lines.append(f"| {name} | {' '.join(f'`{o}`' for o in r['overrides']) or '-'} | "
+                     f"**{r['real_kidney_dice']:.3f}**{interval} | {per} | {_f(r['real_dice_CKD'])} / "
+                     f"{_f(r['real_dice_healthy'])} | {_f(r['real_class_accuracy'])} | "
+                     f"{r['test_mean_foreground_dice']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated variant names (default: all)")
+    parser.add_argument("--variant", nargs="+", metavar=("NAME", "KEY=VALUE"),
+                        help="run one ad-hoc variant instead of the table's")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "real_sample_variants"))
+    args = parser.parse_args()
+    if args.variant:
+        chosen = {args.variant[0]: args.variant[1:]}
+    else:
+        wanted = args.only.split(",") if args.only else list(VARIANTS)
+        unknown = [w for w in wanted if w not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+        chosen = {w: VARIANTS[w] for w in wanted}
+    python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
+    variants = {}
+    for name, overrides in chosen.items():
+        print(f"{name} ...", flush=True)
+        variants[name] = run_variant(name, overrides, python)
+        print(json.dumps({name: variants[name]}), flush=True)
+    write_results(args.out, {"machine": machine_summary(), "variants": variants}, markdown)
+
+
+if __name__ == "__main__":
+    main()
