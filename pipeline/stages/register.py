@@ -18,6 +18,10 @@ Alias rule (documented in docs/serving.md):
   (read from the champion version's `test_mean_foreground_dice` tag; a tie moves it, so
   a retrain of equal quality takes over). The first version becomes champion; a champion
   without that tag (registered by hand) is replaced.
+- When both versions were scored on the real sample (kidney-t2w, `evaluate.real_sample`:
+  tag `real_kidney_dice`), that score decides instead: the same real slices for every
+  version, where a synthetic test split changes with the generator, and it is what a
+  synthetic-only model is for (docs/results.md, "Real sample").
 - A model whose test Dice is below `evaluate.min_dice` never becomes champion, first
   version included. The evaluate stage's warnings (training cut short, Dice under the
   floor) are written into the decision (models/registered.json, the log).
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SHA_TAG = "onnx_sha256"
 DICE_TAG = "test_mean_foreground_dice"
+REAL_TAG = "real_kidney_dice"
 PYFUNC_NAME = "flexunet"   # the pyfunc model's name inside the run
 ONNX_NAME = "onnx"         # the mlflow.onnx model's name inside the run
 
@@ -70,6 +75,22 @@ def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     return metrics, [str(w) for w in raw.get("warnings", [])]
 
 
+def _read_real(layout: Layout) -> float | None:
+    """The real-sample kidney Dice of metrics/real_sample.json, None when not scored."""
+    path = layout.metrics / "real_sample.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get(REAL_TAG)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _tag_value(champion: VersionInfo, tag: str) -> float:
+    try:
+        return float(champion.tags.get(tag, "nan"))
+    except ValueError:
+        return math.nan
+
+
 def _example_image(layout: Layout, card: ModelCard) -> np.ndarray:
     """First test image (model size, uint8): a realistic input example for both models."""
     pairs = find_pairs(layout.data_dir / "test")
@@ -77,9 +98,10 @@ def _example_image(layout: Layout, card: ModelCard) -> np.ndarray:
 
 
 def _version_tags(layout: Layout, run_id: str, tracking_uri: str, card: ModelCard, sha: str,
-                  metrics: dict[str, float]) -> dict[str, str]:
+                  metrics: dict[str, float], real: float | None) -> dict[str, str]:
     commit = run_tags(tracking_uri, run_id).get("mlflow.source.git.commit") or git_commit(layout.root)
     return {**{f"test_{k}": repr(v) for k, v in metrics.items()}, SHA_TAG: sha,
+            **({REAL_TAG: repr(real)} if real is not None else {}),
             "dataset_fingerprint": card.dataset_fingerprint or "unknown", "git_commit": commit or "unknown",
             "dataset": card.dataset or "unknown"}
 
@@ -161,8 +183,9 @@ def _log_models(layout: Layout, run_id: str, card: ModelCard) -> str:
 
 
 def champion_decision(dice: float, version: str, champion: VersionInfo | None,
-                      min_dice: float = 0.0) -> tuple[bool, str]:
-    """(move champion here?, why) by the alias rule in the module docstring."""
+                      min_dice: float = 0.0, real: float | None = None) -> tuple[bool, str]:
+    """(move champion here?, why) by the alias rule in the module docstring; `real` is this
+    version's real-sample kidney Dice (None: not scored)."""
     if dice < min_dice:
         return False, (f"test mean foreground Dice {dice:.4f} < evaluate.min_dice {min_dice}: "
                        f"never champion")
@@ -170,11 +193,12 @@ def champion_decision(dice: float, version: str, champion: VersionInfo | None,
         return True, "first version: no champion yet"
     if champion.version == version:
         return True, f"version {version} is already the champion"
-    old = champion.tags.get(DICE_TAG)
-    try:
-        old_dice = float(old) if old is not None else math.nan
-    except ValueError:
-        old_dice = math.nan
+    old_real = _tag_value(champion, REAL_TAG)
+    if real is not None and not math.isnan(old_real):
+        verdict = ">=" if real >= old_real else "<"
+        return real >= old_real, (f"real-sample kidney Dice {real:.4f} {verdict} champion v{champion.version}'s "
+                                  f"{old_real:.4f} (test mean foreground Dice {dice:.4f})")
+    old_dice = _tag_value(champion, DICE_TAG)
     if math.isnan(old_dice):
         return True, f"champion v{champion.version} has no {DICE_TAG} tag"
     if dice >= old_dice:
@@ -188,6 +212,7 @@ def register(layout: Layout) -> dict[str, Any]:
     if not layout.onnx_file.is_file():
         raise DataError(f"{layout.onnx_file}: not found; run the export stage first (dvc repro export)")
     metrics, warnings = _read_eval(layout)
+    real = _read_real(layout)
     run_id = layout.read_run()["run_id"]
     sha, card = sha256_file(layout.onnx_file), read_card(layout.onnx_file)
     tracking_uri = resolve_tracking_uri(p.mlflow, find_project_root(layout.root))
@@ -196,7 +221,7 @@ def register(layout: Layout) -> dict[str, Any]:
         existing = registry.find_version(r.model_name, SHA_TAG, sha)
         if existing is None:
             uri = _log_models(layout, run_id, card)
-            tags = _version_tags(layout, run_id, tracking_uri, card, sha, metrics)
+            tags = _version_tags(layout, run_id, tracking_uri, card, sha, metrics, real)
             description = model_card(card, metrics, warnings, layout.read_manifest(), name=r.model_name,
                                      min_dice=p.evaluate.min_dice, run_id=run_id)
             version = registry.create_version(r.model_name, uri, tags, description).version
@@ -207,7 +232,7 @@ def register(layout: Layout) -> dict[str, Any]:
                      version, sha[:12])
         dice = metrics["mean_foreground_dice"]
         promote, why = champion_decision(dice, version, registry.by_alias(r.model_name, r.champion_alias),
-                                         p.evaluate.min_dice)
+                                         p.evaluate.min_dice, real)
         if warnings:
             why += "; evaluate warned: " + "; ".join(warnings)
         registry.set_alias(r.model_name, r.challenger_alias, version)
@@ -216,7 +241,7 @@ def register(layout: Layout) -> dict[str, Any]:
         final = registry.version(r.model_name, version)
         report = {
             "name": r.model_name, "version": version, "aliases": final.aliases, "reused": existing is not None,
-            "champion": promote, "decision": why, "warnings": warnings, "onnx_sha256": sha, DICE_TAG: dice, "run_id": run_id,
+            "champion": promote, "decision": why, "warnings": warnings, "onnx_sha256": sha, DICE_TAG: dice, REAL_TAG: real, "run_id": run_id,
             "model_uri": f"models:/{r.model_name}@{r.champion_alias}",
             "version_uri": f"models:/{r.model_name}/{version}",
             **store_record(tracking_uri, layout.root),   # a git-tracked file: no path of this clone

@@ -37,13 +37,15 @@ def _layout(root: Path, model_name: str) -> Layout:
     return Layout(root, params_from_dict(raw))
 
 
-def _new_model(layout: Layout, seed: int, dice: float) -> None:
-    """A distinct ONNX model (seeded weights) whose test Dice is `dice`."""
+def _new_model(layout: Layout, seed: int, dice: float, real: float | None = None) -> None:
+    """A distinct ONNX model (seeded weights) whose test Dice is `dice` and real-sample
+    kidney Dice `real` (None: the real sample was not scored)."""
     keras.utils.set_random_seed(seed)
     card = card_for(layout.params, layout.read_run()["run_id"], layout.read_manifest()["fingerprint"])
     to_onnx(build_flexunet(layout.params.model), layout.onnx_file, card)
     write_json(layout.metrics / "eval.json", {"mean_foreground_dice": dice, "dice_CKD": dice, "loss": 0.3,
                                                "confusion_matrix": [[1, 0], [0, 1]]})
+    write_json(layout.metrics / "real_sample.json", {"available": real is not None, "real_kidney_dice": real})
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +142,28 @@ def test_champion_moves_only_on_equal_or_better_dice(served):
     assert (again["version"], again["reused"], again["champion"]) == ("2", True, False)
     assert aliases() == {"champion": "3", "challenger": "2"}
     assert len(registry.versions("t-alias")) == 3
+
+
+def test_the_real_sample_decides_when_both_versions_were_scored_on_it(served):
+    layout = _layout(served[0].root, "t-real")
+    registry = _registry(layout)
+    _new_model(layout, seed=1, dice=0.95)                  # v1: no real score
+    assert register(layout)["real_kidney_dice"] is None
+    assert "real_kidney_dice" not in registry.version("t-real", "1").tags
+    _new_model(layout, seed=2, dice=0.9, real=0.7)         # champion unscored on real: test Dice
+    second = register(layout)
+    assert (second["version"], second["champion"]) == ("2", False)
+    assert registry.version("t-real", "2").tags["real_kidney_dice"] == "0.7"
+    _new_model(layout, seed=3, dice=0.97, real=0.2)        # v3 wins on test Dice, scored on real
+    assert register(layout)["champion"]
+    _new_model(layout, seed=4, dice=0.8, real=0.65)        # worse synthetic, better real: champion
+    fourth = register(layout)
+    assert (fourth["version"], fourth["champion"], fourth["real_kidney_dice"]) == ("4", True, 0.65)
+    assert "real-sample kidney Dice 0.6500 >= champion v3's 0.2000" in fourth["decision"]
+    _new_model(layout, seed=5, dice=0.99, real=0.6)        # better synthetic, worse real: not
+    fifth = register(layout)
+    assert (fifth["champion"], registry.by_alias("t-real", "champion").version) == (False, "4")
+    assert "real-sample kidney Dice 0.6000 < champion v4's 0.6500" in fifth["decision"]
 
 
 def test_a_model_under_the_quality_floor_never_becomes_champion(served):
