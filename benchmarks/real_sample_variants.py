@@ -10,7 +10,7 @@ class accuracy) next to the synthetic test Dice. Each variant is deterministic: 
 gives the same numbers. Results: benchmarks/results/real_sample_variants.{json,md}, the
 table in docs/results.md.
 
-    python benchmarks/real_sample_variants.py [--only default,realistic]
+    python benchmarks/real_sample_variants.py [--only "realistic appearance"]   # --only keeps the other rows
     python benchmarks/real_sample_variants.py --variant name KEY=VALUE ...   # one ad-hoc variant
 
 Eight real slices decide these rows, so read them with their intervals: a difference of a
@@ -39,6 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "realistic appearance": ["dataset.appearance=realistic"],
     "realistic_fraction 0.3": ["dataset.randomise.realistic_fraction=0.3"],
     "elastic_mm 10": ["dataset.randomise.elastic_mm=10"],
+    "train.epochs 20": ["train.epochs=20"],
 }
 COMMON = ["train.use_tuned_params=false", "mlflow.log_model=false"]
 
@@ -114,6 +115,9 @@ def main() -> None:
         print(f"{name} ...", flush=True)
         variants[name] = run_variant(name, overrides, python)
         print(json.dumps({name: variants[name]}), flush=True)
+    out = Path(args.out).with_suffix(".json")
+    if (args.only or args.variant) and out.is_file():   # rerun some rows, keep the others
+        variants = {**json.loads(out.read_text())["variants"], **variants}
     write_results(args.out, {"machine": machine_summary(), "variants": variants}, markdown)
 
 
