@@ -67,7 +67,7 @@ def run_variant(name: str, overrides: list[str], python: str) -> dict:
             "real_kidney_dice_ci": [real["real_kidney_dice_ci_low"], real["real_kidney_dice_ci_high"]],
             "real_dice_CKD": real.get("real_dice_CKD"), "real_dice_healthy": real.get("real_dice_healthy"),
             "real_class_accuracy": real.get("real_class_accuracy"),
-            "per_slice": {s["stem"]: round(s["kidney_dice"], 3) for s in real["per_slice"]},
+            "per_slice": {s["stem"]: s["kidney_dice"] for s in real["per_slice"]},   # rounded once, in the table
             "predicted_classes": [s["predicted_class"] for s in real["per_slice"]],
             "test_mean_foreground_dice": test["mean_foreground_dice"]}
 
