@@ -84,7 +84,7 @@ def markdown(result: dict) -> str:
              "real class accuracy | synthetic test Dice |", "|---|---|---:|---|---:|---:|---:|"]
     for name, r in result["variants"].items():
         ci = r["real_kidney_dice_ci"]
-        interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if None not in ci else ""
         slices = list(r["per_slice"].values())
         per = " ".join(f"{v:.2f}" for v in slices[:4]) + " / " + " ".join(f"{v:.2f}" for v in slices[4:])
         lines.append(f"| {name} | {' '.join(f'`{o}`' for o in r['overrides']) or '-'} | "

@@ -287,6 +287,11 @@ def _spine(sig: np.ndarray, inner: np.ndarray, a: _Anatomy, z: np.ndarray, y: np
            inner & (dx < 8) & (zz >= 20) & (zz < 38))
 
 
+def _tissues(k: _Kidney) -> tuple[Tissue, Tissue]:
+    """(cortex, medulla) labels of a kidney: image left (x < 0) is the patient's right."""
+    return (Tissue.CORTEX_R, Tissue.MEDULLA_R) if k.centre[2] < 0 else (Tissue.CORTEX_L, Tissue.MEDULLA_L)
+
+
 def _span(coords: np.ndarray, centre: float, reach: float) -> slice:
     return slice(int(np.searchsorted(coords, centre - reach)), int(np.searchsorted(coords, centre + reach)))
 
@@ -322,7 +327,7 @@ def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, 
     _paint(box, lbox, 0.9, Tissue.RENAL_FLUID, (notch & pelvis) | cyst)
     outer = (r > 1 - k.cortex) | ((detmath.cos(k.pyramids * theta + k.phase) > 0.75) & (r > 0.35))
     level = np.where(outer, k.level, k.level * (1 - k.contrast)) * (1 + k.patchiness * tex[:, ys, xs])
-    cortex, medulla = (Tissue.CORTEX_R, Tissue.MEDULLA_R) if cx < 0 else (Tissue.CORTEX_L, Tissue.MEDULLA_L)
+    cortex, medulla = _tissues(k)
     _paint(box, lbox, level, np.where(outer, cortex, medulla), inside)
     mask[:, ys, xs] |= inside
 
@@ -368,8 +373,7 @@ def _randomised(image: np.ndarray, lab: np.ndarray, tex: np.ndarray, a: _Anatomy
     so it follows the deformation exactly."""
     # What tells CKD from healthy once absolute intensities are random: each kidney's
     # medulla relative to its own cortex, and its scarring-like patchiness.
-    kidneys = {int(Tissue.CORTEX_R): a.kidneys[0], int(Tissue.CORTEX_L): a.kidneys[1]}
-    structure = [randomise.KidneyTissue(cortex, cortex + 1, k.contrast, k.patchiness) for cortex, k in kidneys.items()]
+    structure = [randomise.KidneyTissue(*map(int, _tissues(k)), k.contrast, k.patchiness) for k in a.kidneys]
     images, labels = np.empty_like(image), np.empty_like(lab)
     for z in range(image.shape[0]):
         rng = np.random.default_rng([_key(seed), a.number, 5, scan_index + 1, z])

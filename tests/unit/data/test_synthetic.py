@@ -277,7 +277,11 @@ def test_generators_call_no_cpu_dependent_numpy_function():
     data = Path(__file__).resolve().parents[3] / "pipeline" / "data" / "synthetic"
     banned = re.compile(r"\bnp\.(cos|sin|tan|arctan2?|arcsin|arccos|exp|expm1|log|log1p|log2|log10|power|hypot|"
                         r"sinh|cosh|tanh|cbrt)\(|\*\*\s*(?!2\b)[\d(.]")
-    for name in ("kidney_t2w.py", "glomeruli.py", "randomise.py"):
+    # whole_slide.py draws benchmark slides from glomeruli's renders; its own blob outlines
+    # need not be the same bits on every CPU (no dataset fingerprint depends on them).
+    files = sorted(p.name for p in data.glob("*.py") if p.name not in ("detmath.py", "whole_slide.py"))
+    assert {"kidney_t2w.py", "glomeruli.py", "randomise.py"} <= set(files)
+    for name in files:
         for number, line in enumerate((data / name).read_text().splitlines(), 1):
             code = line.split("#")[0]
             assert not banned.search(code.replace("2**64", "").replace("2**20", "")), f"{name}:{number}: {line.strip()}"
