@@ -37,11 +37,11 @@ def main() -> None:
     from pipeline.data.synthetic.kidney_t2w import Tissue, make_subjects, render_scan
 
     cfg = load_params(REPO / "params.yaml").dataset
-    ranges = randomise.Ranges(**cfg.randomise.model_dump(exclude={"splits"}))
+    ranges = randomise.Ranges.of(cfg.randomise)
     subject = make_subjects(cfg.num_subjects, cfg.repeat_fraction, cfg.repeat_scans, cfg.seed)[args.subject - 1]
     n = cfg.slices_per_scan
     z = n // 2
-    still = randomise.Ranges(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
+    still = randomise.Ranges.of(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
     base = render_scan(subject, 0, args.size, n, cfg.seed, "randomised", still)
     # Each draw is the same slice of another scan index: same anatomy, new randomisation
     # (the anatomy's rigid scanner offset changes a little too, as between real repeat scans).

@@ -103,16 +103,16 @@ class NiftiParams(BaseModel):
 class RandomiseParams(_Section):
     splits: list[Literal["train", "valid", "test"]] = Field(default_factory=lambda: ["train", "valid"])
     realistic_fraction: float = Field(0.5, ge=0, le=1)   # slices keeping the T2w-like rendering (docs/data.md)
-    rotation_deg: float = Field(15.0, ge=0, le=180)
-    scaling: float = Field(0.15, ge=0, lt=1)
-    shear: float = Field(0.012, ge=0, lt=1)
-    elastic_mm: float = Field(6.0, ge=0)
-    mean_max: float = Field(0.9, gt=0, le=1)
-    std_max: float = Field(0.1, ge=0)
-    bias_std: float = Field(0.5, ge=0)
+    rotation_deg: float = Field(15.0, ge=0, le=180)      # SynthSeg rotation_bounds 15
+    scaling: float = Field(0.15, ge=0, lt=1)             # SynthSeg 0.2; coronal MRI FOVs vary less
+    shear: float = Field(0.012, ge=0, lt=1)              # SynthSeg shearing_bounds
+    elastic_mm: float = Field(6.0, ge=0)                 # SynthSeg nonlin_std 4 voxels
+    mean_max: float = Field(0.9, gt=0, le=1)             # SynthSeg 0..225 of 255
+    std_max: float = Field(0.1, ge=0)                    # SynthSeg 0..25 of 255
+    bias_std: float = Field(0.5, ge=0)                   # SynthSeg 0.7 in 3-D
     resolution_max: float = Field(2.5, ge=1)
     noise_max: float = Field(0.05, ge=0)
-    gamma_std: float = Field(0.4, ge=0)
+    gamma_std: float = Field(0.4, ge=0)                  # SynthSeg 0.5
 
 
 class DatasetParams(_Section):

@@ -108,7 +108,7 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
     splits = split_groups([s.subject_id for s in subjects], [s.group for s in subjects], cfg)
     group_class = {g: _class_id(params, g) for g in kidney_t2w.GROUPS}
     rng = np.random.default_rng([cfg.seed, 11])
-    ranges = randomise.Ranges(**cfg.randomise.model_dump(exclude={"splits"}))
+    ranges = randomise.Ranges.of(cfg.randomise)
     records, scans, mini = [], [], []
     for subject in tqdm(subjects, desc="kidney-t2w subjects", unit="subject"):
         split = splits[subject.subject_id]

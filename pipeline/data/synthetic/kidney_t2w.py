@@ -340,7 +340,7 @@ def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slic
     """One coronal T2w volume (num_slices, image_size, image_size) uint8 + its kidney mask.
 
     appearance="randomised": each slice re-rendered from its tissue label map with `ranges`
-    (default `randomise.Ranges()`), deformed with its mask; deterministic for (seed,
+    (default `randomise.Ranges.of()`: params.yaml's defaults), deformed with its mask; deterministic for (seed,
     subject, scan, slice)."""
     a = _anatomy(subject, seed)
     rng = np.random.default_rng([_key(seed), a.number, 2, scan_index + 1])
@@ -364,7 +364,7 @@ def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slic
     image = _acquire(sig, rng, scanner_z, scanner_xy)
     if lab is None:
         return ScanVolume(image, kidney, (SLICE_MM, px, px))
-    return _randomised(image, lab, tex[0], a, scan_index, seed, px, ranges or randomise.Ranges())
+    return _randomised(image, lab, tex[0], a, scan_index, seed, px, ranges or randomise.Ranges.of())
 
 
 def _randomised(image: np.ndarray, lab: np.ndarray, tex: np.ndarray, a: _Anatomy, scan_index: int, seed: int,

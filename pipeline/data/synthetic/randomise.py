@@ -30,27 +30,34 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pipeline.config.schema import RandomiseParams
 from pipeline.data.synthetic import detmath
 
 
 @dataclass(frozen=True)
 class Ranges:
-    """How wide each random draw is. Defaults follow SynthSeg's (Billot et al. 2023, the
-    `brain_generator` defaults), mapped from 1 mm 3-D voxels and 0..255 intensities to
-    these 2-D slices in mm and 0..1 signal."""
-    realistic_fraction: float = 0.5   # share of slices keeping the T2w-like rendering
-    rotation_deg: float = 15.0        # SynthSeg rotation_bounds 15
-    scaling: float = 0.15             # per-axis scale in 1 +/- this (SynthSeg 0.2; coronal MRI FOVs vary less)
-    shear: float = 0.012              # SynthSeg shearing_bounds
-    elastic_mm: float = 6.0           # max std of the elastic displacement at its nodes (SynthSeg nonlin_std 4 vox)
-    elastic_nodes: int = 8            # control grid across the FOV (SynthSeg: 4 % of the size, ~10)
-    mean_max: float = 0.9             # tissue means drawn in 0..this (SynthSeg 0..225 of 255)
-    std_max: float = 0.1              # tissue spreads drawn in 0..this (SynthSeg 0..25 of 255)
-    bias_std: float = 0.5             # max std of the log bias field (SynthSeg 0.7 in 3-D)
+    """How wide each random draw is. The values come from params.yaml `dataset.randomise`
+    (its defaults, with the SynthSeg values they follow, are in `RandomiseParams`): build
+    one with `Ranges.of`, so the defaults live in one place."""
+    realistic_fraction: float   # share of slices keeping the T2w-like rendering
+    rotation_deg: float
+    scaling: float              # per-axis scale in 1 +/- this
+    shear: float
+    elastic_mm: float           # max std of the elastic displacement at its nodes
+    mean_max: float             # tissue means drawn in 0..this
+    std_max: float              # tissue spreads drawn in 0..this
+    bias_std: float             # max std of the log bias field
+    resolution_max: float       # acquisition pixel up to this many times the image's, per axis
+    noise_max: float            # Rician noise sigma in 0..this of the signal range
+    gamma_std: float            # log gamma ~ N(0, this)
+    elastic_nodes: int = 8      # control grid across the FOV (SynthSeg: 4 % of the size, ~10)
     bias_nodes: int = 5
-    resolution_max: float = 2.5       # acquisition pixel up to this many times the image's, per axis
-    noise_max: float = 0.05           # Rician noise sigma in 0..this of the signal range
-    gamma_std: float = 0.4            # log gamma ~ N(0, this) (SynthSeg 0.5)
+
+    @classmethod
+    def of(cls, params: RandomiseParams | None = None, **changes: float) -> Ranges:
+        """The ranges of `params` (default: params.yaml's defaults), with `changes` over them."""
+        values = (params or RandomiseParams()).model_dump(exclude={"splits"})
+        return cls(**{**values, **changes})
 
 
 @dataclass(frozen=True)

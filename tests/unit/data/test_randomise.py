@@ -14,7 +14,7 @@ from pipeline.data.synthetic.kidney_t2w import Tissue, make_subjects, render_sca
 
 SEED = 137
 KIDNEY = [Tissue.CORTEX_R, Tissue.MEDULLA_R, Tissue.CORTEX_L, Tissue.MEDULLA_L]
-STILL = randomise.Ranges(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
+STILL = randomise.Ranges.of(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
 
 
 def _subject(group: str = "healthy"):
@@ -57,7 +57,7 @@ def test_mask_follows_the_deformation():
     subject = _subject()
     real = render_scan(subject, 0, 64, 4, SEED)
     moved = render_scan(subject, 0, 64, 4, SEED, "randomised",
-                        randomise.Ranges(rotation_deg=20, scaling=0.2, elastic_mm=8))
+                        randomise.Ranges.of(rotation_deg=20, scaling=0.2, elastic_mm=8))
     assert (moved.kidney == np.isin(moved.labels, KIDNEY)).all()
     assert (moved.kidney != real.kidney).any()     # the anatomy did move
     # ... but stays a comparable kidney: deformation scales areas by at most ~(1.2)^2.
@@ -66,7 +66,7 @@ def test_mask_follows_the_deformation():
     # Image and mask moved together: in realistic draws (the T2w-like contrast, warped) the
     # pixels under the moved mask have the kidney's signal, not that of what surrounds it.
     warped = render_scan(subject, 0, 64, 4, SEED, "randomised",
-                         randomise.Ranges(realistic_fraction=1.0, rotation_deg=20, scaling=0.2, elastic_mm=8))
+                         randomise.Ranges.of(realistic_fraction=1.0, rotation_deg=20, scaling=0.2, elastic_mm=8))
     assert (warped.kidney != real.kidney).any()
     inner = np.stack([ndimage.binary_erosion(m, iterations=1) for m in warped.kidney])
     kidney_signal = float(real.image[real.kidney].mean())
@@ -78,7 +78,7 @@ def test_mask_follows_the_deformation():
 
 def test_intensities_vary_between_draws_and_kidney_contrast_is_relative():
     subject = _subject()
-    ranges = randomise.Ranges(realistic_fraction=0.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0,
+    ranges = randomise.Ranges.of(realistic_fraction=0.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0,
                               bias_std=0, resolution_max=1.0, noise_max=0, gamma_std=0, std_max=0)
     scan = render_scan(subject, 0, 64, 4, SEED, "randomised", ranges)
     # A new tissue contrast in every slice: the liver / abdomen / wall ordering changes.
@@ -90,7 +90,7 @@ def test_intensities_vary_between_draws_and_kidney_contrast_is_relative():
                randomise.KidneyTissue(int(Tissue.CORTEX_L), int(Tissue.MEDULLA_L), 0.1, 0.05)]
     cortices = set()
     for seed in range(6):
-        mean, std = randomise._means(np.random.default_rng(seed), len(Tissue), kidneys, randomise.Ranges())
+        mean, std = randomise._means(np.random.default_rng(seed), len(Tissue), kidneys, randomise.Ranges.of())
         c = mean[Tissue.CORTEX_R]
         assert mean[Tissue.CORTEX_L] == c and std[Tissue.MEDULLA_L] == std[Tissue.CORTEX_R]
         assert abs(mean[Tissue.MEDULLA_R] - c) == pytest.approx(0.35 * c, rel=1e-5)
@@ -100,8 +100,8 @@ def test_intensities_vary_between_draws_and_kidney_contrast_is_relative():
 
 
 def test_ranges_are_deterministic_per_generator():
-    a = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges())
-    b = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges())
+    a = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges.of())
+    b = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges.of())
     assert a.tobytes() == b.tobytes()
     field = randomise.smooth_field(np.random.default_rng(1), 5, 40)
     assert field.shape == (40, 40) and field.dtype == np.float32 and field.std() > 0.1
