@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,24 @@ def default_model(params: Any) -> tuple[Any, str]:
         return keras.models.load_model(trained, compile=False), "models/model.keras"
     keras.utils.set_random_seed(params.train.seed)
     return build_flexunet(params.model), f"random init (seed {params.train.seed})"
+
+
+def run_stages(project: Path, stages: Iterable[str], overrides: Iterable[str] = (), label: str = "") -> dict[str, float]:
+    """Run `flexunet <stage>` for each stage in a throw-away project folder (its params.yaml)
+    with this checkout's code and its own MLflow store; seconds per stage. A failing stage
+    ends the benchmark with its name, `label` and the end of its stderr."""
+    python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    args = [a for kv in overrides for a in ("-S", kv)]
+    seconds = {}
+    for stage in stages:
+        start = time.perf_counter()
+        done = subprocess.run([python, "-m", "pipeline.cli", stage, "--params", str(project / "params.yaml"), *args],
+                              cwd=project, env=env, capture_output=True, text=True)
+        seconds[stage] = round(time.perf_counter() - start, 1)
+        if done.returncode:
+            raise SystemExit(f"{label}: flexunet {stage} failed:\n{done.stderr[-3000:]}")
+    return seconds
 
 
 def write_results(out: str | Path, result: dict, markdown: Callable[[dict], str]) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_results import write_results  # noqa: E402
-from bench_results import machine_summary  # noqa: E402
+from bench_results import machine_summary, run_stages, write_results  # noqa: E402
 
 
 def run_one(kernel: int, seed: int, onednn: bool, folder: Path) -> dict:
@@ -42,14 +39,7 @@ def run_one(kernel: int, seed: int, onednn: bool, folder: Path) -> dict:
     raw["mlflow"].update(log_model=False, experiment_name="kernel-choice")
     folder.mkdir(parents=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for stage in ("train", "evaluate"):
-        out = subprocess.run([str(bin_dir / "flexunet"), stage, "--params", str(folder / "params.yaml")],
-                             cwd=folder, env=env, capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"{stage} failed for {kernel}x{kernel}, seed {seed}:\n{out.stderr[-3000:]}")
+    run_stages(folder, ("train", "evaluate"), label=f"{kernel}x{kernel}, seed {seed}")
     trained = json.loads((folder / "metrics" / "train.json").read_text())
     evaluated = json.loads((folder / "metrics" / "eval.json").read_text())
     return {"first_kernel": kernel, "seed": seed, "onednn": onednn, "epochs_run": trained["epochs_run"],

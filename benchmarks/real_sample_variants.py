@@ -23,15 +23,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_results import machine_summary, write_results  # noqa: E402
+from bench_results import machine_summary, run_stages, write_results  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "default (randomised, realistic_fraction 0.5)": [],
@@ -44,22 +42,13 @@ VARIANTS: dict[str, list[str]] = {
 COMMON = ["train.use_tuned_params=false", "mlflow.log_model=false"]
 
 
-def run_variant(name: str, overrides: list[str], python: str) -> dict:
+def run_variant(name: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="real-variant-") as tmp:
         root = Path(tmp)
         shutil.copy(REPO / "params.yaml", root / "params.yaml")
         (root / "data").mkdir()
         os.symlink(REPO / "data" / "real-sample", root / "data" / "real-sample")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-        args = [a for kv in COMMON + overrides for a in ("-S", kv)]
-        seconds = {}
-        for stage in ("prepare", "train", "evaluate"):
-            start = time.perf_counter()
-            done = subprocess.run([python, "-m", "pipeline.cli", stage, *args], cwd=root, env=env,
-                                  capture_output=True, text=True)
-            seconds[stage] = round(time.perf_counter() - start, 1)
-            if done.returncode:
-                raise SystemExit(f"{name}: flexunet {stage} failed:\n{done.stderr[-3000:]}")
+        seconds = run_stages(root, ("prepare", "train", "evaluate"), COMMON + overrides, label=name)
         real = json.loads((root / "metrics" / "real_sample.json").read_text())
         test = json.loads((root / "metrics" / "eval.json").read_text())
     return {"overrides": overrides, "seconds": seconds,
@@ -109,11 +98,10 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
         chosen = {w: VARIANTS[w] for w in wanted}
-    python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
     variants = {}
     for name, overrides in chosen.items():
         print(f"{name} ...", flush=True)
-        variants[name] = run_variant(name, overrides, python)
+        variants[name] = run_variant(name, overrides)
         print(json.dumps({name: variants[name]}), flush=True)
     out = Path(args.out).with_suffix(".json")
     if (args.only or args.variant) and out.is_file():   # rerun some rows, keep the others
