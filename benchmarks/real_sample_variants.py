@@ -38,6 +38,9 @@ VARIANTS: dict[str, list[str]] = {
     "realistic_fraction 0.3": ["dataset.randomise.realistic_fraction=0.3"],
     "elastic_mm 10": ["dataset.randomise.elastic_mm=10"],
     "train.epochs 20": ["train.epochs=20"],
+    # Twice the filters and twice the epochs (about 4x the training compute, 12 min here): is
+    # the real score limited by how well the model fits the generator, or by the generator?
+    "base_filters 16, train.epochs 20": ["model.base_filters=16", "train.epochs=20"],
 }
 COMMON = ["train.use_tuned_params=false", "mlflow.log_model=false"]
 
