@@ -36,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "default, train.seed 7": ["train.seed=7"],
     "realistic appearance": ["dataset.appearance=realistic"],
     "realistic_fraction 0.3": ["dataset.randomise.realistic_fraction=0.3"],
+    "realistic_fraction 0.7": ["dataset.randomise.realistic_fraction=0.7"],
     "elastic_mm 10": ["dataset.randomise.elastic_mm=10"],
     "train.epochs 20": ["train.epochs=20"],
     # Twice the filters and twice the epochs (about 4x the training compute, 12 min here): is
