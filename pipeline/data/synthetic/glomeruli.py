@@ -51,10 +51,9 @@ def _smooth(rng: np.random.Generator, size: int, step: float) -> np.ndarray:
     not matmul: BLAS threads are slow on a busy machine and may reorder sums between runs."""
     step = max(step, 1.0)
     n = int(np.ceil(size / step)) + 4
-    idx, w = _taps(size, step, n)
+    taps = _taps(size, step, n)
     grid = rng.standard_normal((n, n), dtype=np.float32)
-    rows = sum(grid[idx[:, k], :] * w[:, k, None] for k in range(4))
-    return 2.0 * sum(rows[:, idx[:, k]] * w[None, :, k] for k in range(4))
+    return 2.0 * detmath.bspline_resample(detmath.bspline_resample(grid, taps, 0), taps, 1)
 
 
 def _blocks(size: int, cell: int) -> tuple[int, np.ndarray]:

@@ -191,15 +191,6 @@ def _taps(coords: np.ndarray, start: float, step: float, n: int) -> tuple[np.nda
     return detmath.bspline_taps((np.asarray(coords, np.float64) - start) / step, n)
 
 
-def _resample(grid: np.ndarray, taps: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
-    """Interpolate one axis with 4 gathers; no BLAS, so it stays single-threaded (fast next
-    to other busy processes) and bit-identical from run to run."""
-    idx, w = taps
-    shape = [1] * grid.ndim
-    shape[axis] = -1
-    return sum(np.take(grid, idx[:, k], axis=axis) * w[:, k].reshape(shape) for k in range(4))
-
-
 def _textures(seed: int, number: int, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> list[np.ndarray]:
     """Smooth unit-ish noise (Z, H, W) per scale, fixed to anatomy: each z layer has its own rng,
     so the texture does not depend on num_slices, image_size or the scan offset."""
@@ -211,9 +202,9 @@ def _textures(seed: int, number: int, z: np.ndarray, y: np.ndarray, x: np.ndarra
         k0, k1 = int(np.floor(z.min() / z_step)) - 1, int(np.floor(z.max() / z_step)) + 3
         layers = np.stack([np.random.default_rng([_key(seed), number, 3, scale + 1, k + 2**20])
                            .standard_normal((n, n), dtype=np.float32) for k in range(k0, k1)])
-        g = _resample(layers, _taps(z, k0 * z_step, z_step, k1 - k0), 0)
-        g = _resample(g, _taps(y, lo, step, n), 1)
-        fields.append(2.8 * _resample(g, _taps(x, lo, step, n), 2))
+        g = detmath.bspline_resample(layers, _taps(z, k0 * z_step, z_step, k1 - k0), 0)
+        g = detmath.bspline_resample(g, _taps(y, lo, step, n), 1)
+        fields.append(2.8 * detmath.bspline_resample(g, _taps(x, lo, step, n), 2))
     return fields
 
 
@@ -386,10 +377,8 @@ def _acquire(sig: np.ndarray, rng: np.random.Generator, z: np.ndarray, xy: np.nd
     """Smooth multiplicative coil bias (scanner frame) then Rician noise, to uint8."""
     step, n = 110.0, 8  # in-plane nodes every 110 mm: a coil profile, no anatomy-sized detail
     grid = rng.standard_normal((3, n, n)).astype(np.float32)
-    field = _resample(grid, _taps(z, -200.0, 200.0, 3), 0)
+    field = detmath.bspline_resample(grid, _taps(z, -200.0, 200.0, 3), 0)
     taps = _taps(xy, -step * (n / 2 - 1), step, n)
-    sig *= detmath.exp(0.35 * _resample(_resample(field, taps, 1), taps, 2))
-    sigma = np.float32(rng.uniform(0.02, 0.035))
-    noise = rng.standard_normal((2, *sig.shape), dtype=np.float32) * sigma
-    mag = np.sqrt((sig + noise[0]) ** 2 + noise[1] ** 2)
+    sig *= detmath.exp(0.35 * detmath.bspline_resample(detmath.bspline_resample(field, taps, 1), taps, 2))
+    mag = detmath.rician(sig, np.float32(rng.uniform(0.02, 0.035)), rng)
     return np.clip(mag * (255 / 0.95) + 0.5, 0, 255).astype(np.uint8)

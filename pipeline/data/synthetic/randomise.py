@@ -74,9 +74,8 @@ def smooth_field(rng: np.random.Generator, nodes: int, size: int) -> np.ndarray:
     spanning the slice. Gathers and products only: bit-identical on every CPU."""
     grid = rng.standard_normal((nodes, nodes), dtype=np.float32)
     # Nodes 1 .. nodes-2 span the slice; the outer ones are the spline's support.
-    idx, w = detmath.bspline_taps(np.arange(size) * ((nodes - 3) / max(size - 1, 1)) + 1.0, nodes)
-    rows = sum(grid[idx[:, k], :] * w[:, k, None] for k in range(4))
-    return sum(rows[:, idx[:, k]] * w[None, :, k] for k in range(4)).astype(np.float32)
+    taps = detmath.bspline_taps(np.arange(size) * ((nodes - 3) / max(size - 1, 1)) + 1.0, nodes)
+    return detmath.bspline_resample(detmath.bspline_resample(grid, taps, 0), taps, 1).astype(np.float32)
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
@@ -159,8 +158,7 @@ def render_slice(labels: np.ndarray, realistic: np.ndarray, texture: np.ndarray,
         sig = ndimage.zoom(ndimage.zoom(sig, (low[0] / size, low[1] / size), order=1),
                            (size / low[0], size / low[1]), order=1)
     sigma = np.float32(rng.uniform(0, ranges.noise_max) * max(float(mean.max()), 0.1))
-    noise = rng.standard_normal((2, size, size), dtype=np.float32) * sigma
-    sig = np.sqrt((sig + noise[0]) ** 2 + noise[1] ** 2)
+    sig = detmath.rician(sig, sigma, rng)
     low_v, high_v = float(sig.min()), float(np.percentile(sig, 99.5))
     sig = np.clip((sig - low_v) / max(high_v - low_v, 1e-6), 0.0, 1.0)
     sig = detmath.power(sig, np.float32(detmath.exp(rng.normal(0.0, ranges.gamma_std))))

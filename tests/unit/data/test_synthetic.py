@@ -300,3 +300,25 @@ def test_deterministic_math_matches_numpy():
     np.testing.assert_allclose(detmath.power(np.abs(x), 2.8), np.abs(x) ** 2.8, rtol=1e-13)
     assert detmath.power(0.0, 2.8) == 0.0 and detmath.arctan2(0.0, -0.0) == np.pi
     assert detmath.cos(np.float32(1.0)).dtype == np.float32 and isinstance(detmath.cos(1.0), np.float64)
+
+
+def test_bspline_resample_is_scipys_cubic_bspline_and_rician_noise_has_its_mean():
+    from pipeline.data.synthetic import detmath
+
+    # Taps well inside the grid: the same interpolant as SciPy's cubic B-spline of the grid's
+    # coefficients (ndimage.map_coordinates with prefilter=False), along the chosen axis.
+    grid = np.random.default_rng(1).standard_normal((12, 9)).astype(np.float32)
+    pos = np.linspace(2.0, 8.5, 40)
+    taps = detmath.bspline_taps(pos, grid.shape[0])
+    ours = detmath.bspline_resample(grid, taps, 0)
+    ref = np.stack([ndimage.map_coordinates(col.astype(np.float64), [pos], order=3, prefilter=False)
+                    for col in grid.T], 1)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_array_equal(detmath.bspline_resample(grid.T, taps, 1), ours.T)
+    # A constant stays constant (the weights sum to 1).
+    np.testing.assert_allclose(detmath.bspline_resample(np.full((12, 3), 7.0, np.float32), taps, 0), 7.0, rtol=1e-6)
+    # Rician: sigma 0 is the magnitude itself; pure noise has mean sigma * sqrt(pi / 2).
+    signal = np.linspace(-1, 1, 50, dtype=np.float32)
+    np.testing.assert_array_equal(detmath.rician(signal, np.float32(0), np.random.default_rng(0)), np.abs(signal))
+    noise = detmath.rician(np.zeros(200_000, np.float32), np.float32(0.1), np.random.default_rng(0))
+    assert abs(float(noise.mean()) - 0.1 * np.sqrt(np.pi / 2)) < 1e-3
