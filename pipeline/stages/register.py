@@ -63,6 +63,11 @@ PYFUNC_NAME = "flexunet"   # the pyfunc model's name inside the run
 ONNX_NAME = "onnx"         # the mlflow.onnx model's name inside the run
 
 
+def _number(value: object) -> float | None:
+    """A JSON metric as a float; None for anything else (a bool is not a number here)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     """The test metrics and the evaluate stage's warnings."""
     path = layout.metrics / "eval.json"
@@ -71,7 +76,7 @@ def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     raw = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(raw.get("mean_foreground_dice"), (int, float)):
         raise DataError(f"{path}: no 'mean_foreground_dice'; re-run the evaluate stage")
-    metrics = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {k: n for k, v in raw.items() if (n := _number(v)) is not None}
     return metrics, [str(w) for w in raw.get("warnings", [])]
 
 
@@ -80,8 +85,7 @@ def _read_real(layout: Layout) -> float | None:
     path = layout.metrics / "real_sample.json"
     if not path.is_file():
         return None
-    value = json.loads(path.read_text(encoding="utf-8")).get(REAL_TAG)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return _number(json.loads(path.read_text(encoding="utf-8")).get(REAL_TAG))
 
 
 def _tag_value(champion: VersionInfo, tag: str) -> float:
