@@ -74,7 +74,7 @@ def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     if not path.is_file():
         raise DataError(f"{path}: not found; run the evaluate stage first (dvc repro evaluate)")
     raw = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(raw.get("mean_foreground_dice"), (int, float)):
+    if _number(raw.get("mean_foreground_dice")) is None:
         raise DataError(f"{path}: no 'mean_foreground_dice'; re-run the evaluate stage")
     metrics = {k: n for k, v in raw.items() if (n := _number(v)) is not None}
     return metrics, [str(w) for w in raw.get("warnings", [])]

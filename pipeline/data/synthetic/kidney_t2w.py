@@ -331,7 +331,7 @@ def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slic
     """One coronal T2w volume (num_slices, image_size, image_size) uint8 + its kidney mask.
 
     appearance="randomised": each slice re-rendered from its tissue label map with `ranges`
-    (default `randomise.Ranges.of()`: params.yaml's defaults), deformed with its mask; deterministic for (seed,
+    (default `randomise.Ranges.of()`: RandomiseParams' defaults), deformed with its mask; deterministic for (seed,
     subject, scan, slice)."""
     a = _anatomy(subject, seed)
     rng = np.random.default_rng([_key(seed), a.number, 2, scan_index + 1])

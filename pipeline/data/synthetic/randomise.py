@@ -55,9 +55,11 @@ class Ranges:
 
     @classmethod
     def of(cls, params: RandomiseParams | None = None, **changes: float) -> Ranges:
-        """The ranges of `params` (default: params.yaml's defaults), with `changes` over them."""
-        values = (params or RandomiseParams()).model_dump(exclude={"splits"})
-        return cls(**{**values, **changes})
+        """The ranges of `params` (default: RandomiseParams' defaults), with `changes` over
+        them, validated by the schema like params.yaml's values."""
+        base = (params or RandomiseParams()).model_dump()
+        checked = RandomiseParams.model_validate({**base, **changes})
+        return cls(**checked.model_dump(exclude={"splits"}))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,17 @@ def test_realistic_rendering_bytes_are_pinned():
     assert h.hexdigest() == "f5d51113c6253964828160b39ab3dbeb4b3f48e383bf5178c110f7d66ae02d0d"
 
 
+def test_randomised_bytes_are_pinned():
+    """The randomised train and valid slices feed the fingerprint too: their images, masks
+    and label maps change only with a deliberate change of the draws (new hash, `dvc repro`)."""
+    h = hashlib.sha256()
+    for subject in make_subjects(4, 0.25, 2, SEED)[:2]:
+        scan = render_scan(subject, 0, 64, 3, SEED, "randomised")
+        for part in (scan.image, scan.kidney, scan.labels):
+            h.update(part.tobytes())
+    assert h.hexdigest() == "10bbdb2062e5aa9e927a912ea533eced88dda7a62203795935dc2827add2387a"
+
+
 def test_randomised_is_deterministic_and_differs_per_scan_and_seed():
     subject = _subject()
     a = render_scan(subject, 0, 48, 3, SEED, "randomised")
@@ -122,3 +133,16 @@ def test_renal_fluid_is_bright_and_outside_the_kidney_mask():
         seen[subject.group] += int(fluid.sum())
     assert seen["CKD"] > 0 and seen["healthy"] > 0
 
+
+
+def test_ranges_come_from_the_schema_and_are_validated_like_params():
+    from pydantic import ValidationError
+
+    from pipeline.config.schema import RandomiseParams
+
+    defaults = RandomiseParams()
+    assert randomise.Ranges.of().gamma_std == defaults.gamma_std
+    assert randomise.Ranges.of(defaults.model_copy(update={"noise_max": 0.2})).noise_max == 0.2
+    assert randomise.Ranges.of(scaling=0.3).scaling == 0.3
+    with pytest.raises(ValidationError, match="scaling"):
+        randomise.Ranges.of(scaling=1.5)
