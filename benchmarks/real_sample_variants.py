@@ -39,8 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "realistic_fraction 0.7": ["dataset.randomise.realistic_fraction=0.7"],
     "elastic_mm 10": ["dataset.randomise.elastic_mm=10"],
     "train.epochs 20": ["train.epochs=20"],
-    # Twice the filters for twice the epochs (683 s of training here against the default's
-    # 222 s): is the real score limited by how well the model fits the generator, or by it?
+    # Twice the filters for twice the epochs (its cost: the JSON's `seconds`): is the real
+    # score limited by how well the model fits the generator, or by the generator?
     "base_filters 16, train.epochs 20": ["model.base_filters=16", "train.epochs=20"],
 }
 COMMON = ["train.use_tuned_params=false", "mlflow.log_model=false"]

@@ -33,19 +33,18 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from pipeline.config.load import load_params
-    from pipeline.data.synthetic import randomise
+    from pipeline.config.schema import RandomiseParams
     from pipeline.data.synthetic.kidney_t2w import Tissue, make_subjects, render_scan
 
     cfg = load_params(REPO / "params.yaml").dataset
-    ranges = randomise.Ranges.of(cfg.randomise)
     subject = make_subjects(cfg.num_subjects, cfg.repeat_fraction, cfg.repeat_scans, cfg.seed)[args.subject - 1]
     n = cfg.slices_per_scan
     z = n // 2
-    still = randomise.Ranges.of(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
+    still = RandomiseParams(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
     base = render_scan(subject, 0, args.size, n, cfg.seed, "randomised", still)
     # Each draw is the same slice of another scan index: same anatomy, new randomisation
     # (the anatomy's rigid scanner offset changes a little too, as between real repeat scans).
-    draws = [render_scan(subject, i, args.size, n, cfg.seed, "randomised", ranges) for i in range(args.draws)]
+    draws = [render_scan(subject, i, args.size, n, cfg.seed, "randomised", cfg.randomise) for i in range(args.draws)]
 
     cols = 6
     rows = -(-(args.draws + 2) // cols)

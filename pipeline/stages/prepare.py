@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline import plots
 from pipeline.data.sources import ingest
-from pipeline.data.synthetic import glomeruli, kidney_t2w, randomise
+from pipeline.data.synthetic import glomeruli, kidney_t2w
 from pipeline.data.masks import SnapCount, ids_to_rgb
 from common.errors import ParamsError
 from pipeline.layout import SPLITS, TKV_EXTRA, Layout
@@ -108,7 +108,6 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
     splits = split_groups([s.subject_id for s in subjects], [s.group for s in subjects], cfg)
     group_class = {g: _class_id(params, g) for g in kidney_t2w.GROUPS}
     rng = np.random.default_rng([cfg.seed, 11])
-    ranges = randomise.Ranges.of(cfg.randomise)
     records, scans, mini = [], [], []
     for subject in tqdm(subjects, desc="kidney-t2w subjects", unit="subject"):
         split = splits[subject.subject_id]
@@ -116,7 +115,7 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
         appearance = cfg.appearance if split in cfg.randomise.splits else "realistic"
         for scan in range(subject.n_scans):
             vol = kidney_t2w.render_scan(subject, scan, cfg.image_size, cfg.slices_per_scan, cfg.seed,
-                                         appearance, ranges)
+                                         appearance, cfg.randomise)
             stems, extra = [], []
             for z in range(vol.image.shape[0]):
                 has_kidney = bool(vol.kidney[z].any())

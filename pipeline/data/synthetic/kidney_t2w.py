@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from pipeline.config.schema import RandomiseParams
 from pipeline.data.synthetic import detmath, randomise
 
 GROUPS: tuple[str, str] = ("CKD", "healthy")
@@ -327,11 +328,11 @@ def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, 
 
 def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slices: int, seed: int,
                 appearance: Appearance = "realistic",
-                ranges: randomise.Ranges | None = None) -> ScanVolume:
+                ranges: RandomiseParams | None = None) -> ScanVolume:
     """One coronal T2w volume (num_slices, image_size, image_size) uint8 + its kidney mask.
 
     appearance="randomised": each slice re-rendered from its tissue label map with `ranges`
-    (default `randomise.Ranges.of()`: RandomiseParams' defaults), deformed with its mask; deterministic for (seed,
+    (params.yaml `dataset.randomise`; default: RandomiseParams' defaults), deformed with its mask; deterministic for (seed,
     subject, scan, slice)."""
     a = _anatomy(subject, seed)
     rng = np.random.default_rng([_key(seed), a.number, 2, scan_index + 1])
@@ -355,11 +356,11 @@ def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slic
     image = _acquire(sig, rng, scanner_z, scanner_xy)
     if lab is None:
         return ScanVolume(image, kidney, (SLICE_MM, px, px))
-    return _randomised(image, lab, tex[0], a, scan_index, seed, px, ranges or randomise.Ranges.of())
+    return _randomised(image, lab, tex[0], a, scan_index, seed, px, ranges or RandomiseParams())
 
 
 def _randomised(image: np.ndarray, lab: np.ndarray, tex: np.ndarray, a: _Anatomy, scan_index: int, seed: int,
-                px: float, ranges: randomise.Ranges) -> ScanVolume:
+                px: float, ranges: RandomiseParams) -> ScanVolume:
     """Every slice re-rendered from its label map; the mask is read off the deformed labels,
     so it follows the deformation exactly."""
     # What tells CKD from healthy once absolute intensities are random: each kidney's

@@ -34,32 +34,10 @@ from pipeline.config.schema import RandomiseParams
 from pipeline.data.synthetic import detmath
 
 
-@dataclass(frozen=True)
-class Ranges:
-    """How wide each random draw is. The values come from params.yaml `dataset.randomise`
-    (its defaults, with the SynthSeg values they follow, are in `RandomiseParams`): build
-    one with `Ranges.of`, so the defaults live in one place."""
-    realistic_fraction: float   # share of slices keeping the T2w-like rendering
-    rotation_deg: float
-    scaling: float              # per-axis scale in 1 +/- this
-    shear: float
-    elastic_mm: float           # max std of the elastic displacement at its nodes
-    mean_max: float             # tissue means drawn in 0..this
-    std_max: float              # tissue spreads drawn in 0..this
-    bias_std: float             # max std of the log bias field
-    resolution_max: float       # acquisition pixel up to this many times the image's, per axis
-    noise_max: float            # Rician noise sigma in 0..this of the signal range
-    gamma_std: float            # log gamma ~ N(0, this)
-    elastic_nodes: int = 8      # control grid across the FOV (SynthSeg: 4 % of the size, ~10)
-    bias_nodes: int = 5
-
-    @classmethod
-    def of(cls, params: RandomiseParams | None = None, **changes: float) -> Ranges:
-        """The ranges of `params` (default: RandomiseParams' defaults), with `changes` over
-        them, validated by the schema like params.yaml's values."""
-        base = (params or RandomiseParams()).model_dump()
-        checked = RandomiseParams.model_validate({**base, **changes})
-        return cls(**checked.model_dump(exclude={"splits"}))
+# Control points of the smooth fields across the slice: the elastic displacement
+# (SynthSeg: 4 % of the size, ~10) and the bias field.
+ELASTIC_NODES = 8
+BIAS_NODES = 5
 
 
 @dataclass(frozen=True)
@@ -96,7 +74,7 @@ def blur(image: np.ndarray, sigma: tuple[float, float]) -> np.ndarray:
     return out
 
 
-def deformation(rng: np.random.Generator, size: int, px_mm: float, ranges: Ranges) -> np.ndarray:
+def deformation(rng: np.random.Generator, size: int, px_mm: float, ranges: RandomiseParams) -> np.ndarray:
     """Source coordinates (2, size, size) of each output pixel: a random affine about the
     centre plus a smooth elastic displacement."""
     angle = np.deg2rad(rng.uniform(-ranges.rotation_deg, ranges.rotation_deg))
@@ -111,12 +89,12 @@ def deformation(rng: np.random.Generator, size: int, px_mm: float, ranges: Range
     coords = np.stack([m[0, 0] * yy + m[0, 1] * xx, m[1, 0] * yy + m[1, 1] * xx]) + centre
     amplitude = rng.uniform(0, ranges.elastic_mm) / px_mm
     for axis in range(2):
-        coords[axis] += amplitude * smooth_field(rng, ranges.elastic_nodes, size)
+        coords[axis] += amplitude * smooth_field(rng, ELASTIC_NODES, size)
     return coords
 
 
 def _means(rng: np.random.Generator, n_labels: int, kidneys: list[KidneyTissue],
-           ranges: Ranges) -> tuple[np.ndarray, np.ndarray]:
+           ranges: RandomiseParams) -> tuple[np.ndarray, np.ndarray]:
     mean = rng.uniform(0, ranges.mean_max, n_labels).astype(np.float32)
     std = rng.uniform(0, ranges.std_max, n_labels).astype(np.float32)
     # Both kidneys are one tissue (one cortex draw); each medulla sits its own kidney's
@@ -133,7 +111,7 @@ def _means(rng: np.random.Generator, n_labels: int, kidneys: list[KidneyTissue],
 
 def render_slice(labels: np.ndarray, realistic: np.ndarray, texture: np.ndarray, kidneys: list[KidneyTissue],
                  n_labels: int, px_mm: float, rng: np.random.Generator,
-                 ranges: Ranges) -> tuple[np.ndarray, np.ndarray]:
+                 ranges: RandomiseParams) -> tuple[np.ndarray, np.ndarray]:
     """One randomised slice: (uint8 image, deformed uint8 label map), both (H, W).
 
     `realistic` is the T2w-like rendering of the same slice (used as it is, only deformed,
@@ -151,7 +129,7 @@ def render_slice(labels: np.ndarray, realistic: np.ndarray, texture: np.ndarray,
     for k in kidneys:
         inside = (lab == k.cortex) | (lab == k.medulla)
         sig = np.where(inside, sig * (1 + k.patchiness * tex), sig)
-    sig = sig * detmath.exp(np.float32(rng.uniform(0, ranges.bias_std)) * smooth_field(rng, ranges.bias_nodes, size))
+    sig = sig * detmath.exp(np.float32(rng.uniform(0, ranges.bias_std)) * smooth_field(rng, BIAS_NODES, size))
     # A coarser acquisition: blur to the acquisition's point spread, sample its grid, back.
     factor = rng.uniform(1.0, ranges.resolution_max, 2)
     sig = blur(sig.astype(np.float32), tuple(float(0.4 * (f - 1.0)) if f > 1.05 else 0.0 for f in factor))

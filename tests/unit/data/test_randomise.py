@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pipeline.config.schema import RandomiseParams
 from pipeline.data.synthetic import randomise
 from pipeline.data.synthetic.kidney_t2w import Tissue, make_subjects, render_scan
 
 SEED = 137
 KIDNEY = [Tissue.CORTEX_R, Tissue.MEDULLA_R, Tissue.CORTEX_L, Tissue.MEDULLA_L]
-STILL = randomise.Ranges.of(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
+STILL = RandomiseParams(realistic_fraction=1.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0)
 
 
 def _subject(group: str = "healthy"):
@@ -68,8 +69,7 @@ def test_mask_follows_the_deformation():
     subject = _subject()
     real = render_scan(subject, 0, 64, 4, SEED)
     moved = render_scan(subject, 0, 64, 4, SEED, "randomised",
-                        randomise.Ranges.of(rotation_deg=20, scaling=0.2, elastic_mm=8))
-    assert (moved.kidney == np.isin(moved.labels, KIDNEY)).all()
+                        RandomiseParams(rotation_deg=20, scaling=0.2, elastic_mm=8))
     assert (moved.kidney != real.kidney).any()     # the anatomy did move
     # ... but stays a comparable kidney: deformation scales areas by at most ~(1.2)^2.
     ratio = moved.kidney.sum() / real.kidney.sum()
@@ -77,7 +77,7 @@ def test_mask_follows_the_deformation():
     # Image and mask moved together: in realistic draws (the T2w-like contrast, warped) the
     # pixels under the moved mask have the kidney's signal, not that of what surrounds it.
     warped = render_scan(subject, 0, 64, 4, SEED, "randomised",
-                         randomise.Ranges.of(realistic_fraction=1.0, rotation_deg=20, scaling=0.2, elastic_mm=8))
+                         RandomiseParams(realistic_fraction=1.0, rotation_deg=20, scaling=0.2, elastic_mm=8))
     assert (warped.kidney != real.kidney).any()
     inner = np.stack([ndimage.binary_erosion(m, iterations=1) for m in warped.kidney])
     kidney_signal = float(real.image[real.kidney].mean())
@@ -89,7 +89,7 @@ def test_mask_follows_the_deformation():
 
 def test_intensities_vary_between_draws_and_kidney_contrast_is_relative():
     subject = _subject()
-    ranges = randomise.Ranges.of(realistic_fraction=0.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0,
+    ranges = RandomiseParams(realistic_fraction=0.0, rotation_deg=0, scaling=0, shear=0, elastic_mm=0,
                               bias_std=0, resolution_max=1.0, noise_max=0, gamma_std=0, std_max=0)
     scan = render_scan(subject, 0, 64, 4, SEED, "randomised", ranges)
     # A new tissue contrast in every slice: the liver / abdomen / wall ordering changes.
@@ -101,7 +101,7 @@ def test_intensities_vary_between_draws_and_kidney_contrast_is_relative():
                randomise.KidneyTissue(int(Tissue.CORTEX_L), int(Tissue.MEDULLA_L), 0.1, 0.05)]
     cortices = set()
     for seed in range(6):
-        mean, std = randomise._means(np.random.default_rng(seed), len(Tissue), kidneys, randomise.Ranges.of())
+        mean, std = randomise._means(np.random.default_rng(seed), len(Tissue), kidneys, RandomiseParams())
         c = mean[Tissue.CORTEX_R]
         assert mean[Tissue.CORTEX_L] == c and std[Tissue.MEDULLA_L] == std[Tissue.CORTEX_R]
         assert abs(mean[Tissue.MEDULLA_R] - c) == pytest.approx(0.35 * c, rel=1e-5)
@@ -111,8 +111,8 @@ def test_intensities_vary_between_draws_and_kidney_contrast_is_relative():
 
 
 def test_ranges_are_deterministic_per_generator():
-    a = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges.of())
-    b = randomise.deformation(np.random.default_rng(3), 32, 3.0, randomise.Ranges.of())
+    a = randomise.deformation(np.random.default_rng(3), 32, 3.0, RandomiseParams())
+    b = randomise.deformation(np.random.default_rng(3), 32, 3.0, RandomiseParams())
     assert a.tobytes() == b.tobytes()
     field = randomise.smooth_field(np.random.default_rng(1), 5, 40)
     assert field.shape == (40, 40) and field.dtype == np.float32 and field.std() > 0.1
@@ -127,22 +127,10 @@ def test_renal_fluid_is_bright_and_outside_the_kidney_mask():
     for subject in make_subjects(16, 0.0, 2, SEED):
         scan = render_scan(subject, 0, 96, 4, SEED, "randomised", STILL)
         fluid = scan.labels == Tissue.RENAL_FLUID
-        assert not (fluid & scan.kidney).any()
+        # Against the painter's mask (STILL draws are pixel-aligned with the realistic
+        # rendering): scan.kidney is read off the labels and could not overlap them.
+        assert not (fluid & render_scan(subject, 0, 96, 4, SEED).kidney).any()
         if fluid.sum() >= 5:
             assert scan.image[fluid].mean() > scan.image[scan.kidney].mean() + 30
         seen[subject.group] += int(fluid.sum())
     assert seen["CKD"] > 0 and seen["healthy"] > 0
-
-
-
-def test_ranges_come_from_the_schema_and_are_validated_like_params():
-    from pydantic import ValidationError
-
-    from pipeline.config.schema import RandomiseParams
-
-    defaults = RandomiseParams()
-    assert randomise.Ranges.of().gamma_std == defaults.gamma_std
-    assert randomise.Ranges.of(defaults.model_copy(update={"noise_max": 0.2})).noise_max == 0.2
-    assert randomise.Ranges.of(scaling=0.3).scaling == 0.3
-    with pytest.raises(ValidationError, match="scaling"):
-        randomise.Ranges.of(scaling=1.5)
