@@ -44,6 +44,10 @@ class Layout:
     train_overrides_file = _Under("tune/train_overrides.yaml", "What train depends on in dvc.yaml: the best "
                                   "values if train.use_tuned_params, else empty (new trials retrain only then).")
     metrics = _Under("metrics")
+    # The metrics files a later stage reads (the others are written for people and DVC only).
+    train_metrics_file = _Under("metrics/train.json", "Training summary: epochs run, time guard; evaluate's warnings read it.")
+    eval_metrics_file = _Under("metrics/eval.json", "Test-split metrics and warnings; register tags versions with them.")
+    real_sample_file = _Under("metrics/real_sample.json", "Real-sample scores; register's champion rule reads them.")
     plots = _Under("plots")
     dvclive = _Under("dvclive")
     predictions = _Under("outputs/mini_test_predictions")

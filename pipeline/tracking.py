@@ -86,6 +86,12 @@ def git_commit(cwd: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def metric_number(value: object) -> float | None:
+    """A summary or JSON value as a metric: a float for a number, None for anything else
+    (a bool is not a number here, though Python counts it as an int)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 @dataclass
 class RunLogger:
     """Thin handle on one active MLflow run; stages log through it, never via mlflow.*."""
@@ -104,6 +110,10 @@ class RunLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
         if clean:
             mlflow.log_metrics(clean, step=step)
+
+    def log_numbers(self, summary: dict[str, Any], prefix: str = "", step: int | None = None) -> None:
+        """The number-valued entries of a summary (a stage's JSON report) as metrics."""
+        self.log_metrics({f"{prefix}{k}": n for k, v in summary.items() if (n := metric_number(v)) is not None}, step)
 
     def log_image(self, image: np.ndarray, key: str, step: int | None = None) -> None:
         import mlflow

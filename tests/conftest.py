@@ -70,7 +70,7 @@ def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
     raw["train"].update(epochs=2, batch_size=4, num_infer_images=2, max_minutes=None, use_tuned_params=False,
                         warmup_epochs=0)
     # The repository's real sample by its absolute path: a test's project root is a temp dir.
-    raw["evaluate"].update(num_panels=2, min_dice=0.0, real_sample=str(REPO / raw["evaluate"]["real_sample"]))
+    raw["evaluate"].update(num_panels=2, min_dice=0.0, min_real_dice=0.0, real_sample=str(REPO / raw["evaluate"]["real_sample"]))
     raw["mlflow"]["experiment_name"] = "tests"
     if name == "glomeruli":
         raw["dataset"]["name"] = "glomeruli"

@@ -36,6 +36,7 @@ RESAMPLES = 2000
 SEED = 137
 PERCENTILES = (2.5, 97.5)
 KIDNEY = "kidney"
+KIDNEY_DICE = "real_kidney_dice"   # the headline key of metrics/real_sample.json (register reads it)
 
 Predict = Callable[[np.ndarray], np.ndarray]   # (1, h, w, C) float32 -> (1, h, w, K) probabilities
 
@@ -94,7 +95,7 @@ def point_scores(scores: list[SliceScore], class_names: list[str]) -> dict[str, 
     """The pooled scores of a set of slices (no interval)."""
     total = sum((s.confusion for s in scores), np.zeros_like(scores[0].confusion))
     out: dict[str, float | None] = {
-        "real_kidney_dice": dice_scores(_kidney_matrix(total), ["background", KIDNEY])[f"dice_{KIDNEY}"]}
+        KIDNEY_DICE: dice_scores(_kidney_matrix(total), ["background", KIDNEY])[f"dice_{KIDNEY}"]}
     out.update({k: v for k, v in dice_scores(total, class_names, prefix="real_").items()
                 if k != "real_mean_foreground_dice"})
     judged = [s.class_correct for s in scores if s.true_class is not None]
@@ -111,7 +112,7 @@ def bootstrap_intervals(scores: list[SliceScore], class_names: list[str], resamp
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(scores), size=(resamples, len(scores)))
     pooled = matrices[draws].sum(axis=1)                                   # (resamples, K, K)
-    values = {"real_kidney_dice": _dice(_kidney_matrix(pooled), 1)}
+    values = {KIDNEY_DICE: _dice(_kidney_matrix(pooled), 1)}
     for c in range(1, len(class_names)):
         values[f"real_dice_{class_names[c]}"] = _dice(pooled, c)
     judged = np.array([s.true_class is not None for s in scores])
@@ -162,7 +163,7 @@ def summary_line(report: dict[str, Any], class_names: list[str]) -> str:
         interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
         return f"{label} {value:.2f}{interval}"
 
-    parts = [part("kidney Dice", "real_kidney_dice")]
+    parts = [part("kidney Dice", KIDNEY_DICE)]
     parts += [part(f"{name} Dice", f"real_dice_{name}") for name in class_names[1:]]
     parts.append(part("class accuracy", "real_class_accuracy"))
     return f"real sample ({report['real_slices']} slices): " + ", ".join(parts)

@@ -26,6 +26,7 @@ from pipeline.data.masks import SnapCount, blend_tolerant, ids_to_rgb, read_mask
 from pipeline.data.pairs import find_pairs, mini_test_pairs
 from pipeline.data.samples import load_infer_samples
 from pipeline.data.tfdata import load_split, make_dataset
+from pipeline.config.schema import EvaluateParams
 from pipeline.layout import TKV_EXTRA, Layout
 from pipeline.model.flexunet import load_model
 from pipeline.model.losses import get_loss
@@ -33,7 +34,7 @@ from pipeline.panels import make_panel
 from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.confusion import Accumulator
 from pipeline.scoring.objects import ObjectScores
-from pipeline.scoring.real_sample import real_sample_report, resized_labels, score_slice, summary_line
+from pipeline.scoring.real_sample import KIDNEY_DICE, real_sample_report, resized_labels, score_slice, summary_line
 from pipeline.scoring.tkv import tkv_report
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
@@ -149,8 +150,10 @@ def _not_scored_panel(reason: str) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None, min_dice: float) -> list[str]:
-    """One line per reason to distrust this model: training cut short, or Dice under the floor."""
+def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None, floors: EvaluateParams,
+                     real: float | None = None) -> list[str]:
+    """One line per reason to distrust this model: training cut short, or a Dice under its
+    floor (`real`: the real-sample kidney Dice, None when not scored)."""
     out = []
     if training:
         run, configured = training.get("epochs_run"), training.get("epochs_configured")
@@ -160,13 +163,15 @@ def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None,
         elif training.get("time_guard_fired"):
             out.append("train.max_minutes fired")
     dice = metrics["mean_foreground_dice"]
-    if dice < min_dice:
-        out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {min_dice}")
+    if dice < floors.min_dice:
+        out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {floors.min_dice}")
+    if real is not None and real < floors.min_real_dice:
+        out.append(f"real-sample kidney Dice {real:.4f} is below evaluate.min_real_dice {floors.min_real_dice}")
     return out
 
 
 def _training_summary(layout: Layout) -> dict[str, Any] | None:
-    path = layout.metrics / "train.json"
+    path = layout.train_metrics_file
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -175,31 +180,35 @@ def evaluate(layout: Layout) -> dict[str, Any]:
     model = load_model(layout.model_file)
     run_info = layout.read_run()
     tkv_json, tkv_plot = layout.metrics / "tkv.json", layout.plots / "bland_altman.png"
-    real_json, real_panel = layout.metrics / "real_sample.json", layout.plots / "real_sample_panel.png"
-    outputs = [layout.metrics / "eval.json", layout.plots / "confusion_matrix.png",
+    real_json, real_panel = layout.real_sample_file, layout.plots / "real_sample_panel.png"
+    outputs = [layout.eval_metrics_file, layout.plots / "confusion_matrix.png",
                layout.plots / "mini_test_panel.png", layout.predictions, tkv_json, tkv_plot, real_json, real_panel]
     project_root = find_project_root(layout.root)
     with remove_on_failure(outputs), start_run(p.mlflow, project_root, run_id=run_info["run_id"]) as run:
         metrics, confusion, counts = evaluate_split(model, layout)
         plots.confusion_matrix(confusion, p.mask.class_names, layout.plots / "confusion_matrix.png")
         save_mini_test(model, layout)
-        warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate.min_dice)
+        real, panel = real_sample(model, layout)
+        write_json(real_json, real)
+        save_rgb_png(real_panel, panel if panel is not None else _not_scored_panel(real["reason"]))
+        real_dice = real.get(KIDNEY_DICE) if real.get("available") else None
+        warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate, real_dice)
         report = {**metrics, "confusion_matrix": confusion.tolist(), "object_metrics": p.evaluate.object_metrics,
                   "min_dice": p.evaluate.min_dice,
-                  "below_min_dice": metrics["mean_foreground_dice"] < p.evaluate.min_dice, "warnings": warnings}
-        write_json(layout.metrics / "eval.json", report)
+                  "below_min_dice": metrics["mean_foreground_dice"] < p.evaluate.min_dice,
+                  "min_real_dice": p.evaluate.min_real_dice,
+                  "below_min_real_dice": None if real_dice is None else real_dice < p.evaluate.min_real_dice,
+                  "warnings": warnings}
+        write_json(layout.eval_metrics_file, report)
         if warnings:
             run.set_tags({"flexunet.warnings": "; ".join(warnings)})
         counts.update(extra_counts(model, layout))
         tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
         run.log_metrics({f"test_{k}": v for k, v in metrics.items() if v is not None})
         run.log_metrics({f"test_tkv_{k}": v for k, v in tkv.items() if isinstance(v, float)})
-        real, panel = real_sample(model, layout)
-        write_json(real_json, real)
-        save_rgb_png(real_panel, panel if panel is not None else _not_scored_panel(real["reason"]))
-        run.log_metrics({k: v for k, v in real.items() if k.startswith("real_") and isinstance(v, (int, float))})
+        run.log_numbers({k: v for k, v in real.items() if k.startswith("real_")})
         for path, folder in ((layout.plots / "confusion_matrix.png", "plots"), (tkv_plot, "plots"),
-                             (layout.plots / "mini_test_panel.png", "plots"), (layout.metrics / "eval.json", "metrics"),
+                             (layout.plots / "mini_test_panel.png", "plots"), (layout.eval_metrics_file, "metrics"),
                              (tkv_json, "metrics"), (real_json, "metrics"), (real_panel, "plots")):
             run.log_artifact(path, folder)
         if tkv.get("available"):

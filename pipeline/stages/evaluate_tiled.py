@@ -122,8 +122,7 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
 def _log_to_mlflow(layout: Layout, report: dict[str, Any]) -> None:
     run_id = layout.read_run()["run_id"]
     with start_run(layout.params.mlflow, find_project_root(layout.root), run_id=run_id) as run:
-        run.log_metrics({f"mini_test_{k}": v for k, v in report.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.log_numbers(report, prefix="mini_test_")
         run.log_artifact(layout.plots / "tiled_panel.png", "plots")
         run.log_artifact(layout.metrics / "tiled.json", "metrics")
 

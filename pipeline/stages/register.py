@@ -22,8 +22,9 @@ Alias rule (documented in docs/serving.md):
   tag `real_kidney_dice`), that score decides instead: the same real slices for every
   version, where a synthetic test split changes with the generator, and it is what a
   synthetic-only model is for (docs/results.md, "Real sample").
-- A model whose test Dice is below `evaluate.min_dice` never becomes champion, first
-  version included. The evaluate stage's warnings (training cut short, Dice under the
+- A model under the floor of the score that decides never becomes champion, first
+  version included: `evaluate.min_real_dice` on the real-sample kidney Dice when the real
+  sample was scored, else `evaluate.min_dice` on the test mean foreground Dice. The evaluate stage's warnings (training cut short, Dice under the
   floor) are written into the decision (models/registered.json, the log).
 
 Idempotent: when a version whose `onnx_sha256` tag equals this file's sha256 exists, nothing
@@ -44,11 +45,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.schema import EvaluateParams
 from pipeline.data.pairs import find_pairs
+from pipeline.scoring.real_sample import KIDNEY_DICE
 from common.errors import DataError
 from pipeline.layout import Layout
 from pipeline.tracking import (
-    Registry, VersionInfo, find_project_root, git_commit, resolve_tracking_uri, run_tags, start_run, store_record,
+    Registry, VersionInfo, find_project_root, git_commit, metric_number, resolve_tracking_uri, run_tags, start_run,
+    store_record,
 )
 from common.atomic import remove_on_failure, write_json
 from serving.card import ModelCard, read_card, sha256_file
@@ -58,34 +62,29 @@ log = logging.getLogger(__name__)
 
 SHA_TAG = "onnx_sha256"
 DICE_TAG = "test_mean_foreground_dice"
-REAL_TAG = "real_kidney_dice"
+REAL_TAG = "real_kidney_dice"   # the version tag; metrics/real_sample.json's key is KIDNEY_DICE
 PYFUNC_NAME = "flexunet"   # the pyfunc model's name inside the run
 ONNX_NAME = "onnx"         # the mlflow.onnx model's name inside the run
 
 
-def _number(value: object) -> float | None:
-    """A JSON metric as a float; None for anything else (a bool is not a number here)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     """The test metrics and the evaluate stage's warnings."""
-    path = layout.metrics / "eval.json"
+    path = layout.eval_metrics_file
     if not path.is_file():
         raise DataError(f"{path}: not found; run the evaluate stage first (dvc repro evaluate)")
     raw = json.loads(path.read_text(encoding="utf-8"))
-    if _number(raw.get("mean_foreground_dice")) is None:
+    if metric_number(raw.get("mean_foreground_dice")) is None:
         raise DataError(f"{path}: no 'mean_foreground_dice'; re-run the evaluate stage")
-    metrics = {k: n for k, v in raw.items() if (n := _number(v)) is not None}
+    metrics = {k: n for k, v in raw.items() if (n := metric_number(v)) is not None}
     return metrics, [str(w) for w in raw.get("warnings", [])]
 
 
 def _read_real(layout: Layout) -> float | None:
     """The real-sample kidney Dice of metrics/real_sample.json, None when not scored."""
-    path = layout.metrics / "real_sample.json"
+    path = layout.real_sample_file
     if not path.is_file():
         return None
-    return _number(json.loads(path.read_text(encoding="utf-8")).get(REAL_TAG))
+    return metric_number(json.loads(path.read_text(encoding="utf-8")).get(KIDNEY_DICE))
 
 
 def _tag_value(champion: VersionInfo, tag: str) -> float:
@@ -115,7 +114,7 @@ def _fmt(value: float | None) -> str:
 
 
 def model_card(card: ModelCard, metrics: dict[str, float], warnings: list[str], manifest: dict[str, Any],
-               *, name: str, min_dice: float, run_id: str) -> str:
+               *, name: str, floors: EvaluateParams, real: float | None, run_id: str) -> str:
     """The registered version's description: a short model card in Markdown."""
     classes = card.class_names
     foreground = classes[1:]
@@ -131,7 +130,9 @@ def model_card(card: ModelCard, metrics: dict[str, float], warnings: list[str], 
               + (": synthetic images, not validated on real scans." if source == "synthetic" else "."),
               f"Input: {'greyscale' if card.channels == 1 else 'RGB'} images, tiled at {card.tile_size} px "
               f"(sides padded to multiples of {card.size_multiple}); other modalities or resolutions are untested.",
-              f"A test mean foreground Dice under {min_dice:g} (`evaluate.min_dice`) never becomes champion."]
+              (f"Real-sample kidney Dice {_fmt(real)}; under {floors.min_real_dice:g} (`evaluate.min_real_dice`) "
+               "a model never becomes champion." if real is not None else
+               f"A test mean foreground Dice under {floors.min_dice:g} (`evaluate.min_dice`) never becomes champion.")]
     if card.single_foreground_class:
         limits.append("One foreground class per image: the class with the larger summed probability wins.")
     limits += [f"Evaluate warned: {w}" for w in warnings]
@@ -187,11 +188,14 @@ def _log_models(layout: Layout, run_id: str, card: ModelCard) -> str:
 
 
 def champion_decision(dice: float, version: str, champion: VersionInfo | None,
-                      min_dice: float = 0.0, real: float | None = None) -> tuple[bool, str]:
+                      floors: EvaluateParams, real: float | None = None) -> tuple[bool, str]:
     """(move champion here?, why) by the alias rule in the module docstring; `real` is this
     version's real-sample kidney Dice (None: not scored)."""
-    if dice < min_dice:
-        return False, (f"test mean foreground Dice {dice:.4f} < evaluate.min_dice {min_dice}: "
+    if real is not None and real < floors.min_real_dice:
+        return False, (f"real-sample kidney Dice {real:.4f} < evaluate.min_real_dice {floors.min_real_dice}: "
+                       f"never champion")
+    if real is None and dice < floors.min_dice:
+        return False, (f"test mean foreground Dice {dice:.4f} < evaluate.min_dice {floors.min_dice}: "
                        f"never champion")
     if champion is None:
         return True, "first version: no champion yet"
@@ -227,7 +231,7 @@ def register(layout: Layout) -> dict[str, Any]:
             uri = _log_models(layout, run_id, card)
             tags = _version_tags(layout, run_id, tracking_uri, card, sha, metrics, real)
             description = model_card(card, metrics, warnings, layout.read_manifest(), name=r.model_name,
-                                     min_dice=p.evaluate.min_dice, run_id=run_id)
+                                     floors=p.evaluate, real=real, run_id=run_id)
             version = registry.create_version(r.model_name, uri, tags, description).version
             log.info("registered %s version %s", r.model_name, version)
         else:
@@ -236,7 +240,7 @@ def register(layout: Layout) -> dict[str, Any]:
                      version, sha[:12])
         dice = metrics["mean_foreground_dice"]
         promote, why = champion_decision(dice, version, registry.by_alias(r.model_name, r.champion_alias),
-                                         p.evaluate.min_dice, real)
+                                         p.evaluate, real)
         if warnings:
             why += "; evaluate warned: " + "; ".join(warnings)
         registry.set_alias(r.model_name, r.challenger_alias, version)

@@ -139,7 +139,7 @@ def train(layout: Layout) -> TrainResult:
     project_root = find_project_root(layout.root)
     state = TrainingState.for_params(project_root, p, manifest.get("fingerprint")) if p.train.resume else None
     snapshot = state.latest() if state is not None else None
-    outputs = [layout.model_file, layout.run_file, layout.metrics / "train.json",
+    outputs = [layout.model_file, layout.run_file, layout.train_metrics_file,
                layout.plots / "train_curves.png", layout.dvclive]
     tags = standard_tags(project_root, manifest.get("fingerprint"), "train")
     tags["tf.onednn"] = str(onednn_enabled()).lower()
@@ -186,9 +186,9 @@ def _finish(layout: Layout, run, model, result: Fit) -> TrainResult:
     }
     with atomic_path(layout.model_file, suffix=".keras") as tmp:
         model.save(tmp)
-    write_json(layout.metrics / "train.json", summary)
+    write_json(layout.train_metrics_file, summary)
     plots.training_curves(history, layout.plots / "train_curves.png")
-    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.log_numbers(summary)
     if guard is not None:
         run.set_tags({"flexunet.time_guard": f"train.max_minutes {t.max_minutes} fired after epoch {guard} "
                                              f"of {t.epochs}"})

@@ -185,6 +185,22 @@ def test_a_model_under_the_quality_floor_never_becomes_champion(served):
     assert (second["version"], second["champion"], second["warnings"]) == ("2", True, [])
 
 
+def test_scored_on_the_real_sample_its_floor_decides_not_the_test_dice_floor(served):
+    raw = tiny_dict()
+    raw["registry"]["model_name"] = "t-real-floor"
+    raw["evaluate"].update(min_dice=0.8, min_real_dice=0.6)
+    layout = Layout(served[0].root, params_from_dict(raw))
+    _new_model(layout, seed=6, dice=0.99, real=0.4)   # fits the generator, misses real kidneys
+    first = register(layout)
+    assert (first["version"], first["champion"]) == ("1", False)
+    assert "real-sample kidney Dice 0.4000 < evaluate.min_real_dice 0.6: never champion" in first["decision"]
+    assert "evaluate.min_real_dice" in _registry(layout).version("t-real-floor", "1").description
+    _new_model(layout, seed=7, dice=0.3, real=0.7)    # synthetic class not learnt, real kidneys found
+    second = register(layout)
+    assert (second["version"], second["champion"]) == ("2", True)
+    assert _registry(layout).by_alias("t-real-floor", "champion").version == "2"
+
+
 def test_missing_inputs_are_one_line_errors(served, tmp_path):
     layout = _layout(tmp_path, "t-missing")
     with pytest.raises(DataError, match="model.onnx: not found; run the export stage"):
