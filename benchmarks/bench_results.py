@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,19 @@ def default_model(params: Any) -> tuple[Any, str]:
         return keras.models.load_model(trained, compile=False), "models/model.keras"
     keras.utils.set_random_seed(params.train.seed)
     return build_flexunet(params.model), f"random init (seed {params.train.seed})"
+
+
+def scratch_project(folder: Path, *, share_data: bool = False) -> list[str]:
+    """A throw-away project in `folder` with this checkout's params.yaml; returns the
+    overrides (for run_stages) that read this checkout's real sample in place and, with
+    `share_data`, its prepared dataset too (no prepare stage needed)."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", folder / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    overrides = [f"evaluate.real_sample={REPO / raw['evaluate']['real_sample']}"]
+    return overrides + ([f"dataset.root={REPO / raw['dataset']['root']}"] if share_data else [])
 
 
 def run_stages(project: Path, stages: Iterable[str], overrides: Iterable[str] = (), label: str = "") -> dict[str, float]:

@@ -22,25 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_results import machine_summary, run_stages, write_results  # noqa: E402
+from bench_results import machine_summary, run_stages, scratch_project, write_results  # noqa: E402
 
 
 def run_one(kernel: int, seed: int, onednn: bool, folder: Path) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["dataset"]["root"] = str(REPO / raw["dataset"]["root"])
-    raw["evaluate"]["real_sample"] = str(REPO / raw["evaluate"]["real_sample"])
-    raw["model"]["base_kernels"] = [kernel, kernel]
-    raw["train"].update(seed=seed, use_tuned_params=False, onednn=onednn, epoch_change_infer=False)
-    raw["mlflow"].update(log_model=False, experiment_name="kernel-choice")
-    folder.mkdir(parents=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run_stages(folder, ("train", "evaluate"), label=f"{kernel}x{kernel}, seed {seed}")
+    overrides = [f"model.base_kernels=[{kernel}, {kernel}]", f"train.seed={seed}", "train.use_tuned_params=false",
+                 f"train.onednn={str(onednn).lower()}", "train.epoch_change_infer=false", "mlflow.log_model=false",
+                 "mlflow.experiment_name=kernel-choice"]
+    run_stages(folder, ("train", "evaluate"), scratch_project(folder, share_data=True) + overrides,
+               label=f"{kernel}x{kernel}, seed {seed}")
     trained = json.loads((folder / "metrics" / "train.json").read_text())
     evaluated = json.loads((folder / "metrics" / "eval.json").read_text())
     real = json.loads((folder / "metrics" / "real_sample.json").read_text())

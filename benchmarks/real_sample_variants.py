@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_results import machine_summary, run_stages, write_results  # noqa: E402
+from bench_results import machine_summary, run_stages, scratch_project, write_results  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "default (randomised, realistic_fraction 0.5)": [],
@@ -49,10 +47,8 @@ COMMON = ["train.use_tuned_params=false", "mlflow.log_model=false"]
 def run_variant(name: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="real-variant-") as tmp:
         root = Path(tmp)
-        shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        (root / "data").mkdir()
-        os.symlink(REPO / "data" / "real-sample", root / "data" / "real-sample")
-        seconds = run_stages(root, ("prepare", "train", "evaluate"), COMMON + overrides, label=name)
+        seconds = run_stages(root, ("prepare", "train", "evaluate"), scratch_project(root) + COMMON + overrides,
+                             label=name)
         real = json.loads((root / "metrics" / "real_sample.json").read_text())
         test = json.loads((root / "metrics" / "eval.json").read_text())
     return {"overrides": overrides, "seconds": seconds,
@@ -61,6 +57,7 @@ def run_variant(name: str, overrides: list[str]) -> dict:
             "real_dice_CKD": real.get("real_dice_CKD"), "real_dice_healthy": real.get("real_dice_healthy"),
             "real_class_accuracy": real.get("real_class_accuracy"),
             "per_slice": {s["stem"]: s["kidney_dice"] for s in real["per_slice"]},   # rounded once, in the table
+            "true_classes": {s["stem"]: s["true_class"] for s in real["per_slice"]},
             "predicted_classes": [s["predicted_class"] for s in real["per_slice"]],
             "test_mean_foreground_dice": test["mean_foreground_dice"]}
 
@@ -73,13 +70,13 @@ def markdown(result: dict) -> str:
     mc = result["machine"]
     lines = [f"Machine: {mc['cpu']}, {mc['cores']} cores, vector ISA {mc['vector_isa']}. "
              f"Each row: prepare + train + evaluate, {' '.join(COMMON)}.", "",
-             "| variant | overrides | real kidney Dice [95 % CI] | per slice (CKD x4 / healthy x4) | real CKD / healthy Dice | "
+             "| variant | overrides | real kidney Dice [95 % CI] | per slice (CKD / healthy) | real CKD / healthy Dice | "
              "real class accuracy | synthetic test Dice |", "|---|---|---:|---|---:|---:|---:|"]
     for name, r in result["variants"].items():
         ci = r["real_kidney_dice_ci"]
         interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if None not in ci else ""
-        slices = list(r["per_slice"].values())
-        per = " ".join(f"{v:.2f}" for v in slices[:4]) + " / " + " ".join(f"{v:.2f}" for v in slices[4:])
+        per = " / ".join(" ".join(f"{v:.2f}" for stem, v in r["per_slice"].items() if r["true_classes"][stem] == group)
+                         for group in ("CKD", "healthy"))
         lines.append(f"| {name} | {' '.join(f'`{o}`' for o in r['overrides']) or '-'} | "
                      f"**{r['real_kidney_dice']:.3f}**{interval} | {per} | {_f(r['real_dice_CKD'])} / "
                      f"{_f(r['real_dice_healthy'])} | {_f(r['real_class_accuracy'])} | "
