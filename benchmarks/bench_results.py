@@ -39,8 +39,10 @@ def scratch_project(folder: Path, *, share_data: bool = False) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", folder / "params.yaml")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    overrides = [f"evaluate.real_sample={REPO / raw['evaluate']['real_sample']}"]
-    return overrides + ([f"dataset.root={REPO / raw['dataset']['root']}"] if share_data else [])
+    sample = raw["evaluate"].get("real_sample")
+    # JSON-quoted: the values are read as YAML, and a path may hold characters YAML would parse.
+    overrides = [f"evaluate.real_sample={json.dumps(str(REPO / sample))}"] if sample else []
+    return overrides + ([f"dataset.root={json.dumps(str(REPO / raw['dataset']['root']))}"] if share_data else [])
 
 
 def run_stages(project: Path, stages: Iterable[str], overrides: Iterable[str] = (), label: str = "") -> dict[str, float]:

@@ -76,7 +76,7 @@ def markdown(result: dict) -> str:
         ci = r["real_kidney_dice_ci"]
         interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if None not in ci else ""
         per = " / ".join(" ".join(f"{v:.2f}" for stem, v in r["per_slice"].items() if r["true_classes"][stem] == group)
-                         for group in ("CKD", "healthy"))
+                         for group in dict.fromkeys(r["true_classes"].values()))   # classes in file order
         lines.append(f"| {name} | {' '.join(f'`{o}`' for o in r['overrides']) or '-'} | "
                      f"**{r['real_kidney_dice']:.3f}**{interval} | {per} | {_f(r['real_dice_CKD'])} / "
                      f"{_f(r['real_dice_healthy'])} | {_f(r['real_class_accuracy'])} | "

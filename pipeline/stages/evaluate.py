@@ -164,7 +164,8 @@ def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None,
             out.append("train.max_minutes fired")
     dice = metrics["mean_foreground_dice"]
     if dice < floors.min_dice:
-        out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {floors.min_dice}")
+        out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {floors.min_dice}"
+                   + (" (the real sample, not this floor, decides the champion)" if real is not None else ""))
     if real is not None and real < floors.min_real_dice:
         out.append(f"real-sample kidney Dice {real:.4f} is below evaluate.min_real_dice {floors.min_real_dice}")
     return out

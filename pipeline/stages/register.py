@@ -22,10 +22,11 @@ Alias rule (documented in docs/serving.md):
   tag `real_kidney_dice`), that score decides instead: the same real slices for every
   version, where a synthetic test split changes with the generator, and it is what a
   synthetic-only model is for (docs/results.md, "Real sample").
-- A model under the floor of the score that decides never becomes champion, first
-  version included: `evaluate.min_real_dice` on the real-sample kidney Dice when the real
-  sample was scored, else `evaluate.min_dice` on the test mean foreground Dice. The evaluate stage's warnings (training cut short, Dice under the
-  floor) are written into the decision (models/registered.json, the log).
+- A new version under its floor never becomes champion, the first version included: a
+  version scored on the real sample needs `evaluate.min_real_dice` there, one not scored
+  needs `evaluate.min_dice` on the test mean foreground Dice. The evaluate stage's
+  warnings (training cut short, a Dice under a floor) are written into the decision
+  (models/registered.json, the log).
 
 Idempotent: when a version whose `onnx_sha256` tag equals this file's sha256 exists, nothing
 is logged or registered again; that version is reused and the alias rule re-applied (which
@@ -191,6 +192,8 @@ def champion_decision(dice: float, version: str, champion: VersionInfo | None,
                       floors: EvaluateParams, real: float | None = None) -> tuple[bool, str]:
     """(move champion here?, why) by the alias rule in the module docstring; `real` is this
     version's real-sample kidney Dice (None: not scored)."""
+    if champion is not None and champion.version == version:
+        return True, f"version {version} is already the champion"
     if real is not None and real < floors.min_real_dice:
         return False, (f"real-sample kidney Dice {real:.4f} < evaluate.min_real_dice {floors.min_real_dice}: "
                        f"never champion")
@@ -199,8 +202,6 @@ def champion_decision(dice: float, version: str, champion: VersionInfo | None,
                        f"never champion")
     if champion is None:
         return True, "first version: no champion yet"
-    if champion.version == version:
-        return True, f"version {version} is already the champion"
     old_real = _tag_value(champion, REAL_TAG)
     if real is not None and not math.isnan(old_real):
         verdict = ">=" if real >= old_real else "<"

@@ -340,15 +340,18 @@ def test_nifti_data_trains_and_evaluates_with_tkv(tmp_path, caplog):
     raw["dataset"].update(source="kidney-nifti", raw=str(tmp_path / "data" / "raw" / "kidney-t2w"))
     raw["train"].update(epochs=1, epoch_change_infer=False)
     raw["mlflow"]["log_model"] = False
-    raw["evaluate"]["min_dice"] = 0.999   # a 1-epoch model is under any sensible floor
+    raw["evaluate"].update(min_dice=0.999, min_real_dice=0.999)   # a 1-epoch model is under any sensible floor
     layout = Layout(tmp_path, params_from_dict(raw))
     manifest = prepare(layout)
     train(layout)
     evaluate(layout)
     report = json.loads((layout.metrics / "eval.json").read_text())
+    real = json.loads((layout.metrics / "real_sample.json").read_text())["real_kidney_dice"]
     assert report["below_min_dice"] and report["min_dice"] == 0.999
+    assert report["below_min_real_dice"] and report["min_real_dice"] == 0.999
     assert report["warnings"] == [f"test mean foreground Dice {report['mean_foreground_dice']:.4f} is below "
-                                  f"evaluate.min_dice 0.999"]
+                                  "evaluate.min_dice 0.999 (the real sample, not this floor, decides the champion)",
+                                  f"real-sample kidney Dice {real:.4f} is below evaluate.min_real_dice 0.999"]
     assert any("below evaluate.min_dice" in r.message and r.levelname == "WARNING" for r in caplog.records)
     # Kidney slices: stray components (evaluate.object_metrics components) and the uncertainty AUROC.
     assert report["object_metrics"] == "components"

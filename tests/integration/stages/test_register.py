@@ -97,6 +97,7 @@ def test_the_version_description_is_a_model_card(served):
     assert f"fingerprint `{fingerprint}`" in card and f"`{report['run_id']}`" in card
     assert "Mean foreground Dice **0.7000**" in card and "| CKD | 0.7000 |" in card
     assert "synthetic images, not validated on real scans" in card
+    assert "under 0 (`evaluate.min_dice`) never becomes champion" in card   # not scored on the real sample
 
 
 def test_the_training_run_lists_its_splits_as_datasets(served):
