@@ -355,13 +355,10 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     batch_size: int = Field(8, ge=1)
     num_panels: int = Field(6, ge=1)
-    # Quality floors: a score below its floor is a warning, recorded in metrics/eval.json
-    # and MLflow. The floor on the score that picks the champion also keeps a model from
-    # becoming champion (register): min_real_dice on the real-sample kidney Dice when the
-    # real sample is scored (that score decides), else min_dice on the test split's mean
-    # foreground Dice. Where the threshold comes from: docs/results.md, "Real sample".
-    min_dice: float = Field(0.75, ge=0, le=1)
-    min_real_dice: float = Field(0.5, ge=0, le=1)
+    # Quality floors: under one, evaluate warns (metrics/eval.json, MLflow); which one also
+    # bars a model from champion is register's alias rule (docs/serving.md).
+    min_dice: float = Field(0.75, ge=0, le=1)        # test split mean foreground Dice
+    min_real_dice: float = Field(0.5, ge=0, le=1)    # real-sample kidney Dice
     # Object-level scores next to the pixel ones (pipeline/scoring/objects.py): detection
     # (objects matched at IoU >= 0.5: precision, recall, F1; glomeruli) | components
     # (predicted components beyond a slice's two largest: two kidneys per slice) | none.

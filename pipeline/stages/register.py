@@ -76,7 +76,8 @@ def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     raw = json.loads(path.read_text(encoding="utf-8"))
     if metric_number(raw.get("mean_foreground_dice")) is None:
         raise DataError(f"{path}: no 'mean_foreground_dice'; re-run the evaluate stage")
-    metrics = {k: n for k, v in raw.items() if (n := metric_number(v)) is not None}
+    # The floors (min_dice, min_real_dice) are settings written beside the metrics, not metrics.
+    metrics = {k: n for k, v in raw.items() if (n := metric_number(v)) is not None and not k.startswith("min_")}
     return metrics, [str(w) for w in raw.get("warnings", [])]
 
 

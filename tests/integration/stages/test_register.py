@@ -44,7 +44,8 @@ def _new_model(layout: Layout, seed: int, dice: float, real: float | None = None
     card = card_for(layout.params, layout.read_run()["run_id"], layout.read_manifest()["fingerprint"])
     to_onnx(build_flexunet(layout.params.model), layout.onnx_file, card)
     write_json(layout.metrics / "eval.json", {"mean_foreground_dice": dice, "dice_CKD": dice, "loss": 0.3,
-                                               "confusion_matrix": [[1, 0], [0, 1]]})
+                                               "confusion_matrix": [[1, 0], [0, 1]], "min_dice": 0.0,
+                                               "min_real_dice": 0.0})   # the floors evaluate writes beside the metrics
     write_json(layout.metrics / "real_sample.json", {"available": real is not None, "real_kidney_dice": real})
 
 
@@ -82,6 +83,7 @@ def test_first_version_is_champion_and_challenger_and_tagged(served):
     run = layout.read_run()
     assert tags["onnx_sha256"] == report["onnx_sha256"] and len(tags["onnx_sha256"]) == 64
     assert float(tags["test_mean_foreground_dice"]) == 0.7 and float(tags["test_dice_CKD"]) == 0.7
+    assert not {"test_min_dice", "test_min_real_dice"} & set(tags)   # floors are settings, not metrics
     assert tags["dataset_fingerprint"] == layout.read_manifest()["fingerprint"]
     assert tags["git_commit"] == run_tags(_store(layout), run["run_id"]).get("mlflow.source.git.commit", "unknown")
     assert "tracking_uri" not in report   # the project's own store: no path of this clone in git
@@ -199,6 +201,12 @@ def test_scored_on_the_real_sample_its_floor_decides_not_the_test_dice_floor(ser
     _new_model(layout, seed=7, dice=0.3, real=0.7)    # synthetic class not learnt, real kidneys found
     second = register(layout)
     assert (second["version"], second["champion"]) == ("2", True)
+    assert _registry(layout).by_alias("t-real-floor", "champion").version == "2"
+    # A floor raised later does not take the alias from the champion it already names.
+    raw["evaluate"]["min_real_dice"] = 0.8
+    again = register(Layout(layout.root, params_from_dict(raw)))
+    assert (again["version"], again["reused"], again["champion"]) == ("2", True, True)
+    assert again["decision"].startswith("version 2 is already the champion")
     assert _registry(layout).by_alias("t-real-floor", "champion").version == "2"
 
 
