@@ -46,7 +46,11 @@ def run_one(kernel: int, seed: int, onednn: bool, folder: Path) -> dict:
             "final_val_loss": trained.get("final_val_loss"),
             "test_mean_foreground_dice": evaluated["mean_foreground_dice"],
             "test_dice_CKD": evaluated.get("dice_CKD"), "test_dice_healthy": evaluated.get("dice_healthy"),
-            "real_kidney_dice": real["real_kidney_dice"]}
+            "real_kidney_dice": real.get("real_kidney_dice")}   # absent with evaluate.real_sample: null
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def markdown(result: dict) -> str:
@@ -59,11 +63,11 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         lines.append(f"| {r['first_kernel']}x{r['first_kernel']} | {'oneDNN' if r['onednn'] else 'portable'} "
                      f"| {r['seed']} | {r['forward_gflop_per_image']} | {r['seconds_per_epoch']} "
-                     f"| {r['final_val_loss']:.4f} | {r['test_mean_foreground_dice']:.4f} | {r['real_kidney_dice']:.3f} |")
+                     f"| {r['final_val_loss']:.4f} | {r['test_mean_foreground_dice']:.4f} | {_f(r['real_kidney_dice'])} |")
     lines += ["", "| first kernel | mean test Dice over seeds | min | max | mean real-sample kidney Dice |",
               "|---:|---:|---:|---:|---:|"]
     for k, s in result["summary"].items():
-        lines.append(f"| {k}x{k} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} | {s['real_mean']:.3f} |")
+        lines.append(f"| {k}x{k} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} | {_f(s['real_mean'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,9 +92,9 @@ def main() -> None:
     summary = {}
     for kernel in kernels:
         values = [r["test_mean_foreground_dice"] for r in runs if r["first_kernel"] == kernel]
-        real = [r["real_kidney_dice"] for r in runs if r["first_kernel"] == kernel]
+        real = [r["real_kidney_dice"] for r in runs if r["first_kernel"] == kernel and r["real_kidney_dice"] is not None]
         summary[kernel] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-                           "real_mean": statistics.fmean(real)}
+                           "real_mean": statistics.fmean(real) if real else None}
     result = {"machine": machine_summary(),
               "runs": runs, "summary": summary}
     write_results(args.out, result, markdown)

@@ -367,6 +367,11 @@ class EvaluateParams(_Section):
     # root) scored after every kidney-t2w run (pipeline/scoring/real_sample.py); null = skip.
     real_sample: str | None = Field("data/real-sample/kidney-t2w", min_length=1)
 
+    def champion_floor(self, real_scored: bool) -> tuple[str, float]:
+        """(key, value) of the floor that bars a model from champion: the real sample's
+        when the model was scored on it (that score picks the champion), else the test split's."""
+        return ("min_real_dice", self.min_real_dice) if real_scored else ("min_dice", self.min_dice)
+
 
 class ExportParams(_Section):
     opset: int = Field(17, ge=13, le=18)          # tf2onnx 1.17 refuses 19+

@@ -164,8 +164,9 @@ def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None,
             out.append("train.max_minutes fired")
     dice = metrics["mean_foreground_dice"]
     if dice < floors.min_dice:
+        deciding, _ = floors.champion_floor(real is not None)
         out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {floors.min_dice}"
-                   + (" (the real sample, not this floor, decides the champion)" if real is not None else ""))
+                   + ("" if deciding == "min_dice" else " (the real sample, not this floor, decides the champion)"))
     if real is not None and real < floors.min_real_dice:
         out.append(f"real-sample kidney Dice {real:.4f} is below evaluate.min_real_dice {floors.min_real_dice}")
     return out
@@ -192,7 +193,7 @@ def evaluate(layout: Layout) -> dict[str, Any]:
         real, panel = real_sample(model, layout)
         write_json(real_json, real)
         save_rgb_png(real_panel, panel if panel is not None else _not_scored_panel(real["reason"]))
-        real_dice = real.get(KIDNEY_DICE) if real.get("available") else None
+        real_dice = real.get(KIDNEY_DICE)   # absent when the sample was not scored
         warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate, real_dice)
         report = {**metrics, "confusion_matrix": confusion.tolist(), "object_metrics": p.evaluate.object_metrics,
                   "min_dice": p.evaluate.min_dice,
@@ -205,7 +206,7 @@ def evaluate(layout: Layout) -> dict[str, Any]:
             run.set_tags({"flexunet.warnings": "; ".join(warnings)})
         counts.update(extra_counts(model, layout))
         tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
-        run.log_metrics({f"test_{k}": v for k, v in metrics.items() if v is not None})
+        run.log_numbers(metrics, prefix="test_")
         run.log_metrics({f"test_tkv_{k}": v for k, v in tkv.items() if isinstance(v, float)})
         run.log_numbers({k: v for k, v in real.items() if k.startswith("real_")})
         for path, folder in ((layout.plots / "confusion_matrix.png", "plots"), (tkv_plot, "plots"),

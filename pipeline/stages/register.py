@@ -76,8 +76,9 @@ def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     raw = json.loads(path.read_text(encoding="utf-8"))
     if metric_number(raw.get("mean_foreground_dice")) is None:
         raise DataError(f"{path}: no 'mean_foreground_dice'; re-run the evaluate stage")
-    # The floors (min_dice, min_real_dice) are settings written beside the metrics, not metrics.
-    metrics = {k: n for k, v in raw.items() if (n := metric_number(v)) is not None and not k.startswith("min_")}
+    # evaluate writes its settings (the floors) beside the metrics: they are not metrics.
+    metrics = {k: n for k, v in raw.items()
+               if (n := metric_number(v)) is not None and k not in EvaluateParams.model_fields}
     return metrics, [str(w) for w in raw.get("warnings", [])]
 
 
@@ -115,6 +116,18 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _scored(dice: float, real: float | None) -> tuple[str, float]:
+    """The score the alias rule judges a version by, and its name."""
+    return ("real-sample kidney Dice", real) if real is not None else ("test mean foreground Dice", dice)
+
+
+def _floor_line(floors: EvaluateParams, dice: float, real: float | None) -> str:
+    key, floor = floors.champion_floor(real is not None)
+    name, score = _scored(dice, real)
+    return (f"The champion is judged on the {name} ({score:.4f}): a model under {floor:g} (`evaluate.{key}`) "
+            "never becomes champion.")
+
+
 def model_card(card: ModelCard, metrics: dict[str, float], warnings: list[str], manifest: dict[str, Any],
                *, name: str, floors: EvaluateParams, real: float | None, run_id: str) -> str:
     """The registered version's description: a short model card in Markdown."""
@@ -132,9 +145,7 @@ def model_card(card: ModelCard, metrics: dict[str, float], warnings: list[str], 
               + (": synthetic images, not validated on real scans." if source == "synthetic" else "."),
               f"Input: {'greyscale' if card.channels == 1 else 'RGB'} images, tiled at {card.tile_size} px "
               f"(sides padded to multiples of {card.size_multiple}); other modalities or resolutions are untested.",
-              (f"Real-sample kidney Dice {_fmt(real)}; under {floors.min_real_dice:g} (`evaluate.min_real_dice`) "
-               "a model never becomes champion." if real is not None else
-               f"A test mean foreground Dice under {floors.min_dice:g} (`evaluate.min_dice`) never becomes champion.")]
+              _floor_line(floors, metrics["mean_foreground_dice"], real)]
     if card.single_foreground_class:
         limits.append("One foreground class per image: the class with the larger summed probability wins.")
     limits += [f"Evaluate warned: {w}" for w in warnings]
@@ -195,12 +206,10 @@ def champion_decision(dice: float, version: str, champion: VersionInfo | None,
     version's real-sample kidney Dice (None: not scored)."""
     if champion is not None and champion.version == version:
         return True, f"version {version} is already the champion"
-    if real is not None and real < floors.min_real_dice:
-        return False, (f"real-sample kidney Dice {real:.4f} < evaluate.min_real_dice {floors.min_real_dice}: "
-                       f"never champion")
-    if real is None and dice < floors.min_dice:
-        return False, (f"test mean foreground Dice {dice:.4f} < evaluate.min_dice {floors.min_dice}: "
-                       f"never champion")
+    key, floor = floors.champion_floor(real is not None)
+    name, score = _scored(dice, real)
+    if score < floor:
+        return False, f"{name} {score:.4f} < evaluate.{key} {floor}: never champion"
     if champion is None:
         return True, "first version: no champion yet"
     old_real = _tag_value(champion, REAL_TAG)

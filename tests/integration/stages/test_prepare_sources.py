@@ -345,8 +345,8 @@ def test_nifti_data_trains_and_evaluates_with_tkv(tmp_path, caplog):
     manifest = prepare(layout)
     train(layout)
     evaluate(layout)
-    report = json.loads((layout.metrics / "eval.json").read_text())
-    real = json.loads((layout.metrics / "real_sample.json").read_text())["real_kidney_dice"]
+    report = json.loads((layout.eval_metrics_file).read_text())
+    real = json.loads((layout.real_sample_file).read_text())["real_kidney_dice"]
     assert report["below_min_dice"] and report["min_dice"] == 0.999
     assert report["below_min_real_dice"] and report["min_real_dice"] == 0.999
     assert report["warnings"] == [f"test mean foreground Dice {report['mean_foreground_dice']:.4f} is below "

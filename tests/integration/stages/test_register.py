@@ -43,10 +43,10 @@ def _new_model(layout: Layout, seed: int, dice: float, real: float | None = None
     keras.utils.set_random_seed(seed)
     card = card_for(layout.params, layout.read_run()["run_id"], layout.read_manifest()["fingerprint"])
     to_onnx(build_flexunet(layout.params.model), layout.onnx_file, card)
-    write_json(layout.metrics / "eval.json", {"mean_foreground_dice": dice, "dice_CKD": dice, "loss": 0.3,
+    write_json(layout.eval_metrics_file, {"mean_foreground_dice": dice, "dice_CKD": dice, "loss": 0.3,
                                                "confusion_matrix": [[1, 0], [0, 1]], "min_dice": 0.0,
                                                "min_real_dice": 0.0})   # the floors evaluate writes beside the metrics
-    write_json(layout.metrics / "real_sample.json", {"available": real is not None, "real_kidney_dice": real})
+    write_json(layout.real_sample_file, {"available": real is not None, "real_kidney_dice": real})
 
 
 @pytest.fixture(scope="session")
@@ -175,9 +175,9 @@ def test_a_model_under_the_quality_floor_never_becomes_champion(served):
     raw["evaluate"]["min_dice"] = 0.8
     layout = Layout(served[0].root, params_from_dict(raw))
     _new_model(layout, seed=4, dice=0.5)
-    report = json.loads((layout.metrics / "eval.json").read_text())
+    report = json.loads((layout.eval_metrics_file).read_text())
     report["warnings"] = ["training ran 4 of 30 epochs (train.max_minutes fired)"]
-    write_json(layout.metrics / "eval.json", report)
+    write_json(layout.eval_metrics_file, report)
     first = register(layout)   # even the first version: no champion rather than a broken one
     assert (first["version"], first["champion"], first["aliases"]) == ("1", False, ["challenger"])
     assert "0.5000 < evaluate.min_dice 0.8: never champion" in first["decision"]

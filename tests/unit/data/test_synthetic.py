@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pipeline.data.synthetic import detmath
 from pipeline.data.synthetic.glomeruli import render_glomeruli
 from pipeline.data.synthetic.kidney_t2w import GROUPS, ScanVolume, SubjectSpec, make_subjects, render_scan
 
@@ -288,8 +289,6 @@ def test_generators_call_no_cpu_dependent_numpy_function():
 
 
 def test_deterministic_math_matches_numpy():
-    from pipeline.data.synthetic import detmath
-
     rng = np.random.default_rng(0)
     x, y = rng.uniform(-60, 60, 20000), rng.uniform(-60, 60, 20000)
     np.testing.assert_allclose(detmath.cos(x), np.cos(x), atol=1e-13)
@@ -303,8 +302,6 @@ def test_deterministic_math_matches_numpy():
 
 
 def test_bspline_resample_is_scipys_cubic_bspline_and_rician_noise_has_its_mean():
-    from pipeline.data.synthetic import detmath
-
     # Taps well inside the grid: the same interpolant as SciPy's cubic B-spline of the grid's
     # coefficients (ndimage.map_coordinates with prefilter=False), along the chosen axis.
     grid = np.random.default_rng(1).standard_normal((12, 9)).astype(np.float32)
