@@ -114,7 +114,7 @@ def export_all(params_path: Path, out: Path) -> dict[str, Any]:
     x = windows(2, m.image_width, m.image_channels)
     models, plain = {}, None
     for levels in range(m.num_layers):
-        path = to_onnx(model, out / f"levels{levels}.onnx", card_for(params, None, None),
+        path = to_onnx(model, out / f"levels{levels}.onnx", card_for(params, None, {}),
                        opset=params.export.opset, phase_levels=levels)
         probs = session(path).run(None, {"image": x})[0]
         plain = probs if plain is None else plain

@@ -129,7 +129,7 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     params = load_params(a.params)
     model, weights = default_model(params)
     model.save(a.keras)
-    to_onnx(model, Path(a.model), card_for(params, None, None), opset=params.export.opset,
+    to_onnx(model, Path(a.model), card_for(params, None, {}), opset=params.export.opset,
             phase_levels=space_to_depth_levels(params))
     m = params.model
     return {"weights": weights, "tile_size": m.image_width, "num_layers": m.num_layers, "base_filters": m.base_filters,

@@ -228,7 +228,10 @@ def _slide_size(text: str) -> int | tuple[int, int]:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> None:
-    """A synthetic PAS whole slide (pyramidal OME-TIFF) for the whole-slide path."""
+    """A synthetic PAS whole slide (pyramidal OME-TIFF), or one synthetic kidney scan (NIfTI)."""
+    if args.volume:
+        _synthesize_volume(args)
+        return
     from pipeline.data.synthetic.whole_slide import write_whole_slide
 
     summary = write_whole_slide(Path(args.whole_slide), args.size, seed=args.seed, tissue_fraction=args.tissue_fraction,
@@ -237,6 +240,20 @@ def cmd_synthesize(args: argparse.Namespace) -> None:
     print(f"{args.whole_slide}: levels {levels} (width x height); {summary['islands']} islands, tissue "
           f"{summary['tissue_fraction']:.4f}, {summary['glomerulus_pixels']} glomerulus px"
           + (f"; truth {args.mask}" if args.mask else "") + f" ({summary['seconds']:.1f} s)")
+
+
+def _synthesize_volume(args: argparse.Namespace) -> None:
+    from pipeline.data.synthetic.volume import synthetic_volume, write_volume
+
+    volume = synthetic_volume(args.subject, args.group, seed=args.seed, spacing_mm=args.spacing,
+                              slice_mm=args.slice_mm, slices=args.slices, orientation=args.orientation,
+                              appearance=args.appearance)
+    write_volume(Path(args.volume), volume, Path(args.mask) if args.mask else None)
+    truth = volume.true_ml
+    print(f"{args.volume}: {'x'.join(map(str, volume.image.shape))} voxels ({args.orientation.upper()}) at "
+          f"{args.spacing:g} x {args.spacing:g} x {args.slice_mm:g} mm, sub-{args.subject:03d} ({args.group}); true TKV "
+          f"{truth['tkv_ml']:.1f} ml (right {truth['right_kidney_ml']:.1f}, left {truth['left_kidney_ml']:.1f})"
+          + (f"; mask {args.mask} (1 right, 2 left kidney)" if args.mask else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,15 +291,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="rewrite each stage's code deps in dvc.yaml to what it runs")
     p.add_argument("--mermaid", action="store_true", help="print the package import graph as a mermaid chart")
     p.set_defaults(func=cmd_deps)
-    p = sub.add_parser("synthesize", help="write a synthetic PAS whole slide (pyramidal OME-TIFF, glomeruli)")
-    p.add_argument("--whole-slide", required=True, metavar="OUT.ome.tif", help="the slide to write")
-    p.add_argument("--size", type=_slide_size, default=50000, help="side in px, or HEIGHTxWIDTH (default: 50000)")
+    p = sub.add_parser("synthesize", help="write a synthetic PAS whole slide (pyramidal OME-TIFF, glomeruli) or "
+                                          "a synthetic kidney scan (NIfTI)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--whole-slide", metavar="OUT.ome.tif", help="the slide to write")
+    what.add_argument("--volume", metavar="OUT.nii.gz", help="one synthetic kidney-t2w subject as a NIfTI scan")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask", metavar="MASK",
+                   help="also write the truth: a tiled TIFF (slide: 1 = glomerulus) or NIfTI (volume: 1 = the "
+                        "patient's right kidney, 2 = the left)")
+    p.add_argument("--size", type=_slide_size, default=50000,
+                   help="slide: side in px, or HEIGHTxWIDTH (default: 50000)")
     p.add_argument("--tissue-fraction", type=float, default=0.10,
-                   help="share of level-0 pixels that are tissue (default: 0.10, at most 0.3)")
+                   help="slide: share of level-0 pixels that are tissue (default: 0.10, at most 0.3)")
     p.add_argument("--mpp", type=float, default=2.0,
-                   help="level-0 microns per pixel recorded (default: 2.0, the synthetic glomeruli training images')")
-    p.add_argument("--mask", metavar="MASK.tif", help="also write the truth (uint8, 1 = glomerulus) as a tiled TIFF")
+                   help="slide: level-0 microns per pixel recorded (default: 2.0, the synthetic glomeruli training "
+                        "images')")
+    p.add_argument("--subject", type=int, default=1, help="volume: the subject number (its anatomy; default 1)")
+    p.add_argument("--group", choices=("CKD", "healthy"), default="CKD", help="volume: the subject's group")
+    p.add_argument("--spacing", type=float, default=1.5, metavar="MM",
+                   help="volume: in-plane pixel spacing in mm (the field of view stays 384 mm; default 1.5)")
+    p.add_argument("--slice-mm", type=float, default=5.0, metavar="MM", help="volume: slice thickness (default 5)")
+    p.add_argument("--slices", type=int, default=18, help="volume: coronal slices (default 18: both kidneys whole)")
+    p.add_argument("--orientation", default="RAS",
+                   help="volume: the stored axis order and directions, nibabel axis codes (RAS, LPS, ASL...)")
+    p.add_argument("--appearance", choices=("realistic", "randomised"), default="realistic",
+                   help="volume: the T2w-like rendering or a domain-randomised one")
     p.set_defaults(func=cmd_synthesize)
     from serving.cli import add_predict_parser  # the light install's command: no TensorFlow, no pydantic
 

@@ -99,32 +99,37 @@ def tune_plots(study, history_path: Path, importance_path: Path) -> None:
         _save(fig, importance_path)
 
 
-def bland_altman(rows: list[dict], stats: dict, path: Path) -> None:
-    """TKV agreement: difference (predicted - true) against the mean, with the bias and 95 %
-    limits over subjects (first scans, filled); further repeat scans drawn hollow."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    if not stats.get("available"):
+def bland_altman(rows: list[dict], series: list[tuple[str, str, dict]], path: Path, *, reason: str | None = None,
+                 title: str = "TKV agreement") -> None:
+    """TKV agreement: difference (predicted - true) against the mean, one colour per series
+    (key of the predicted ml, label, its agreement statistics), with each series' bias and
+    95 % limits over subjects (first scans, filled); further repeat scans drawn hollow."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    if not rows or not series:
         ax.axis("off")
-        ax.text(0.5, 0.5, "TKV not available:\n" + str(stats.get("reason")), ha="center", va="center")
+        ax.text(0.5, 0.5, "TKV not available:\n" + str(reason), ha="center", va="center")
         _save(fig, path)
         return
     first = {}
     for r in sorted(rows, key=lambda r: r["scan"]):
         first.setdefault(r["subject_id"], r)
-    for hollow in (False, True):
-        pts = [r for r in rows if (first[r["subject_id"]] is r) != hollow]
-        if pts:
-            mean = [(r["predicted_ml"] + r["true_ml"]) / 2 for r in pts]
-            diff = [r["predicted_ml"] - r["true_ml"] for r in pts]
-            ax.scatter(mean, diff, s=28, facecolors="none" if hollow else "tab:blue", edgecolors="tab:blue",
-                       label="repeat scan (not in the limits)" if hollow else "subject (first scan)")
-    for value, style, name in ((stats["bias_ml"], "-", "bias"), (stats["loa_low_ml"], "--", "-1.96 SD"),
-                               (stats["loa_high_ml"], "--", "+1.96 SD")):
-        ax.axhline(value, color="tab:red", linestyle=style, linewidth=1)
-        ax.annotate(f"{name} {value:+.1f} ml", (1.0, value), xycoords=("axes fraction", "data"),
-                    ha="right", va="bottom", fontsize=8, color="tab:red")
+    for (key, label, stats), colour in zip(series, ("tab:blue", "tab:orange", "tab:green")):
+        for hollow in (False, True):
+            pts = [r for r in rows if (first[r["subject_id"]] is r) != hollow]
+            if pts:
+                mean = [(r[key] + r["true_ml"]) / 2 for r in pts]
+                diff = [r[key] - r["true_ml"] for r in pts]
+                ax.scatter(mean, diff, s=28, facecolors="none" if hollow else colour, edgecolors=colour,
+                           label=f"{label}: repeat scan (not in the limits)" if hollow else f"{label}: subject")
+        for value, style, name in ((stats["bias_ml"], "-", "bias"), (stats["loa_low_ml"], "--", "-1.96 SD"),
+                                   (stats["loa_high_ml"], "--", "+1.96 SD")):
+            ax.axhline(value, color=colour, linestyle=style, linewidth=1)
+            ax.annotate(f"{label}: {name} {value:+.1f} ml", (1.0, value), xycoords=("axes fraction", "data"),
+                        ha="right", va="bottom", fontsize=7, color=colour)
+    stats = series[0][2]
+    ax.axhline(0, color="grey", linewidth=0.5)
     ax.set_xlabel("mean of predicted and true TKV (ml)")
     ax.set_ylabel("predicted - true TKV (ml)")
-    ax.set_title(f"TKV agreement, {stats['subjects']} test subjects ({stats['scans']} scans)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title}, {stats['subjects']} subjects ({stats['scans']} scans)")
+    ax.legend(loc="upper left", fontsize=7)
     _save(fig, path)

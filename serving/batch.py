@@ -74,6 +74,7 @@ from serving.inputs import image_size, open_input
 from serving.outputs import Targets, output_stem, resolve_format, write_prediction
 from serving.settings import TilingSettings
 from serving.tissue import TileCount, TissueSkip
+from serving.volumes import NIFTI_SUFFIXES, is_dicom_series, is_scan, nifti_stem
 
 if TYPE_CHECKING:
     from serving.predictor import Band
@@ -143,9 +144,12 @@ def resolve_inputs(spec: str) -> list[Path]:
     """
     path = Path(spec)
     if path.is_dir():
-        found = list_images(path)
+        if is_dicom_series(path):   # the folder is one series
+            return [path]
+        found = sorted([*list_images(path), *list_scans(path)])
         if not found:
-            raise UserError(f"{spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            raise UserError(f"{spec}: no image files ({', '.join(IMAGE_SUFFIXES)}), NIfTI volumes "
+                            f"({', '.join(NIFTI_SUFFIXES)}) or DICOM series folders in this folder")
         return found
     if path.is_file():
         return read_manifest(path) if path.suffix.lower() in MANIFEST_SUFFIXES else [path]
@@ -156,6 +160,12 @@ def resolve_inputs(spec: str) -> list[Path]:
     if not found:
         raise UserError(f"{spec}: the pattern matches no files")
     return found
+
+
+def list_scans(folder: Path) -> list[Path]:
+    """The scans directly in `folder`: NIfTI files and subfolders holding a DICOM series."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                  and ((p.is_file() and nifti_stem(p) is not None) or is_dicom_series(p)))
 
 
 def read_manifest(path: Path) -> list[Path]:
@@ -263,7 +273,7 @@ def run_batch(engine: Engine, inputs: list[Path], output_dir: Path, *, overwrite
     _check_plan(inputs, output_dir)
     options = ImageOptions(output_dir, overwrite=overwrite, overlay=overlay, max_pixels=max_pixels,
                            format=format, geojson=geojson, level=level, mpp=mpp)
-    table = _Table(output_dir / CSV_NAME, engine.card.class_names)
+    table = _Table(output_dir / CSV_NAME, engine.card.class_names, scans=engine.card.plane is not None)
     summary = BatchSummary(csv_path=table.path)
     jobs = [(path, table.rows.get(str(path))) for path in inputs]
     started = last_write = time.monotonic()
@@ -303,7 +313,7 @@ def _count(summary: BatchSummary, row: dict[str, Any]) -> None:
     status = row["status"]
     if status == STATUS_OK:
         summary.ok += 1
-        summary.megapixels += row["height"] * row["width"] / 1e6
+        summary.megapixels += row["height"] * row["width"] * (row.get("slices") or 1) / 1e6
         summary.predict_seconds += row["seconds"]
         summary.tiles += row["tiles"]
         summary.skipped_tiles += row["skipped_tiles"]
@@ -325,6 +335,8 @@ def predict_image(predictor: Predictor, path: Path, options: ImageOptions,
     card = predictor.card
     t0 = time.perf_counter()
     try:
+        if is_scan(path):
+            return _scan_row(predictor, path, options, t0)
         targets = _targets(path, options)
         overlay_path = options.output_dir / OVERLAY_DIR / f"{targets.stem}.png"
         if not options.overwrite:
@@ -352,6 +364,18 @@ def predict_image(predictor: Predictor, path: Path, options: ImageOptions,
         message = " ".join(message.split())  # one line, whatever the exception said; run_batch logs it
         log.debug("traceback for %s", path, exc_info=True)
         return {"file": str(path), "seconds": round(time.perf_counter() - t0, 4), "status": f"error: {message}"}
+
+
+def _scan_row(predictor: Predictor, path: Path, options: ImageOptions, t0: float) -> dict[str, Any]:
+    """A scan's row (serving.scans): its earlier outputs reused, or predicted now."""
+    from serving.scans import ScanTargets, existing_row, predict_scan
+
+    if not options.overwrite:
+        row = existing_row(ScanTargets(options.output_dir, output_stem(path)))
+        if row is not None:
+            return {**row, "file": str(path), "status": STATUS_SKIPPED}
+    row = predict_scan(predictor, path, options.output_dir)
+    return {"file": str(path), **row, "seconds": round(time.perf_counter() - t0, 4), "status": STATUS_OK}
 
 
 def _targets(path: Path, options: ImageOptions) -> Targets:
@@ -448,11 +472,15 @@ class _Table:
 
     MEASURED = ("level", "objects", "uncertainty_mean", "tiles", "skipped_tiles", "seconds_saved", "seconds", "status")
 
-    def __init__(self, path: Path, class_names: list[str]):
+    def __init__(self, path: Path, class_names: list[str], scans: bool = False):
+        """scans: a model for scans, whose rows add serving.scans.SCAN_COLUMNS (kidney volumes)."""
+        from serving.scans import SCAN_COLUMNS
+
         self.path = path
         self.class_names = class_names
-        self.columns = ["file", "height", "width", *(f"px_{n}" for n in class_names), *self.MEASURED]
-        self.keys = ["file", "height", "width", *(f"#{k}" for k in range(len(class_names))), *self.MEASURED]
+        self.measured = (*SCAN_COLUMNS, *self.MEASURED) if scans else self.MEASURED
+        self.columns = ["file", "height", "width", *(f"px_{n}" for n in class_names), *self.measured]
+        self.keys = ["file", "height", "width", *(f"#{k}" for k in range(len(class_names))), *self.measured]
         self.rows: dict[str, dict[str, Any]] = self._previous_rows()
 
     def _previous_rows(self) -> dict[str, dict[str, Any]]:
@@ -467,7 +495,7 @@ class _Table:
 
     def _internal(self, row: dict[str, str]) -> dict[str, Any]:
         """CSV row -> the internal form (class counts under '#k')."""
-        out: dict[str, Any] = {k: row[k] for k in ("file", "height", "width", *self.MEASURED)}
+        out: dict[str, Any] = {k: row[k] for k in ("file", "height", "width", *self.measured)}
         out.update({f"#{k}": row[f"px_{n}"] for k, n in enumerate(self.class_names)})
         return out
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 METADATA_KEY = "flexunet.card"
 
@@ -38,12 +39,32 @@ class ModelCard:
     # Background skip for histology (serving.tissue), the default of `flexunet predict`
     # with this model: the glomeruli model skips empty glass unless told otherwise.
     tissue_threshold: int | None = None
-    # Training resolution in microns per pixel, when known: a slide level is chosen to
-    # match it, and a mismatch is warned about (serving.slide).
-    mpp: float | None = None
+    # How an input meets the model (serving.scale): "whole": the whole slice padded to a
+    # square and resampled to tile_size, as the kidney models were trained; "tiled": windows
+    # at the training resolution (`spacing`), as the glomeruli models were.
+    scale: Literal["whole", "tiled"] = "tiled"
+    # Pixel spacing of the training images at the model's input, in `spacing_unit`
+    # (tiled: the tiles' resolution; whole: the typical field of view / tile_size), and the
+    # range the training data covered; None when not known.
+    spacing: float | None = None
+    spacing_range: tuple[float, float] | None = None
+    spacing_unit: Literal["mm", "um"] = "um"
+    # Scans (NIfTI, DICOM): the slicing plane after reorienting to RAS and the intensity
+    # percentiles mapped to 0..255, as the training slices were cut (serving.scale);
+    # None: the model takes 2-D images only.
+    plane: Literal["coronal", "axial", "sagittal"] | None = None
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    # Volume rules (serving.kidneys): kidney components smaller than this many ml are dropped.
+    min_component_ml: float = 0.0
     # Smallest object (pixels) the GeoJSON, the CSV's object count and the evaluation keep.
     min_object_px: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mpp(self) -> float | None:
+        """Training resolution in microns per pixel (histology), when known: a slide level is
+        chosen to match it, and a mismatch is warned about (serving.inputs)."""
+        return self.spacing if self.spacing_unit == "um" else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -52,6 +73,11 @@ class ModelCard:
     def from_json(cls, text: str) -> ModelCard:
         raw = json.loads(text)
         raw["colours"] = [tuple(int(v) for v in c) for c in raw["colours"]]
+        if "mpp" in raw and "spacing" not in raw:   # cards exported before `spacing`
+            raw.update(spacing=raw["mpp"], spacing_unit="um")
+        for key in ("spacing_range", "intensity_percentiles"):
+            if raw.get(key) is not None:
+                raw[key] = tuple(float(v) for v in raw[key])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in raw.items() if k in known})
 

@@ -221,9 +221,12 @@ TTA_VARIANCE_SCALE = 4.0   # a probability's variance is at most 1/4: x 4 puts i
 
 
 def output_stem(path: Path) -> str:
-    """`slide.ome.tif` -> `slide` (OME-TIFF's double suffix), else the file's stem."""
+    """`slide.ome.tif` -> `slide`, `scan.nii.gz` -> `scan` (double suffixes), a DICOM series
+    folder -> its name, else the file's stem."""
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
+    if path.is_dir():
+        return name
+    for suffix in (".ome.tiff", ".ome.tif", ".nii.gz", ".nii"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem

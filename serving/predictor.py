@@ -27,6 +27,7 @@ Input conversion (the rules of common.imageio.to_uint8_array, for arrays):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,13 +39,18 @@ import numpy as np
 from common.errors import UserError
 from serving._onnx_session import OnnxSession, open_session
 from serving.card import ModelCard
+from common.imageio import resize_image
+from serving._tiling_engine import FLIPS, undo_tta
 from serving.labels import foreground_mass, unify_foreground
+from serving.preparation import Placement, check_spacing, resample_probs, whole_slice_probs
 from serving.settings import TilingSettings
 from serving.tiling import iter_bands
 from serving.tissue import TileCount, TissueSkip
 from serving.uncertainty import normalised_entropy
 
 log = logging.getLogger(__name__)
+
+RESCALE_TOLERANCE = 0.05   # --spacing within 5 % of a tiled model's training resolution: tiled as is
 
 
 @dataclass
@@ -93,6 +99,17 @@ class TiledPredictor:
         """The raw model: float32 (N, h, w, C) of 0..255 values -> probabilities (N, h, w, K)."""
         return self.session(batch)
 
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Whole inputs at the model size: float32 (N, s, s, C) -> probabilities (N, s, s, K),
+        with --tta the card's flips averaged (as serving.tiling does for windows)."""
+        batch = np.asarray(batch, dtype=np.float32)
+        flips = self._flips()
+        if not flips:
+            return np.asarray(self.session(batch), dtype=np.float32)
+        n = len(batch)
+        out = np.asarray(self.session(np.concatenate([batch] + [batch[FLIPS[f]] for f in flips])), np.float32)
+        return undo_tta(out, n, n, flips)
+
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Convert an image to (H, W, card.channels) by the rules in the module docstring."""
         return convert_channels(image, self.card.channels)
@@ -138,6 +155,13 @@ class TiledPredictor:
         summed foreground_mass), since it needs the whole image.
         """
         image = image if _is_lazy(image) else self.prepare(image)
+        if self.card.scale == "whole" or self._rescale_factor(image) is not None:
+            yield self._whole_band(image, tiles)
+            return
+        yield from self._tiled(image, tiles, tissue)
+
+    def _tiled(self, image: Any, tiles: TileCount | None, tissue: TissueSkip | None) -> Iterator[Band]:
+        """Windows at the image's own resolution (serving.tiling), band by band."""
         if tissue is None:
             threshold = self.tissue_threshold
             if threshold is not None and _is_lazy(image):
@@ -151,6 +175,44 @@ class TiledPredictor:
             probs = band[..., :k]
             yield Band(row0, probs.argmax(axis=-1).astype(np.uint8), probs,
                        band[..., k] if band.shape[-1] > k else None)
+
+    def _rescale_factor(self, image: Any) -> float | None:
+        """Tiled models: the input's spacing over the training one (0.5: a 1 um/px image for a
+        2 um/px model, shrunk by half) when --spacing gives an in-memory image's scale and the
+        card its training one (None: tile as is)."""
+        spacing, trained = self.settings.spacing, self.card.spacing
+        if spacing is None or _is_lazy(image):
+            return None
+        if trained is None:
+            log.warning("--spacing %g: the model card records no training resolution, so the image is tiled "
+                        "as it is", spacing)
+            return None
+        factor = spacing / trained
+        return None if abs(math.log(factor)) < math.log(1 + RESCALE_TOLERANCE) else factor
+
+    def _whole_band(self, image: Any, tiles: TileCount | None) -> Band:
+        """The image as one band, through serving.preparation: a whole-slice model's one
+        pass at the model size, or a tiled model's windows at its training resolution; the
+        probabilities restored onto the image's grid before the argmax."""
+        if _is_lazy(image):
+            raise UserError(f"{self.source} takes whole slices (its card's scale is 'whole'); a whole-slide "
+                            f"image needs a tiled model")
+        h, w = image.shape[:2]
+        if self.card.scale == "whole":
+            if self.settings.spacing is not None:
+                check_spacing(Placement(h, w, self.tile_size).spacing(self.settings.spacing, self.settings.spacing),
+                              self.card.spacing_range, self.card.spacing_unit, self.source)
+            if tiles is not None:
+                tiles.tiles += 1
+            probs = whole_slice_probs(self.forward, image, self.tile_size)
+        else:
+            factor = self._rescale_factor(image)
+            small = resize_image(np.ascontiguousarray(image), max(1, round(w * factor)), max(1, round(h * factor)))
+            at_training = np.empty(small.shape[:2] + (self.card.num_classes,), np.float32)
+            for band in self._tiled(small, tiles, None):
+                at_training[band.row0: band.row0 + band.probs.shape[0]] = band.probs
+            probs = resample_probs(at_training, h, w)
+        return Band(0, probs.argmax(axis=-1).astype(np.uint8), probs, None)
 
     @property
     def tissue_threshold(self) -> int | None:

@@ -103,6 +103,15 @@ def _count_or_unset(value: Any) -> int | None:
     return int(value)
 
 
+def _spacing(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < float(value) < 1e4:
+        raise ValueError("must be a pixel spacing > 0 in the model card's unit (mm for MRI, um for histology), "
+                         "or unset for the file's own")
+    return float(value)
+
+
 def _setting(default: Any, help: str, check: Callable[[Any], Any], **flag: Any) -> Any:
     """A field with its one-line help (the CLI flag's) and its rule."""
     return field(default=default, metadata={"help": help, "check": check, "flag": flag})
@@ -132,6 +141,11 @@ class TilingSettings:
     min_object_px: int | None = _setting(
         None, "objects (GeoJSON, CSV count, evaluation) smaller than this many pixels are specks and dropped "
               "(0: keep all; unset: the model card's)", _count_or_unset, metavar="PX")
+
+    spacing: float | None = _setting(
+        None, "pixel spacing of 2-D inputs whose file does not record it, in the model card's unit: mm for MRI "
+              "models, um for histology (a tiled model then tiles them at its training resolution; a scale "
+              "outside the trained range is warned about)", _spacing, metavar="MM_OR_UM")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -32,7 +32,7 @@ def tiny_card(*, channels: int = 3, num_classes: int = 3, size_multiple: int = 4
               colours: list[tuple[int, int, int]] | None = None,
               single_foreground_class: bool = False, **card_fields: Any) -> ModelCard:
     """The card make_tiny_onnx embeds (also handy for tests that need a card alone);
-    card_fields: other ModelCard fields (tissue_threshold, mpp, ...)."""
+    card_fields: other ModelCard fields (tissue_threshold, spacing, scale, ...)."""
     names = class_names or ["background"] + [f"class{i}" for i in range(1, num_classes)]
     base = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
     cols = colours or [base[i % len(base)] for i in range(num_classes)]
@@ -113,5 +113,44 @@ def make_tiny_onnx(path: Path | str, *, channels: int = 3, num_classes: int = 3,
                      single_foreground_class=single_foreground_class, **card_fields)
     model = tiny_model_proto(channels=channels, num_classes=num_classes,
                              kernel_size=kernel_size, card=card if with_card else None)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def make_kidney_onnx(path: Path | str, *, threshold: float = 0.7, tile_size: int = 128, size_multiple: int = 4,
+                     healthy: bool = False, **card_fields: Any) -> Path:
+    """A kidney "oracle" for scans whose kidney is their brightest tissue: every pixel whose
+    mean intensity (0..1) is above `threshold` is kidney, CKD (or healthy), the rest
+    background. A 1x1 convolution, so a pixel's class depends on its own value only; the
+    card says whole-slice, coronal, 3 classes, one diagnosis per scan."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sharpness, channels = 40.0, 3
+    w = np.zeros((3, channels, 1, 1), np.float32)
+    w[1:, :, 0, 0] = sharpness / channels
+    b = np.array([0.0, -sharpness * threshold, -sharpness * threshold - 1.0], np.float32)
+    if healthy:
+        b[[1, 2]] = b[[2, 1]]
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Div", ["nchw", "scale"], ["unit"]),
+        helper.make_node("Conv", ["unit", "W", "B"], ["logits"], kernel_shape=[1, 1]),
+        helper.make_node("Softmax", ["logits"], ["soft"], axis=1),
+        helper.make_node("Transpose", ["soft"], ["probabilities"], perm=[0, 2, 3, 1]),
+    ]
+    inits = [numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+             numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", "H", "W", channels])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", "H", "W", 3])
+    model = helper.make_model(helper.make_graph(nodes, "kidney_oracle", [x], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="flexunet-tests")
+    model.ir_version = IR_VERSION
+    fields = {"scale": "whole", "plane": "coronal", "spacing": 3.0, "spacing_range": (2.6, 3.5),
+              "spacing_unit": "mm", "min_component_ml": 5.0, "tta_flips": ["lr"], **card_fields}
+    card = tiny_card(channels=channels, num_classes=3, size_multiple=size_multiple, tile_size=tile_size,
+                     class_names=["background", "CKD", "healthy"], colours=[(0, 0, 0), (255, 0, 0), (0, 255, 0)],
+                     single_foreground_class=True, **fields)
+    helper.set_model_props(model, {METADATA_KEY: card.to_json()})
+    onnx.checker.check_model(model, full_check=True)
     onnx.save_model(model, str(path))
     return path

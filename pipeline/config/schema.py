@@ -366,6 +366,9 @@ class EvaluateParams(_Section):
     # The real development sample (a folder of images/ and masks/, relative to the project
     # root) scored after every kidney-t2w run (pipeline/scoring/real_sample.py); null = skip.
     real_sample: str | None = Field("data/real-sample/kidney-t2w", min_length=1)
+    # Volume rules (serving/kidneys.py): kidney components smaller than this are dropped in
+    # evaluate's TKV and, through the model card, by `flexunet predict` on scans.
+    min_component_ml: float = Field(5.0, ge=0)
 
     def champion_floor(self, real_scored: bool) -> tuple[str, float]:
         """(key, value) of the floor that bars a model from champion: the real sample's

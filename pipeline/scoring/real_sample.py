@@ -6,9 +6,10 @@ estimate that moves a lot with one slice, so every score comes with a 95 % boots
 interval over slices: resample the slices with replacement, recompute the pooled score,
 take the 2.5 / 97.5 percentiles. The interval shows how little 8 slices can tell apart.
 
-Each slice is predicted as a user gets it from the model: the whole slice resized to the
-model size, one forward pass, labels by serving.labels (one diagnosis per slice), labels
-resized back to the slice. Scores are pooled over slices (pixel counts summed, then
+Each slice is predicted as `flexunet predict` predicts it (serving.preparation): the
+whole slice padded to a square and resampled to the model size, one forward pass, the
+probabilities resampled back onto the slice, labels by serving.labels (one diagnosis per
+slice). Scores are pooled over slices (pixel counts summed, then
 divided: pipeline/scoring/confusion.py's rule):
 - `real_kidney_dice`: kidney (any foreground class) vs background;
 - `real_dice_<class>`: per foreground class (CKD, healthy);
@@ -22,13 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.imageio import resize_image, resize_labels
+from common.errors import DataError
+from common.imageio import read_image
+from pipeline.data.masks import SnapCount, blend_tolerant, read_mask
+from pipeline.data.pairs import find_pairs
+
 from pipeline.scoring.confusion import confusion, dice_scores
 from serving.labels import to_labels
+from serving.preparation import whole_slice_probs
 
 # 2000 resamples put the percentile of a 95 % interval within about +/-0.005 of its limit
 # for Dice-like scores; seeded, so a rerun writes the same interval.
@@ -39,15 +46,48 @@ KIDNEY = "kidney"
 KIDNEY_DICE = "real_kidney_dice"   # the headline key of metrics/real_sample.json (register reads it)
 
 Predict = Callable[[np.ndarray], np.ndarray]   # (1, h, w, C) float32 -> (1, h, w, K) probabilities
+LabelsOf = Callable[[Path, np.ndarray], np.ndarray]   # (image file, its pixels) -> predicted class ids
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Params
 
 
-def resized_labels(predict: Predict, image: np.ndarray, width: int, height: int,
-                   single_foreground_class: bool) -> np.ndarray:
-    """Class ids at the slice's size from one forward pass at the model's size."""
-    h, w = image.shape[:2]
-    small = resize_image(image, width, height).astype(np.float32)
-    ids = to_labels(np.asarray(predict(small[None]))[0], single_foreground_class=single_foreground_class)
-    return resize_labels(ids, w, h)
+def not_scored(params: Params) -> str | None:
+    """Why the real sample is not scored for these params, or None when it is."""
+    if params.evaluate.real_sample is None:
+        return "evaluate.real_sample is null"
+    if params.dataset.name != "kidney-t2w":
+        return f"the real sample is kidney-t2w; this dataset is {params.dataset.name}"
+    return None
+
+
+def score_sample(params: Params, root: Path, labels_of: LabelsOf
+                 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """metrics/real_sample.json's report for the predictions `labels_of` gives each slice of
+    evaluate.real_sample, and the (image, truth, labels) of every slice, for panels."""
+    folder = root / str(params.evaluate.real_sample)
+    if not (folder / "images").is_dir():
+        raise DataError(f"{folder}: real sample missing (evaluate.real_sample); restore it "
+                        f"(git checkout -- {params.evaluate.real_sample}) or set evaluate.real_sample: null")
+    rules, count = blend_tolerant(params.mask), SnapCount()   # its masks were resized after colouring
+    scores, cases = [], []
+    for pair in find_pairs(folder):
+        image = read_image(pair.image, params.model.image_channels)
+        truth = read_mask(pair.mask, rules, count)
+        if truth.shape != image.shape[:2]:
+            raise DataError(f"{pair.mask}: {truth.shape[1]}x{truth.shape[0]} px, its image "
+                            f"{image.shape[1]}x{image.shape[0]}; a mask must match its image")
+        labels = labels_of(pair.image, image)
+        scores.append(score_slice(pair.image.stem, truth, labels, params.model.num_classes))
+        cases.append((image, truth, labels))
+    report = real_sample_report(scores, params.mask.class_names, snapped_pixels=count.snapped, mask_pixels=count.pixels)
+    return {**report, "folder": params.evaluate.real_sample}, cases
+
+
+def whole_slice_labels(predict: Predict, image: np.ndarray, size: int, single_foreground_class: bool) -> np.ndarray:
+    """Class ids on the slice's grid, as `flexunet predict` labels it with a whole-slice model."""
+    probs = whole_slice_probs(lambda x: np.asarray(predict(x)), image, size)
+    return to_labels(probs, single_foreground_class=single_foreground_class)
 
 
 def slice_class(ids: np.ndarray, num_classes: int) -> int | None:

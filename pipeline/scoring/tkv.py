@@ -1,42 +1,74 @@
 """Total Kidney Volume (TKV): what the kidney-t2w data exists to measure, and its precision.
 
-For every test-split scan the manifest lists (its slices and the volume of one voxel at
-the model size: synthetic or kidney-nifti), TKV = kidney pixels x voxel volume, from the
-predicted masks and from the true ones, in ml (both kidneys, either class). Reported:
+Every test-split scan the manifest lists (its slices in order, the volume of one voxel at
+the model size, the slicing plane; synthetic or kidney-nifti) is put back together from
+the evaluated slices and measured by serving.kidneys, the functions `flexunet predict`
+applies to a scan: the predicted kidney with and without the volume rules (one kidney per
+side, small components dropped, holes filled), and the true kidney, each split into right
+and left. A scan's slices include those its split leaves out (kidney-free ones, kept for
+TKV only), so a false kidney anywhere in the scan counts. Each scan also gets one
+diagnosis (the rules' summed probabilities), scored against its group.
+
+Reported (metrics/tkv.json), for the rules' TKV and, under `without_rules`, the plain one:
 - agreement: mean bias (predicted - true), its SD and the 95 % limits of agreement
   (bias +/- 1.96 SD) over the test subjects (each subject's first scan; `scan_*` over
-  every scan), with a Bland-Altman plot;
+  every scan), with a Bland-Altman plot of both;
 - precision: for subjects scanned more than once (same session), the coefficient of
   variation (SD / mean) of their predicted TKV, next to that of their true TKV.
-A scan's slices include those its split leaves out (kidney-free ones, kept for TKV only),
-so a false kidney anywhere in the scan counts.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.plots import bland_altman
 from common.atomic import write_json
+from pipeline.plots import bland_altman
+from serving.kidneys import apply_rules, diagnose, kidney_volumes
+from serving.preparation import display_geometry
+
+WITH, WITHOUT = "predicted_ml", "predicted_ml_without_rules"
 
 
-def scan_volumes(manifest: dict[str, Any], counts: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
-    """Predicted and true TKV (ml) of each test scan; counts: stem -> (predicted, true) kidney pixels."""
+@dataclass(frozen=True)
+class SlicePrediction:
+    """What TKV needs of one evaluated slice (model size)."""
+
+    predicted: np.ndarray     # bool (h, w): the model's kidney (argmax not background)
+    foreground: np.ndarray    # float16 (h, w, K-1): the foreground classes' probabilities
+    truth: np.ndarray         # bool (h, w): the true kidney
+
+
+def scan_volumes(manifest: dict[str, Any], slices: dict[str, SlicePrediction], *, class_names: list[str],
+                 min_component_ml: float) -> list[dict[str, Any]]:
+    """Predicted (with and without the volume rules) and true TKV (ml) of each test scan."""
+    plane = (manifest.get("scale") or {}).get("plane") or "coronal"
     rows = []
     for scan in manifest.get("scans", []):
         if scan.get("split") != "test" or not scan["stems"]:
             continue
-        stems = scan["stems"] + scan.get("tkv_extra_stems", [])
-        missing = [s for s in stems if s not in counts]
+        stems = sorted(scan["stems"] + scan.get("tkv_extra_stems", []))
+        missing = [s for s in stems if s not in slices]
         if missing:
             raise KeyError(f"test slices {missing[:3]} of scan {scan['subject_id']}/{scan['scan']} were not evaluated")
-        pred = sum(counts[s][0] for s in stems) * scan["voxel_ml"]
-        true = sum(counts[s][1] for s in stems) * scan["voxel_ml"]
+        h, w = slices[stems[0]].truth.shape
+        g = display_geometry(len(stems), h, w, plane=plane)
+        predicted = g.stack_to_ras(np.stack([slices[s].predicted for s in stems]))
+        truth = g.stack_to_ras(np.stack([slices[s].truth for s in stems]))
+        voxel = scan["voxel_ml"]
+        kept = apply_rules(predicted, voxel, plane_axis=g.axis, min_component_ml=min_component_ml)
+        mass = g.stack_to_ras(np.stack([slices[s].foreground for s in stems]))[kept].sum(axis=0, dtype=np.float64)
+        diagnosis, probability = diagnose(mass)
+        ruled, plain, true = (kidney_volumes(v, voxel) for v in (kept, predicted, truth))
         row = {"subject_id": scan["subject_id"], "scan": scan["scan"], "group": scan.get("group"),
-               "predicted_ml": round(pred, 3), "true_ml": round(true, 3)}
+               WITH: round(ruled.tkv_ml, 3), WITHOUT: round(plain.tkv_ml, 3), "true_ml": round(true.tkv_ml, 3),
+               "predicted_right_ml": round(ruled.right_ml, 3), "predicted_left_ml": round(ruled.left_ml, 3),
+               "true_right_ml": round(true.right_ml, 3), "true_left_ml": round(true.left_ml, 3),
+               "predicted_class": None if diagnosis is None else class_names[diagnosis],
+               "class_probability": probability}
         if "true_tkv_ml_native" in scan:   # real data: the truth before resampling to the model size
             row["true_native_ml"] = round(scan["true_tkv_ml_native"], 3)
         rows.append(row)
@@ -49,16 +81,17 @@ def _limits(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"bias_ml": bias, "sd_ml": sd, "loa_low_ml": bias - 1.96 * sd, "loa_high_ml": bias + 1.96 * sd}
 
 
-def agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bland-Altman statistics. Headline: one point per subject (its first scan), so a
-    subject scanned five times does not count five times; `scan_*`: every scan."""
+def agreement(rows: list[dict[str, Any]], key: str = WITH) -> dict[str, Any]:
+    """Bland-Altman statistics of `key` against the truth. Headline: one point per subject
+    (its first scan), so a subject scanned five times does not count five times; `scan_*`:
+    every scan."""
     if not rows:
         return {"available": False, "reason": "no test scans with subject and voxel-size information"}
     first = [min((r for r in rows if r["subject_id"] == s), key=lambda r: r["scan"])
              for s in sorted({r["subject_id"] for r in rows})]
-    pred = np.array([r["predicted_ml"] for r in first])
+    pred = np.array([r[key] for r in first])
     true = np.array([r["true_ml"] for r in first])
-    all_pred = np.array([r["predicted_ml"] for r in rows])
+    all_pred = np.array([r[key] for r in rows])
     all_true = np.array([r["true_ml"] for r in rows])
     out: dict[str, Any] = {
         "available": True, "subjects": len(first), "scans": len(rows),
@@ -73,7 +106,7 @@ def agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for subject in sorted({r["subject_id"] for r in rows}):
         scans = [r for r in rows if r["subject_id"] == subject]
         if len(scans) > 1:
-            p = np.array([r["predicted_ml"] for r in scans])
+            p = np.array([r[key] for r in scans])
             t = np.array([r["true_ml"] for r in scans])
             repeats[subject] = {"scans": len(scans), "cv_predicted_percent": float(p.std(ddof=1) / p.mean() * 100),
                                 "cv_true_percent": float(t.std(ddof=1) / t.mean() * 100)}
@@ -87,11 +120,17 @@ def agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def tkv_report(manifest: dict[str, Any], counts: dict[str, tuple[int, int]], json_path: Path,
-               plot_path: Path) -> dict[str, Any]:
+def tkv_report(manifest: dict[str, Any], slices: dict[str, SlicePrediction], json_path: Path, plot_path: Path, *,
+               class_names: list[str], min_component_ml: float) -> dict[str, Any]:
     """Write metrics/tkv.json and the Bland-Altman PNG (a note in the figure if unavailable)."""
-    rows = scan_volumes(manifest, counts)
+    rows = scan_volumes(manifest, slices, class_names=class_names, min_component_ml=min_component_ml)
     stats = agreement(rows)
+    if rows:
+        without = {k: v for k, v in agreement(rows, WITHOUT).items() if not k.startswith("repeat_subject")}
+        judged = [r["predicted_class"] == r["group"] for r in rows if r["group"] in class_names]
+        stats.update(min_component_ml=min_component_ml, without_rules=without,
+                     volume_class_accuracy=float(np.mean(judged)) if judged else None)
     write_json(json_path, {**stats, "per_scan": rows})
-    bland_altman(rows, stats, plot_path)
+    bland_altman(rows, [(WITH, "with the volume rules", stats), (WITHOUT, "without", stats.get("without_rules", {}))]
+                 if rows else [], plot_path, reason=stats.get("reason"))
     return stats

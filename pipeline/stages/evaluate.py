@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import plots
-from pipeline.data.masks import SnapCount, blend_tolerant, ids_to_rgb, read_mask
+from pipeline.data.masks import ids_to_rgb
 from pipeline.data.pairs import find_pairs, mini_test_pairs
 from pipeline.data.samples import load_infer_samples
 from pipeline.data.tfdata import load_split, make_dataset
@@ -34,21 +34,20 @@ from pipeline.panels import make_panel
 from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.confusion import Accumulator
 from pipeline.scoring.objects import ObjectScores
-from pipeline.scoring.real_sample import KIDNEY_DICE, real_sample_report, resized_labels, score_slice, summary_line
-from pipeline.scoring.tkv import tkv_report
+from pipeline.scoring.real_sample import KIDNEY_DICE, not_scored, score_sample, summary_line, whole_slice_labels
+from pipeline.scoring.tkv import SlicePrediction, tkv_report
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
-from common.errors import DataError
-from common.imageio import read_image, resize_image, resize_labels, save_palette_png, save_rgb_png
+from common.imageio import resize_image, resize_labels, save_palette_png, save_rgb_png
 from serving.labels import to_labels
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
-                   ) -> tuple[dict[str, float | None], np.ndarray, dict[str, tuple[int, int]]]:
+                   ) -> tuple[dict[str, float | None], np.ndarray, dict[str, SlicePrediction]]:
     """Metrics (pixel, object and uncertainty scores), confusion matrix, and per image
-    (stem) its predicted and true foreground pixel counts (what TKV sums)."""
+    (stem) what TKV needs of it (pipeline.scoring.tkv)."""
     p = layout.params
     pairs = load_split(layout.data_dir, split, p.mask, (p.model.image_width, p.model.image_height))
     ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
@@ -57,7 +56,7 @@ def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
     objects, uncertainty = ObjectScores(p.evaluate.object_metrics, p.model.num_classes,
                                                 p.predict.min_object_px or 0), UncertaintyAuroc()
     steps = -(-len(pairs) // p.evaluate.batch_size)
-    counts: list[tuple[int, int]] = []
+    slices: list[SlicePrediction] = []
     for images, onehot in tqdm(ds, total=steps, desc=f"evaluating {split}", unit="batch"):
         probs = model(images, training=False)
         truth, probs_np = onehot.numpy(), np.asarray(probs)
@@ -65,31 +64,31 @@ def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
         ids = truth.argmax(-1)
         objects.add(ids, labels)   # the served labels: the objects a user gets
         uncertainty.update(probs_np, ids)
-        counts += _foreground_pixels(labels, ids)
+        slices += _for_tkv(labels, probs_np, ids)
     metrics = {**acc.metrics(p.mask.class_names), **objects.metrics(), **uncertainty.metrics()}
-    return metrics, acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, counts)}
+    return metrics, acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, slices)}
 
 
-def _foreground_pixels(labels: np.ndarray, truth: np.ndarray) -> list[tuple[int, int]]:
-    """Per image of a batch: (predicted, true) foreground pixel counts."""
-    return list(zip((labels != 0).sum(axis=(1, 2)).tolist(), (truth != 0).sum(axis=(1, 2)).tolist()))
+def _for_tkv(labels: np.ndarray, probs: np.ndarray, truth: np.ndarray) -> list[SlicePrediction]:
+    """Per image of a batch: what the TKV and its volume rules need."""
+    return [SlicePrediction(lab != 0, p[..., 1:].astype(np.float16), t != 0) for lab, p, t in zip(labels, probs, truth)]
 
 
-def extra_counts(model: keras.Model, layout: Layout) -> dict[str, tuple[int, int]]:
-    """Predicted (and true, zero) kidney pixels of the test scans' slices kept outside the
-    test split for TKV (pipeline.layout.TKV_EXTRA)."""
+def extra_slices(model: keras.Model, layout: Layout) -> dict[str, SlicePrediction]:
+    """The test scans' slices kept outside the test split for TKV (pipeline.layout.TKV_EXTRA)."""
     p = layout.params
     folder = layout.data_dir / TKV_EXTRA
     if not (folder / "images").is_dir():
         return {}
     pairs = find_pairs(folder)
     ds = make_dataset(pairs, p.mask, channels=p.model.image_channels, batch_size=p.evaluate.batch_size)
-    counts: list[tuple[int, int]] = []
+    slices: list[SlicePrediction] = []
     for images, onehot in tqdm(ds, total=-(-len(pairs) // p.evaluate.batch_size), desc="TKV extra slices",
                                unit="batch"):
-        labels = to_labels(np.asarray(model(images, training=False)), single_foreground_class=p.mask.single_foreground_class)
-        counts += _foreground_pixels(labels, onehot.numpy().argmax(-1))
-    return {pair.image.stem: c for pair, c in zip(pairs, counts)}
+        probs = np.asarray(model(images, training=False))
+        labels = to_labels(probs, single_foreground_class=p.mask.single_foreground_class)
+        slices += _for_tkv(labels, probs, onehot.numpy().argmax(-1))
+    return {pair.image.stem: c for pair, c in zip(pairs, slices)}
 
 
 def save_mini_test(model: keras.Model, layout: Layout) -> np.ndarray:
@@ -116,29 +115,15 @@ def real_sample(model: keras.Model, layout: Layout) -> tuple[dict[str, Any], np.
     """Score the model on evaluate.real_sample (kidney-t2w only) and draw its panel; the
     report says why when it is skipped (no panel then)."""
     p = layout.params
-    if p.evaluate.real_sample is None or p.dataset.name != "kidney-t2w":
-        why = ("evaluate.real_sample is null" if p.evaluate.real_sample is None
-               else f"the real sample is kidney-t2w; this dataset is {p.dataset.name}")
-        return {"available": False, "reason": why}, None
-    folder = layout.root / p.evaluate.real_sample
-    if not (folder / "images").is_dir():
-        raise DataError(f"{folder}: real sample missing (evaluate.real_sample); restore it "
-                        f"(git checkout -- {p.evaluate.real_sample}) or set evaluate.real_sample: null")
-    rules, count = blend_tolerant(p.mask), SnapCount()   # its masks were resized after colouring
-    scores, rows = [], []
-    for pair in find_pairs(folder):
-        image = read_image(pair.image, p.model.image_channels)
-        truth = read_mask(pair.mask, rules, count)
-        if truth.shape != image.shape[:2]:
-            raise DataError(f"{pair.mask}: {truth.shape[1]}x{truth.shape[0]} px, its image "
-                            f"{image.shape[1]}x{image.shape[0]}; a mask must match its image")
-        labels = resized_labels(lambda x: model(x, training=False), image, p.model.image_width,
-                                p.model.image_height, p.mask.single_foreground_class)
-        scores.append(score_slice(pair.image.stem, truth, labels, p.model.num_classes))
-        rows.append([resize_image(image, PANEL_SIDE, PANEL_SIDE)]
-                    + [ids_to_rgb(resize_labels(ids, PANEL_SIDE, PANEL_SIDE), p.mask.colours) for ids in (truth, labels)])
-    report = real_sample_report(scores, p.mask.class_names, snapped_pixels=count.snapped, mask_pixels=count.pixels)
-    return {**report, "folder": p.evaluate.real_sample}, make_panel(*map(list, zip(*rows)))
+    reason = not_scored(p)
+    if reason is not None:
+        return {"available": False, "reason": reason}, None
+    report, cases = score_sample(p, layout.root, lambda _, image: whole_slice_labels(
+        lambda x: model(x, training=False), image, p.model.image_width, p.mask.single_foreground_class))
+    rows = [[resize_image(image, PANEL_SIDE, PANEL_SIDE)]
+            + [ids_to_rgb(resize_labels(ids, PANEL_SIDE, PANEL_SIDE), p.mask.colours) for ids in (truth, labels)]
+            for image, truth, labels in cases]
+    return report, make_panel(*map(list, zip(*rows)))
 
 
 def _not_scored_panel(reason: str) -> np.ndarray:
@@ -187,7 +172,7 @@ def evaluate(layout: Layout) -> dict[str, Any]:
                layout.plots / "mini_test_panel.png", layout.predictions, tkv_json, tkv_plot, real_json, real_panel]
     project_root = find_project_root(layout.root)
     with remove_on_failure(outputs), start_run(p.mlflow, project_root, run_id=run_info["run_id"]) as run:
-        metrics, confusion, counts = evaluate_split(model, layout)
+        metrics, confusion, slices = evaluate_split(model, layout)
         plots.confusion_matrix(confusion, p.mask.class_names, layout.plots / "confusion_matrix.png")
         save_mini_test(model, layout)
         real, panel = real_sample(model, layout)
@@ -204,18 +189,22 @@ def evaluate(layout: Layout) -> dict[str, Any]:
         write_json(layout.eval_metrics_file, report)
         if warnings:
             run.set_tags({"flexunet.warnings": "; ".join(warnings)})
-        counts.update(extra_counts(model, layout))
-        tkv = tkv_report(layout.read_manifest(), counts, tkv_json, tkv_plot)
+        slices.update(extra_slices(model, layout))
+        tkv = tkv_report(layout.read_manifest(), slices, tkv_json, tkv_plot, class_names=p.mask.class_names,
+                         min_component_ml=p.evaluate.min_component_ml)
         run.log_numbers(metrics, prefix="test_")
-        run.log_metrics({f"test_tkv_{k}": v for k, v in tkv.items() if isinstance(v, float)})
+        run.log_numbers({k: v for k, v in tkv.items() if k != "min_component_ml"}, prefix="test_tkv_")
+        run.log_numbers(tkv.get("without_rules", {}), prefix="test_tkv_without_rules_")
         run.log_numbers({k: v for k, v in real.items() if k.startswith("real_")})
         for path, folder in ((layout.plots / "confusion_matrix.png", "plots"), (tkv_plot, "plots"),
                              (layout.plots / "mini_test_panel.png", "plots"), (layout.eval_metrics_file, "metrics"),
                              (tkv_json, "metrics"), (real_json, "metrics"), (real_panel, "plots")):
             run.log_artifact(path, folder)
         if tkv.get("available"):
-            log.info("TKV on %d test scans: bias %+.1f ml, 95%% limits of agreement %+.1f .. %+.1f ml%s",
-                     tkv["scans"], tkv["bias_ml"], tkv["loa_low_ml"], tkv["loa_high_ml"],
+            log.info("TKV on %d test scans: bias %+.1f ml, 95%% limits of agreement %+.1f .. %+.1f ml (without the "
+                     "volume rules %+.1f ml, %+.1f .. %+.1f)%s", tkv["scans"], tkv["bias_ml"], tkv["loa_low_ml"],
+                     tkv["loa_high_ml"], tkv["without_rules"]["bias_ml"], tkv["without_rules"]["loa_low_ml"],
+                     tkv["without_rules"]["loa_high_ml"],
                      f", repeat-scan CV {tkv['repeat_cv_predicted_percent']:.1f} % (true masks "
                      f"{tkv['repeat_cv_true_percent']:.1f} %)" if tkv.get("repeat_subjects") else "")
     log.info("test: mean foreground Dice %.4f, seed dice_coef_multiclass %.4f",

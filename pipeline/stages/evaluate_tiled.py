@@ -16,11 +16,18 @@ size, predicted once, labels resized back):
 - `tiled_uncertainty_auroc`: how well the 8-bit uncertainty maps the prediction wrote
   (uncertainty/<stem>.png) single out the wrong pixels of the tiled masks.
 Images no larger than a tile have no seams; their seam metrics are absent (null).
+
+kidney-t2w: the real sample (evaluate.real_sample) is also predicted by `flexunet predict`
+(serving.batch, into a temporary folder) and scored as evaluate scores it:
+`predict_real_kidney_dice` and its interval, the figure a user of `flexunet predict` gets,
+next to evaluate's `real_kidney_dice` from the Keras model.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,8 +39,10 @@ from pipeline.panels import make_panel
 from pipeline.scoring.confusion import confusion, dice_scores
 from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.objects import ObjectScores
+from pipeline.scoring.real_sample import KIDNEY_DICE, not_scored, score_sample
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
+from common.errors import FlexUNetError
 from serving.batch import predict_folder
 from serving.outputs import UNCERTAINTY_DIR
 from common.imageio import read_image, resize_image, resize_labels, save_rgb_png
@@ -110,6 +119,7 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
                           {f"{key}_mean_foreground_dice": None})
         if report["seam_mean_foreground_dice"] is not None and report["interior_mean_foreground_dice"] is not None:
             report["seam_cost"] = report["interior_mean_foreground_dice"] - report["seam_mean_foreground_dice"]
+        report.update(_real_sample_by_predict(layout, predictor))
         write_json(layout.metrics / "tiled.json", report)
         save_rgb_png(layout.plots / "tiled_panel.png",
                      make_panel(*map(list, zip(*panel_rows)), titles=("input", "truth", "tiled prediction")))
@@ -117,6 +127,20 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
     log.info("tiled mini_test: mean foreground Dice %.4f tiled vs %.4f resized (%d images)",
              report["tiled_mean_foreground_dice"] or 0, report["resized_mean_foreground_dice"] or 0, len(pairs))
     return report
+
+
+def _real_sample_by_predict(layout: Layout, predictor: TiledPredictor) -> dict[str, Any]:
+    """The real sample's kidney Dice of `flexunet predict`'s masks (empty when not scored)."""
+    p = layout.params
+    if not_scored(p) is not None:
+        return {}
+    images = sorted((layout.root / str(p.evaluate.real_sample) / "images").glob("*.png"))
+    with tempfile.TemporaryDirectory(prefix="flexunet-real-") as tmp:
+        summary = predict_folder(predictor, images, Path(tmp), overwrite=True)
+        if summary.failed:
+            raise FlexUNetError(f"flexunet predict failed on {summary.failed} real-sample slice(s): {summary.errors[0]}")
+        report, _ = score_sample(p, layout.root, lambda path, _: read_mask(Path(tmp) / f"{path.stem}.png", p.mask))
+    return {f"predict_{k}": report[k] for k in (KIDNEY_DICE, f"{KIDNEY_DICE}_ci_low", f"{KIDNEY_DICE}_ci_high")}
 
 
 def _log_to_mlflow(layout: Layout, report: dict[str, Any]) -> None:

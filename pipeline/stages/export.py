@@ -74,15 +74,22 @@ def space_to_depth_levels(params: Params) -> int:
     return min(choice, m.num_layers - 1)  # the bottom level's sides need not be even
 
 
-def card_for(params: Params, run_id: str | None, fingerprint: str | None) -> ModelCard:
+def card_for(params: Params, run_id: str | None, manifest: dict[str, Any]) -> ModelCard:
+    """The model card from the params and the dataset's manifest (its scale: how the training
+    images were made and at what spacing, as prepare recorded it)."""
     m = params.model
+    scale = dict(manifest.get("scale") or {})
+    for key in ("spacing_range", "intensity_percentiles"):
+        if scale.get(key) is not None:
+            scale[key] = tuple(scale[key])
     return ModelCard(
         channels=m.image_channels, num_classes=m.num_classes, size_multiple=m.size_multiple,
         tile_size=m.image_width, class_names=list(params.mask.class_names),
         colours=[tuple(c) for c in params.mask.colours], num_layers=m.num_layers, run_id=run_id,
-        dataset=params.dataset.name, dataset_fingerprint=fingerprint, tta_flips=tta_flips(params),
+        dataset=params.dataset.name, dataset_fingerprint=manifest.get("fingerprint"), tta_flips=tta_flips(params),
         single_foreground_class=params.mask.single_foreground_class,
-        tissue_threshold=params.predict.tissue_threshold or None, mpp=params.dataset.mpp,
+        tissue_threshold=params.predict.tissue_threshold or None, **scale,
+        min_component_ml=params.evaluate.min_component_ml if scale.get("plane") else 0.0,
         min_object_px=params.predict.min_object_px or 0,
         extra={"opset": str(params.export.opset), "input": "NHWC float32 0..255", "output": "NHWK softmax"},
     )
@@ -286,7 +293,7 @@ def export(layout: Layout) -> dict[str, Any]:
     p = layout.params
     model = load_model(layout.model_file)
     run_id = layout.read_run()["run_id"]
-    card = card_for(p, run_id, layout.read_manifest().get("fingerprint"))
+    card = card_for(p, run_id, layout.read_manifest())
     levels = space_to_depth_levels(p)
     metrics_file, int8 = layout.metrics / "export.json", int8_file(layout)
     with remove_on_failure([layout.onnx_file, int8, metrics_file]):

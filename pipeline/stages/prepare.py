@@ -139,7 +139,29 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
     for stem, image, ids in mini[: cfg.num_mini_test]:
         writer.write("mini_test", stem, image, ids)
     randomised = {"appearance": cfg.appearance, "randomise": cfg.randomise.model_dump()}
-    return {"subjects": records, "scans": scans, **(randomised if cfg.appearance == "randomised" else {})}
+    # The field of view is fixed, so a whole slice at the model size is always FOV_MM / size
+    # per pixel; the randomised draws zoom the anatomy by up to +/- randomise.scaling.
+    nominal = kidney_t2w.FOV_MM / cfg.image_size
+    zoom = cfg.randomise.scaling if cfg.appearance == "randomised" else 0.0
+    scale = scale_record("whole", "mm", nominal, (nominal / (1 + zoom), nominal / (1 - zoom)), params)
+    return {"subjects": records, "scans": scans, "scale": scale,
+            **(randomised if cfg.appearance == "randomised" else {})}
+
+
+def scale_record(scale: str, unit: str, spacing: float | None, spacing_range: tuple[float, float] | None,
+                 params: Params) -> dict[str, Any]:
+    """How the training images meet the model and at what physical scale: the model card's
+    scale fields (serving/card.py), which export copies from the manifest. Kidney scans
+    also record the slicing plane and intensity percentiles of serving.preparation."""
+    if spacing is not None and spacing_range is None:
+        spacing_range = (spacing, spacing)
+    record: dict[str, Any] = {"scale": scale, "spacing_unit": unit, "spacing": spacing,
+                              "spacing_range": None if spacing_range is None else [round(v, 6) for v in spacing_range]}
+    if params.dataset.name == "kidney-t2w":
+        nifti = params.dataset.nifti
+        record.update(plane=nifti.slice_axis if params.dataset.source == "kidney-nifti" else "coronal",
+                      intensity_percentiles=list(nifti.intensity_percentiles))
+    return record
 
 
 def _glomeruli(params: Params, writer: Writer) -> dict[str, Any]:
@@ -159,7 +181,8 @@ def _glomeruli(params: Params, writer: Writer) -> dict[str, Any]:
         if split == "test" and n_mini < cfg.num_mini_test:
             writer.write("mini_test", key, image, ids)  # whole image, for tiled inference
             n_mini += 1
-    return {"images": [{"id": k, "split": splits[k], "size": large} for k in keys]}
+    return {"images": [{"id": k, "split": splits[k], "size": large} for k in keys],
+            "scale": scale_record("tiled", "um", cfg.mpp, None, params)}
 
 
 def _build(params: Params, writer: Writer, project_root: Path) -> dict[str, Any]:
@@ -171,11 +194,15 @@ def _build(params: Params, writer: Writer, project_root: Path) -> dict[str, Any]
     def split_of(keys: list[str], labels: list[str]) -> dict[str, str]:
         return split_groups(keys, labels, cfg)
 
-    if cfg.source == "imagemask":
-        return ingest.import_imagemask(params, raw, writer)
+    if cfg.source == "imagemask":   # images resized whole to the model size, at a scale not recorded
+        return {**ingest.import_imagemask(params, raw, writer), "scale": scale_record("whole", "mm", None, None, params)}
     if cfg.source == "glomeruli-png":
-        return ingest.import_glomeruli(params, raw, writer, split_of)
-    return ingest.import_kidney_nifti(params, raw, writer, split_of)
+        return {**ingest.import_glomeruli(params, raw, writer, split_of),
+                "scale": scale_record("tiled", "um", cfg.mpp, None, params)}
+    details = ingest.import_kidney_nifti(params, raw, writer, split_of)
+    spacings = [s["model_spacing_mm"] for s in details["scans"]]
+    return {**details, "scale": scale_record("whole", "mm", float(np.median(spacings)),
+                                             (min(spacings), max(spacings)), params)}
 
 
 def fingerprint(folder: Path) -> str:

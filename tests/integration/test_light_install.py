@@ -107,3 +107,20 @@ def test_predict_reads_a_pyramidal_tiff_and_writes_ome_zarr_and_geojson(light_ve
     assert (tmp_path / "out" / "slide.ome.zarr" / "labels" / "segmentation" / "0" / "zarr.json").is_file()
     assert (tmp_path / "out" / "slide.uncertainty.zarr" / "uncertainty" / "zarr.json").is_file()
     assert '"FeatureCollection"' in (tmp_path / "out" / "slide.geojson").read_text()
+
+
+def test_a_scan_names_the_volumes_extra_in_one_line(light_venv, tmp_path):
+    from tests.onnx_models import make_kidney_onnx
+    from tests.scan_files import oracle_scan, save_nifti
+
+    venv, env = light_venv
+    volume = oracle_scan(spacing_mm=6.0, slices=12)
+    save_nifti(tmp_path / "in" / "scan.nii.gz", volume.image, volume.affine)
+    Image.fromarray(np.full((40, 30), 90, np.uint8)).save(tmp_path / "in" / "slice.png")
+    out = _run([str(venv / "bin" / "flexunet"), "predict", "--model", str(make_kidney_onnx(tmp_path / "k.onnx")),
+                "--input", "in", "--output", "out"], env, tmp_path)
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert out.returncode == 1 and len(errors) == 1, out.stderr
+    assert errors[0].endswith("scan.nii.gz: scan (NIfTI / DICOM) input needs nibabel, which is not installed: "
+                              "pip install 'flexunet[volumes]'"), errors
+    assert (tmp_path / "out" / "slice.png").is_file() and not (tmp_path / "out" / "scan_seg.nii.gz").exists()

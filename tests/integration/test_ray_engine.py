@@ -143,3 +143,25 @@ def test_pyfunc_model_predicts_inside_ray_data(tmp_path, model, inputs):
     ids = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png"]))))
     np.testing.assert_array_equal(ids, np.asarray(Image.open(tmp_path / "local" / "d.png")))
     assert (out["height"], out["width"]) == SIZES["d"] and out["path"].endswith("d.png")
+
+
+def test_a_scan_is_one_ray_task_with_the_local_engines_outputs(tmp_path):
+    """NIfTI and DICOM scans through Ray Data: each one task, the same label volumes and rows."""
+    from tests.onnx_models import make_kidney_onnx
+    from tests.scan_files import oracle_scan, save_nifti, write_dicom_series
+
+    model = make_kidney_onnx(tmp_path / "kidney.onnx")
+    volume = oracle_scan(spacing_mm=6.0, slices=12, orientation="LIP")
+    save_nifti(tmp_path / "in" / "scan.nii.gz", volume.image, volume.affine)
+    write_dicom_series(tmp_path / "in" / "series", volume.image, volume.affine)
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    assert predict(model, tmp_path / "in", local) == 0
+    assert predict(model, tmp_path / "in", distributed, "--engine", "ray", "--workers", "2") == 0
+    volumes = {p.name: p.read_bytes() for p in sorted(local.glob("*_seg.nii.gz"))}
+    assert sorted(volumes) == ["scan_seg.nii.gz", "series_seg.nii.gz"]
+    import nibabel as nib
+
+    for name in volumes:
+        a, b = nib.load(str(local / name)), nib.load(str(distributed / name))
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.allclose(a.affine, b.affine)
+    assert untimed(distributed) == untimed(local) and all(float(r["tkv_ml"]) > 50 for r in rows(local))

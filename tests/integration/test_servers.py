@@ -157,7 +157,7 @@ def test_train_and_register_on_a_tracking_server(tmp_path, data_root, mlflow_ser
     # register needs an ONNX model and evaluate's metrics: an untrained export of the same
     # architecture is enough (as in stages/test_register.py).
     keras.utils.set_random_seed(1)
-    card = card_for(layout.params, result.run_id, layout.read_manifest()["fingerprint"])
+    card = card_for(layout.params, result.run_id, layout.read_manifest())
     to_onnx(build_flexunet(layout.params.model), layout.onnx_file, card)
     write_json(layout.metrics / "eval.json", {"mean_foreground_dice": 0.7, "dice_CKD": 0.7, "loss": 0.3,
                                                "confusion_matrix": [[1, 0], [0, 1]]})

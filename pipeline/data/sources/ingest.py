@@ -31,6 +31,8 @@ from common.errors import DataError
 from pipeline.layout import TKV_EXTRA
 from pipeline.config.schema import Params
 from common.imageio import read_image, resize_image, resize_labels
+from common.errors import UserError
+from serving.preparation import Placement, in_memory, labels_to_model_size, prepare_scan
 from serving.tiling import window_starts
 
 log = logging.getLogger(__name__)
@@ -119,23 +121,28 @@ def import_kidney_nifti(params: Params, raw: Path, writer, split_of) -> dict[str
     labels = [f"{groups[s]}+repeats" if n_scans[s] > 1 else groups[s] for s in subjects]
     labels = [lab if labels.count(lab) >= 3 else lab.removesuffix("+repeats") for lab in labels]
     splits = split_of(subjects, labels)
-    axis = nifti.PLANE_AXIS[ncfg.slice_axis]
     scan_records, mini = [], []
     for s in tqdm(scans, desc="kidney-nifti scans", unit="scan"):
         vol = nifti.load_scan(s, ncfg)
-        image = nifti.normalise(vol.image, ncfg.intensity_percentiles, s.image)
+        try:   # the preparation `flexunet predict` applies to a scan (serving.preparation)
+            prepared = prepare_scan(in_memory(vol.image), vol.image.shape, vol.affine, plane=ncfg.slice_axis,
+                                    intensity_percentiles=ncfg.intensity_percentiles, source=s.image)
+        except UserError as exc:
+            raise DataError(str(exc)) from None
+        geometry = prepared.geometry
+        mask = geometry.ras(vol.mask)
         class_id = params.mask.class_names.index(groups[s.subject])
-        split, stems, extra, area = splits[s.subject], [], [], 0.0
+        split, stems, extra = splits[s.subject], [], []
         # Per scan: adding or changing one subject leaves every other scan's slices as they were.
         rng = np.random.default_rng([cfg.seed, 11, zlib.crc32(s.subject.encode()), s.scan])
-        middle = max(range(vol.mask.shape[axis]), key=lambda k: np.take(vol.mask, k, axis=axis).sum())
-        for k in range(vol.mask.shape[axis]):
-            mask2d = nifti.plane(vol.mask, axis, k)
+        middle = max(range(geometry.num_slices), key=lambda k: geometry.display(mask, k).sum())
+        for k in range(geometry.num_slices):
+            mask2d = geometry.display(mask, k)
             keep = mask2d.any() or rng.random() < cfg.kidney_free_fraction
             if not keep and split != "test":
                 continue
-            spacing = nifti.in_plane_spacing(vol.zooms, axis)
-            small, small_mask, area = nifti.to_model_size(nifti.plane(image, axis, k), mask2d, size, spacing)
+            small, place = prepared.model_slice(k, size)
+            small_mask = labels_to_model_size(mask2d, place)
             stem = f"{s.subject}_scan{s.scan}_{ncfg.slice_axis[:3]}{k:03d}"
             if not keep:   # a test scan's dropped slice still counts towards its predicted TKV
                 writer.write(TKV_EXTRA, stem, small, small_mask)
@@ -145,13 +152,16 @@ def import_kidney_nifti(params: Params, raw: Path, writer, split_of) -> dict[str
             stems.append(stem)
             if split == "test" and k == middle and s.scan == min(x.scan for x in scans if x.subject == s.subject):
                 mini.append((stem, small, small_mask * class_id))
-        thickness = vol.zooms[axis]
+        row_mm, col_mm = geometry.in_plane_spacing()
+        thickness = geometry.ras_zooms[geometry.axis]
+        place = Placement(*prepared.display(0).shape, size)   # every slice of a scan has one size
+        model_row, model_col = row_mm * place.side / size, col_mm * place.side / size
         scan_records.append({
             "subject_id": s.subject, "scan": s.scan, "group": groups[s.subject], "split": split,
-            "image_file": s.image.name, "shape": list(vol.image.shape), "spacing_mm": list(vol.zooms),
-            "slice_thickness_mm": thickness, "voxel_ml": area * thickness / 1000.0, "stems": stems,
-            "tkv_extra_stems": extra,
-            "true_tkv_ml_native": float(vol.mask.sum() * np.prod(vol.zooms) / 1000.0)})
+            "image_file": s.image.name, "shape": list(vol.image.shape), "spacing_mm": list(geometry.ras_zooms),
+            "slice_thickness_mm": thickness, "model_spacing_mm": 0.5 * (model_row + model_col),
+            "voxel_ml": model_row * model_col * thickness / 1000.0, "stems": stems, "tkv_extra_stems": extra,
+            "true_tkv_ml_native": float(vol.mask.sum() * np.prod(geometry.zooms) / 1000.0)})
     for stem, image, ids in mini[: cfg.num_mini_test]:
         writer.write("mini_test", stem, image, ids)
     subject_records = [{"subject_id": s, "group": groups[s], "split": splits[s],

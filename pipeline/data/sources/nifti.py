@@ -1,13 +1,11 @@
 """The real kidney-t2w set (T2-weighted Kidney MRI Segmentation, Daniel et al. 2021,
 Zenodo 10.5281/zenodo.5153568): NIfTI image and kidney-mask volumes plus a subject CSV,
-read with nibabel, into 2-D slices at the model size.
+read with nibabel.
 
-Per volume: reorient to RAS (nibabel's closest canonical, so every scan is sliced the
-same way whatever its stored orientation), check the mask against the image (same shape
-and affine), normalise intensities (percentile clip -> 0..255), cut slices along the
-configured plane, pad each slice to a square (background) and resize it to the model
-size (image bilinear, mask nearest). The pixel area at the model size and the slice
-thickness give each scan's voxel volume, which the evaluate stage needs for TKV.
+Per volume: check the mask against the image (same shape and affine, integer labels
+listed in dataset.nifti.mask_labels, some kidney); the slices are then cut by
+serving.preparation, the preparation `flexunet predict` applies to a scan (reorient,
+normalise, slice, display, pad and resample), in pipeline/data/sources/ingest.py.
 File naming: pipeline/config/schema.py. Every problem is an error naming the file.
 """
 
@@ -19,16 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from common.errors import DataError
 from pipeline.config.schema import NiftiParams
 
 SUFFIXES = (".nii.gz", ".nii")
-# Canonical (RAS) array axis of each slicing plane.
-PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
-
-
 @dataclass(frozen=True)
 class ScanFiles:
     subject: str
@@ -39,9 +32,9 @@ class ScanFiles:
 
 @dataclass(frozen=True)
 class Volume:
-    image: np.ndarray                 # float32 (X, Y, Z) in RAS order
-    mask: np.ndarray                  # uint8, same shape
-    zooms: tuple[float, float, float]  # mm per voxel along X, Y, Z
+    image: np.ndarray                 # float32 (X, Y, Z) in the file's voxel order
+    mask: np.ndarray                  # uint8 0/1, same shape
+    affine: np.ndarray                # voxel -> world (mm), the image's
 
 
 def nifti_stem(path: Path) -> str | None:
@@ -122,7 +115,7 @@ def _load(path: Path):
     import nibabel as nib
 
     try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for damaged files
         raise DataError(f"{path}: not a readable NIfTI volume ({type(exc).__name__}: {exc})") from None
@@ -134,6 +127,8 @@ def _load(path: Path):
 
 
 def load_scan(files: ScanFiles, cfg: NiftiParams) -> Volume:
+    """Image and mask of one scan, the mask checked against the image (the image's own
+    checks, NaN or constant voxels, are serving.preparation's)."""
     image_img, image = _load(files.image)
     mask_img, mask = _load(files.mask)
     if image.shape != mask.shape:
@@ -141,10 +136,6 @@ def load_scan(files: ScanFiles, cfg: NiftiParams) -> Volume:
     if not np.allclose(image_img.affine, mask_img.affine, atol=1e-3):
         raise DataError(f"{files.mask}: mask affine differs from its image {files.image.name}: the mask is not "
                         f"in the image's space (max difference {np.abs(image_img.affine - mask_img.affine).max():.3g})")
-    if not np.isfinite(image).all():
-        raise DataError(f"{files.image}: {int((~np.isfinite(image)).sum())} voxels are NaN or infinite")
-    if float(image.max()) == float(image.min()):
-        raise DataError(f"{files.image}: the volume is constant ({float(image.min())}); not an image")
     if not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask)):
         raise DataError(f"{files.mask}: mask values must be integers")
     values, counts = np.unique(mask.astype(np.int64), return_counts=True)
@@ -154,49 +145,4 @@ def load_scan(files: ScanFiles, cfg: NiftiParams) -> Volume:
                         + ", ".join(f"{v} x {n} voxels" for v, n in bad))
     if not mask.any():
         raise DataError(f"{files.mask}: no kidney voxels (all zero); not a kidney mask")
-    # Voxel sizes from the affine, not the header's pixdim (they can disagree; the affine
-    # is what places the voxels).
-    zooms = tuple(float(z) for z in nib_voxel_sizes(image_img.affine))
-    return Volume(image, (mask != 0).astype(np.uint8), zooms)  # type: ignore[arg-type]
-
-
-def nib_voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    import nibabel as nib
-
-    return nib.affines.voxel_sizes(affine)[:3]
-
-
-def normalise(volume: np.ndarray, percentiles: tuple[float, float], source: Path) -> np.ndarray:
-    low, high = np.percentile(volume, percentiles)
-    if high <= low:
-        raise DataError(f"{source}: intensity percentiles {percentiles} are equal ({low}); nearly constant volume")
-    return np.round((np.clip(volume, low, high) - low) / (high - low) * 255).astype(np.uint8)
-
-
-def plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """One slice, displayed as radiologists do: superior (or anterior) up, patient's right
-    on the image's left (RAS arrays: flip both in-plane axes after transposing)."""
-    return np.flip(np.take(volume, index, axis=axis).T, axis=(0, 1))
-
-
-def in_plane_spacing(zooms: tuple[float, float, float], axis: int) -> tuple[float, float]:
-    """(row, column) spacing in mm of a slice from `plane`."""
-    first, second = [z for i, z in enumerate(zooms) if i != axis]
-    return second, first
-
-
-def to_model_size(image: np.ndarray, mask: np.ndarray, size: int, spacing: tuple[float, float]
-                  ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Pad to a square (background) keeping the aspect, resize to size x size; also the
-    pixel area in mm^2 at that size."""
-    h, w = image.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    padded = np.zeros((side, side), np.uint8)
-    padded_mask = np.zeros((side, side), np.uint8)
-    padded[top: top + h, left: left + w] = image
-    padded_mask[top: top + h, left: left + w] = mask
-    small = np.asarray(Image.fromarray(padded).resize((size, size), Image.BILINEAR))
-    small_mask = np.asarray(Image.fromarray(padded_mask).resize((size, size), Image.NEAREST))
-    area = (spacing[0] * side / size) * (spacing[1] * side / size)
-    return small, small_mask, area
+    return Volume(image, (mask != 0).astype(np.uint8), np.asarray(image_img.affine, np.float64))

@@ -328,7 +328,7 @@ def _kidney_paint(sig: np.ndarray, mask: np.ndarray, k: _Kidney, z: np.ndarray, 
 
 def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slices: int, seed: int,
                 appearance: Appearance = "realistic",
-                ranges: RandomiseParams | None = None) -> ScanVolume:
+                ranges: RandomiseParams | None = None, slice_mm: float = SLICE_MM) -> ScanVolume:
     """One coronal T2w volume (num_slices, image_size, image_size) uint8 + its kidney mask.
 
     appearance="randomised": each slice re-rendered from its tissue label map with `ranges`
@@ -338,7 +338,7 @@ def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slic
     rng = np.random.default_rng([_key(seed), a.number, 2, scan_index + 1])
     px = FOV_MM / image_size
     shift = np.array([rng.uniform(-1, 1), *rng.uniform(-0.03, 0.03, 2) * FOV_MM])  # (z, y, x) mm
-    scanner_z = (np.arange(num_slices) - (num_slices - 1) / 2) * SLICE_MM
+    scanner_z = (np.arange(num_slices) - (num_slices - 1) / 2) * slice_mm
     scanner_xy = (np.arange(image_size) + 0.5 - image_size / 2) * px
     # Anatomy coordinates of the voxel centres: the subject moved by `shift` inside the scanner.
     z = (scanner_z + a.slab_z - shift[0]).astype(np.float32)
@@ -355,12 +355,12 @@ def render_scan(subject: SubjectSpec, scan_index: int, image_size: int, num_slic
     sig = ndimage.gaussian_filter(sig, (0, 0.6, 0.6), truncate=3.0)  # point-spread: soften drawn edges
     image = _acquire(sig, rng, scanner_z, scanner_xy)
     if lab is None:
-        return ScanVolume(image, kidney, (SLICE_MM, px, px))
-    return _randomised(image, lab, tex[0], a, scan_index, seed, px, ranges or RandomiseParams())
+        return ScanVolume(image, kidney, (slice_mm, px, px))
+    return _randomised(image, lab, tex[0], a, scan_index, seed, px, ranges or RandomiseParams(), slice_mm)
 
 
 def _randomised(image: np.ndarray, lab: np.ndarray, tex: np.ndarray, a: _Anatomy, scan_index: int, seed: int,
-                px: float, ranges: RandomiseParams) -> ScanVolume:
+                px: float, ranges: RandomiseParams, slice_mm: float = SLICE_MM) -> ScanVolume:
     """Every slice re-rendered from its label map; the mask is read off the deformed labels,
     so it follows the deformation exactly."""
     # What tells CKD from healthy once absolute intensities are random: each kidney's
@@ -371,7 +371,7 @@ def _randomised(image: np.ndarray, lab: np.ndarray, tex: np.ndarray, a: _Anatomy
         rng = np.random.default_rng([_key(seed), a.number, 5, scan_index + 1, z])
         images[z], labels[z] = randomise.render_slice(lab[z], image[z], tex[z], structure, len(Tissue), px, rng, ranges)
     kidney = np.isin(labels, [t for k in structure for t in (k.cortex, k.medulla)])
-    return ScanVolume(images, kidney, (SLICE_MM, px, px), labels)
+    return ScanVolume(images, kidney, (slice_mm, px, px), labels)
 
 
 def _acquire(sig: np.ndarray, rng: np.random.Generator, z: np.ndarray, xy: np.ndarray) -> np.ndarray:

@@ -69,7 +69,7 @@ def test_onnx_contract_named_dynamic_input_and_card(exported):
 
     card = ModelCard.from_json(_meta(layout.onnx_file)[METADATA_KEY])
     manifest = layout.read_manifest()
-    expected = card_for(layout.params, layout.read_run()["run_id"], manifest["fingerprint"])
+    expected = card_for(layout.params, layout.read_run()["run_id"], manifest)
     # plus what to_onnx adds: how many levels this file computes on phases
     assert card == replace(expected, extra={**expected.extra, "space_to_depth_levels": "1"})
     assert (card.channels, card.num_classes, card.size_multiple, card.tile_size) == (3, 3, 4, 32)
@@ -139,7 +139,7 @@ def test_unsupported_opset_is_a_clear_error_and_writes_nothing(exported, tmp_pat
     layout, _ = exported
     model = load_model(layout.model_file)
     with pytest.raises(ExportError, match=r"m.onnx: tf2onnx conversion at opset 99 failed"):
-        to_onnx(model, tmp_path / "m.onnx", card_for(layout.params, None, None), opset=99)
+        to_onnx(model, tmp_path / "m.onnx", card_for(layout.params, None, {}), opset=99)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -151,7 +151,7 @@ def test_unsupported_graph_is_refused_and_export_names_the_switch(tmp_path):
     model = keras.Model(inp, out)
     with pytest.raises(Unsupported, match="strided: only stride-1"):
         rewrite(model)
-    card = card_for(params_from_dict(tiny_dict()), None, None)
+    card = card_for(params_from_dict(tiny_dict()), None, {})
     with pytest.raises(ExportError, match=r"m.onnx: cannot compute 1 level\(s\) on 2x2 phases .* "
                                           r"set export.space_to_depth: 0"):
         to_onnx(model, tmp_path / "m.onnx", card, phase_levels=1)
@@ -164,7 +164,7 @@ def test_onnx_with_phases_matches_keras_and_says_so_in_its_card(tmp_path):
     assert space_to_depth_levels(params) == 1  # auto: 4 filters of 5x5 on phases, 8 of 3x3 not
     keras.utils.set_random_seed(0)
     model = randomised(build_flexunet(params.model, dynamic_size=True), seed=5)
-    path = to_onnx(model, tmp_path / "m.onnx", card_for(params, None, None), phase_levels=2)
+    path = to_onnx(model, tmp_path / "m.onnx", card_for(params, None, {}), phase_levels=2)
     assert read_card(path).extra["space_to_depth_levels"] == "2"  # what the file computes
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"SpaceToDepth", "DepthToSpace"} <= ops

@@ -41,7 +41,7 @@ def _new_model(layout: Layout, seed: int, dice: float, real: float | None = None
     """A distinct ONNX model (seeded weights) whose test Dice is `dice` and real-sample
     kidney Dice `real` (None: the real sample was not scored)."""
     keras.utils.set_random_seed(seed)
-    card = card_for(layout.params, layout.read_run()["run_id"], layout.read_manifest()["fingerprint"])
+    card = card_for(layout.params, layout.read_run()["run_id"], layout.read_manifest())
     to_onnx(build_flexunet(layout.params.model), layout.onnx_file, card)
     write_json(layout.eval_metrics_file, {"mean_foreground_dice": dice, "dice_CKD": dice, "loss": 0.3,
                                                "confusion_matrix": [[1, 0], [0, 1]], "min_dice": 0.0,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.scoring.real_sample import (
-    bootstrap_intervals, point_scores, real_sample_report, resized_labels, score_slice, slice_class, summary_line,
+    bootstrap_intervals, point_scores, real_sample_report, score_slice, slice_class, summary_line, whole_slice_labels,
 )
 
 NAMES = ["background", "CKD", "healthy"]
@@ -84,7 +84,7 @@ def test_report_rows_and_summary_line():
     assert "CKD Dice" in line and "healthy Dice" in line and "class accuracy 0.50 [" in line
 
 
-def test_resized_labels_predicts_once_at_the_model_size_and_returns_the_slice_size():
+def test_whole_slice_labels_predicts_once_at_the_model_size_and_returns_the_slice_size():
     seen = []
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -95,6 +95,37 @@ def test_resized_labels_predicts_once_at_the_model_size_and_returns_the_slice_si
         return probs
 
     image = np.full((40, 24, 1), 100, np.uint8)
-    ids = resized_labels(predict, image, 8, 8, single_foreground_class=True)
+    ids = whole_slice_labels(predict, image, 8, single_foreground_class=True)
     assert seen == [(1, 8, 8, 1)] and ids.shape == (40, 24)
+    # padded to 40 x 40 (8 columns each side), so the model's top-left quarter (20 x 20 px of
+    # the square) is the slice's first 12 columns of its first 20 rows
     assert set(np.unique(ids)) == {0, 1} and ids[0, 0] == 1 and ids[-1, -1] == 0
+    assert ids[:16, :9].all() and not ids[:, 16:].any() and not ids[24:].any()
+
+
+def test_flexunet_predict_on_the_real_sample_gives_evaluates_labels(tmp_path):
+    """evaluate's real-sample scoring and `flexunet predict` share one preparation
+    (serving.preparation): with the same (tiny, whole-slice) model, the same labels."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pipeline.config.schema import Params
+    from pipeline.scoring.real_sample import score_sample
+    from serving.batch import predict_folder
+    from serving.predictor import TiledPredictor
+    from tests.onnx_models import make_tiny_onnx
+
+    repo = Path(__file__).resolve().parents[3]
+    model = make_tiny_onnx(tmp_path / "m.onnx", tile_size=128, size_multiple=4, scale="whole",
+                           class_names=NAMES, single_foreground_class=True)
+    predictor = TiledPredictor.from_onnx(model)
+    params = Params()
+    images = sorted((repo / params.evaluate.real_sample / "images").glob("*.png"))
+    assert predict_folder(predictor, images, tmp_path / "out").ok == len(images) == 8
+    report, cases = score_sample(params, repo, lambda _, image: whole_slice_labels(predictor.predict_fn, image, 128,
+                                                                                   True))
+    for path, (_, _, labels) in zip(images, cases):
+        predicted = np.asarray(Image.open(tmp_path / "out" / path.name))
+        assert predicted.shape == (512, 512) and np.array_equal(predicted, labels), path.name
+    assert report["real_slices"] == 8 and 0 < report["real_kidney_dice"] < 1

@@ -188,7 +188,8 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, model, capsys):
     _write_images(tmp_path / "in")
     cases = [
         (["--model", str(model), "--input", str(tmp_path / "empty")],
-         f"error: {tmp_path / 'empty'}: no image files (.png, .jpg, .jpeg, .tif, .tiff, .bmp) in this folder"),
+         f"error: {tmp_path / 'empty'}: no image files (.png, .jpg, .jpeg, .tif, .tiff, .bmp), NIfTI volumes "
+         f"(.nii.gz, .nii) or DICOM series folders in this folder"),
         (["--model", str(model), "--input", str(tmp_path / "in" / "*.tif")],
          f"error: {tmp_path / 'in' / '*.tif'}: the pattern matches no files"),
         (["--model", str(model), "--input", str(tmp_path / "in"), "--overlap", "1.5"],

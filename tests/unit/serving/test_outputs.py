@@ -63,7 +63,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "single": make_tiny_onnx(folder / "single.onnx", class_names=NAMES, colours=COLOURS, tile_size=64,
                                  single_foreground_class=True),
         "histology": make_tiny_onnx(folder / "histo.onnx", class_names=NAMES, colours=COLOURS, tile_size=64,
-                                    tissue_threshold=220, mpp=0.5),
+                                    tissue_threshold=220, spacing=0.5),
     }
 
 
@@ -259,7 +259,7 @@ def test_level_choice_and_its_errors(tmp_path, slide, models, caplog):
     path, _ = slide
     card = load_predictor(models["histology"]).card            # trained at 0.5 um/px, like level 0
     assert open_input(path, card).level == 0
-    coarse = ModelCard(**{**card.__dict__, "mpp": 1.0})        # a model trained at 1 um/px: level 1
+    coarse = ModelCard(**{**card.__dict__, "spacing": 1.0})        # a model trained at 1 um/px: level 1
     source = open_input(path, coarse)
     assert (source.level, source.downsample, source.height) == (1, 2.0, 550)
     source.close()

@@ -93,3 +93,50 @@ def test_unconvertible_images_are_refused(models):
     raises_one_line("shape", predictor.predict, np.zeros((8,), np.uint8))
     raises_one_line("0..255", predictor.predict, np.full((8, 8, 3), 300.0))
     raises_one_line("NaN", predictor.predict, np.full((8, 8), np.nan))
+
+
+# ---------------------------------------------------------------------- scale
+def test_a_whole_slice_model_predicts_an_image_whole_at_its_size(tmp_path, caplog):
+    """Scale 'whole' (the kidney models): padded to a square, one pass at the model size,
+    probabilities restored onto the image: exactly serving.preparation.whole_slice_probs."""
+    from serving.preparation import whole_slice_probs
+    from tests.onnx_models import make_tiny_onnx
+
+    path = make_tiny_onnx(tmp_path / "whole.onnx", kernel_size=1, tile_size=16, scale="whole",
+                          spacing_range=(2.5, 3.5), spacing_unit="mm")
+    predictor = TiledPredictor.from_onnx(path)
+    calls = []
+    session = predictor.session
+    predictor.session = lambda batch: calls.append(batch.shape) or session(batch)
+    image = ramp_image(40, 24)
+    probs = predictor.predict_proba(image)
+    assert calls == [(1, 16, 16, 3)] and probs.shape == (40, 24, 3)
+    np.testing.assert_allclose(probs, whole_slice_probs(session, image, 16), atol=0)
+    assert np.array_equal(predictor.predict(image), probs.argmax(-1))
+    # --spacing: 40 px of 1 mm padded to 40 px -> 2.5 mm per model pixel, inside the range; 0.5 mm is not
+    for spacing, warned in ((1.0, False), (0.5, True)):
+        caplog.clear()
+        TiledPredictor.from_onnx(path, spacing=spacing).predict(image)
+        assert ("outside the 2.5-3.5 mm/px" in caplog.text) is warned
+
+
+def test_spacing_tiles_a_histology_image_at_the_training_resolution(models, tmp_path):
+    """A tiled model trained at 2 um/px given a 1 um/px image: windows on the image shrunk
+    2x, probabilities restored onto the full image."""
+    from tests.onnx_models import make_tiny_onnx
+
+    path = make_tiny_onnx(tmp_path / "at2um.onnx", kernel_size=1, tile_size=16, spacing=2.0)
+    image = ramp_image(64, 48)
+    plain = TiledPredictor.from_onnx(path)
+    at_1um = TiledPredictor.from_onnx(path, spacing=1.0)
+    seen = []
+    session = at_1um.session
+    at_1um.session = lambda batch: seen.append(batch.shape) or session(batch)
+    probs = at_1um.predict_proba(image)
+    assert probs.shape == (64, 48, 3) and max(s[1] for s in seen) == 16
+    half = np.asarray(Image.fromarray(image).resize((24, 32), Image.BILINEAR))
+    expected = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c), mode="F").resize((48, 64), Image.BILINEAR))
+                         for c in np.moveaxis(plain.predict_proba(half), -1, 0)], axis=-1)
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    same = TiledPredictor.from_onnx(path, spacing=2.04)        # within 5 %: tiled as it is
+    np.testing.assert_allclose(same.predict_proba(image), plain.predict_proba(image), atol=0)
