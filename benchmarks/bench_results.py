@@ -30,10 +30,9 @@ def default_model(params: Any) -> tuple[Any, str]:
     return build_flexunet(params.model), f"random init (seed {params.train.seed})"
 
 
-def scratch_project(folder: Path, *, share_data: bool = False) -> list[str]:
+def scratch_project(folder: Path) -> list[str]:
     """A throw-away project in `folder` with this checkout's params.yaml; returns the
-    overrides (for run_stages) that read this checkout's real sample in place and, with
-    `share_data`, its prepared dataset too (no prepare stage needed)."""
+    overrides (for run_stages) that read this checkout's real sample in place."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,8 +40,7 @@ def scratch_project(folder: Path, *, share_data: bool = False) -> list[str]:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     sample = raw["evaluate"].get("real_sample")
     # JSON-quoted: the values are read as YAML, and a path may hold characters YAML would parse.
-    overrides = [f"evaluate.real_sample={json.dumps(str(REPO / sample))}"] if sample else []
-    return overrides + ([f"dataset.root={json.dumps(str(REPO / raw['dataset']['root']))}"] if share_data else [])
+    return [f"evaluate.real_sample={json.dumps(str(REPO / sample))}"] if sample else []
 
 
 def run_stages(project: Path, stages: Iterable[str], overrides: Iterable[str] = (), label: str = "") -> dict[str, float]:

@@ -1,9 +1,9 @@
 """TKV of whole synthetic scans through `flexunet predict`: errors with and without the volume
 rules, seconds per scan, and the memory of a large scan.
 
-The test-split subjects of the default dataset (data/kidney-t2w/manifest.json: their ids
-and groups; anatomy the model never trained on) are each written as a whole coronal scan
-by `flexunet synthesize --volume`'s function: 18 slices of 5 mm (both kidneys whole, with
+Fourteen held-out synthetic subjects (numbers 1001-1014, seven CKD and seven healthy: no
+training set of any row below holds them) are each written as a whole coronal scan by
+`flexunet synthesize --volume`'s function: 18 slices of 5 mm (both kidneys whole, with
 kidney-free slices in front and behind), 1.5 mm in plane (256 x 256, the resolution of the
 real T2w scans), the realistic rendering, stored LPS as scanners store them. Each is
 predicted by serving.batch (the local engine, default settings) with the model, and its
@@ -17,8 +17,17 @@ the diagnosis accuracy, seconds per scan; and for one large scan (512 x 512 x 64
 onnxruntime's own buffers are not) against the size of its input decoded as float32.
 
     python benchmarks/volume_tkv.py [--model models/model.onnx]
+    python benchmarks/volume_tkv.py --levers [NAME ...]    # the levers table (`checkout`: only the first row)
 
-Results: benchmarks/results/volume_tkv.{json,md}, docs/tkv_volumes_bland_altman.png.
+Results: benchmarks/results/volume_tkv.{json,md}, docs/tkv_volumes_bland_altman.png and
+the first scan's QC montage, docs/qc_montage.png.
+
+--levers: what would move the TKV. Each lever (a name and params.yaml overrides) runs
+prepare, train, evaluate and export in a fresh project (bench_results.scratch_project,
+`train.use_tuned_params: false`), then the scans above through its ONNX model; the table
+(benchmarks/results/volume_tkv_levers.{json,md}) has its TKV errors with and without the
+rules next to its real-sample kidney Dice, so a lever that helps scans but hurts real
+slices shows it. The first row is this checkout's model.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -38,18 +48,38 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from bench_results import machine_summary, write_results  # noqa: E402
+from bench_results import machine_summary, run_stages, scratch_project, write_results  # noqa: E402
 
 SPACING_MM, SLICES, ORIENTATION = 1.5, 18, "LPS"
+SUBJECTS = [(1001 + i, ("CKD", "healthy")[i % 2]) for i in range(14)]
 PLOT = REPO / "docs" / "tkv_volumes_bland_altman.png"
+MONTAGE = REPO / "docs" / "qc_montage.png"
+# How many slices a training scan holds, how far apart, and how many of its kidney-free
+# ones are kept: each row spells the whole recipe out, so it means the same whatever the
+# defaults. 4 slices of 5 mm cover the kidneys' middle 20 mm; 8 cover their whole depth.
+# Rows with fewer subjects hold about the default's number of training images.
+FOUR = ["dataset.slices_per_scan=4", "dataset.kidney_free_fraction=0.1"]
+EIGHT = ["dataset.slices_per_scan=8", "dataset.kidney_free_fraction=0.5"]
+TWELVE = ["dataset.slices_per_scan=12"]
+LEVERS: dict[str, list[str]] = {
+    "4 slices of 5 mm, 10 % of kidney-free ones kept": FOUR,
+    "4 slices of 10 mm": [*FOUR, "dataset.slice_mm=10"],
+    "5 slices of 8 mm, 50 % kidney-free": ["dataset.slices_per_scan=5", "dataset.slice_mm=8",
+                                           "dataset.kidney_free_fraction=0.5"],
+    "8 slices of 5 mm, 50 % kidney-free (the default)": EIGHT,
+    "the default, train.epochs 6": [*EIGHT, "train.epochs=6"],
+    "8 slices, 30 % kidney-free, num_subjects 64": [*EIGHT[:1], "dataset.kidney_free_fraction=0.3",
+                                                    "dataset.num_subjects=64"],
+    "12 slices, 50 % kidney-free, num_subjects 40": [*TWELVE, "dataset.kidney_free_fraction=0.5",
+                                                     "dataset.num_subjects=40"],
+    "12 slices, all kidney-free, num_subjects 32": [*TWELVE, "dataset.kidney_free_fraction=1.0",
+                                                    "dataset.num_subjects=32"],
+}
+COMMON = ["train.use_tuned_params=false", "mlflow.log_model=false"]
 
 
-def test_subjects(manifest: Path) -> list[tuple[int, str]]:
-    records = json.loads(manifest.read_text())["subjects"]
-    return [(int(r["subject_id"].split("-")[1]), r["group"]) for r in records if r["split"] == "test"]
-
-
-def predict_scans(model: Path, subjects: list[tuple[int, str]], seed: int, folder: Path) -> list[dict]:
+def predict_scans(model: Path, subjects: list[tuple[int, str]], seed: int, folder: Path,
+                  montage_to: Path | None = None) -> list[dict]:
     from pipeline.data.synthetic.volume import synthetic_volume, write_volume
     from serving.batch import predict_folder
     from serving.load import load_predictor
@@ -61,6 +91,8 @@ def predict_scans(model: Path, subjects: list[tuple[int, str]], seed: int, folde
         write_volume(folder / "in" / f"sub-{number:03d}.nii.gz", volume)
         truth[f"sub-{number:03d}"] = (group, volume.true_ml)
     predict_folder(load_predictor(model), sorted((folder / "in").iterdir()), folder / "out", progress=False)
+    if montage_to is not None:   # the first scan's QC montage, for docs/serving.md
+        shutil.copyfile(folder / "out" / "qc" / f"sub-{subjects[0][0]:03d}.png", montage_to)
     rows = []
     with (folder / "out" / "predictions.csv").open(newline="") as fh:
         for r in csv.DictReader(fh):
@@ -145,15 +177,19 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "model.onnx"))
-    parser.add_argument("--manifest", default=str(REPO / "data" / "kidney-t2w" / "manifest.json"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "volume_tkv"))
+    parser.add_argument("--levers", nargs="*", default=None, metavar="NAME",
+                        help="the levers table instead (default: every lever; names keep the other rows)")
     a = parser.parse_args()
     from pipeline.config.load import load_params
     from pipeline.plots import bland_altman
 
     seed = load_params(REPO / "params.yaml", {}).dataset.seed
+    if a.levers is not None:
+        levers(a.levers, Path(a.model), seed)
+        return
     with tempfile.TemporaryDirectory(prefix="flexunet-tkv-") as tmp:
-        rows = predict_scans(Path(a.model), test_subjects(Path(a.manifest)), seed, Path(tmp))
+        rows = predict_scans(Path(a.model), SUBJECTS, seed, Path(tmp), montage_to=MONTAGE)
         large = large_scan_memory(Path(a.model), seed, Path(tmp))
     summary = summarise(rows)
     from pipeline.scoring.tkv import agreement
@@ -165,6 +201,49 @@ def main() -> None:
               "scan": f"{SLICES} slices x 5 mm, {SPACING_MM} mm in plane, {ORIENTATION}", "summary": summary,
               "scans": rows, "large_scan": large}
     write_results(a.out, result, markdown)
+
+
+def levers(names: list[str], model: Path, seed: int) -> None:
+    """Rerun the named levers (none named: all; `checkout`: only this checkout's row), keep the other rows."""
+    names = [] if names == ["checkout"] else (names or list(LEVERS))
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {unknown}; known: {list(LEVERS)}")
+    out = REPO / "benchmarks" / "results" / "volume_tkv_levers"
+    rows = json.loads(out.with_suffix(".json").read_text())["levers"] if out.with_suffix(".json").is_file() else {}
+    real = json.loads((REPO / "metrics" / "real_sample.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="flexunet-tkv-") as tmp:
+        rows["this checkout's model"] = {"overrides": [], "real_kidney_dice": real["real_kidney_dice"],
+                                         **summarise(predict_scans(model, SUBJECTS, seed, Path(tmp)))}
+    for name in names:
+        print(f"{name} ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="flexunet-lever-") as tmp:
+            root = Path(tmp)
+            seconds = run_stages(root, ("prepare", "train", "evaluate", "export"),
+                                 scratch_project(root) + COMMON + LEVERS[name], label=name)
+            scans = predict_scans(root / "models" / "model.onnx", SUBJECTS, seed, root / "scans")
+            real = json.loads((root / "metrics" / "real_sample.json").read_text())
+            test = json.loads((root / "metrics" / "eval.json").read_text())
+        rows[name] = {"overrides": LEVERS[name], "real_kidney_dice": real["real_kidney_dice"],
+                      "test_mean_foreground_dice": test["mean_foreground_dice"], "seconds": seconds, **summarise(scans)}
+        print(json.dumps({name: rows[name]}), flush=True)
+    order = ["this checkout's model", *LEVERS]
+    write_results(out, {"machine": machine_summary(), "levers": {n: rows[n] for n in order if n in rows}}, lever_table)
+
+
+def lever_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['vector_isa']}. TKV of the 14 held-out synthetic scans; "
+             f"each lever: prepare + train + evaluate + export, {' '.join(COMMON)}.", "",
+             "| lever | real kidney Dice | TKV bias, rules (ml) | mean abs error, rules | within 10 % | "
+             "mean abs error, no rules | diagnosis accuracy | train (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in result["levers"].items():
+        w, wo = r["with_rules"], r["without_rules"]
+        train = (r.get("seconds") or {}).get("train")
+        lines.append(f"| {name} | {r['real_kidney_dice']:.3f} | {w['bias_ml']:+.1f} | {w['mean_abs_percent_error']:.1f} % | "
+                     f"{w['within_10_percent']} of {w['scans']} | {wo['mean_abs_percent_error']:.1f} % | "
+                     f"{r['diagnosis_accuracy']:.2f} | {'-' if train is None else f'{train:.0f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

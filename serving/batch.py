@@ -1,8 +1,11 @@
-"""Batch prediction: a folder, glob or manifest of images -> palette masks, overlays and a CSV table.
+"""Batch prediction: a folder, glob or manifest of images and scans -> masks, overlays and a CSV table.
 
-Inputs (resolve_inputs): a folder (its image files), a single image, a glob pattern, or a
-manifest: a .csv or .parquet file whose column `path` (or its only column) lists image
-paths or file:// URIs, relative ones taken from the manifest's folder (read_manifest).
+Inputs (resolve_inputs): a folder (its image files, NIfTI scans and DICOM series
+subfolders; or the folder is one DICOM series), a single file, a glob pattern, or a
+manifest: a .csv or .parquet file whose column `path` (or its only column) lists paths or
+file:// URIs, relative ones taken from the manifest's folder (read_manifest). A scan
+(NIfTI file, DICOM series folder) is predicted by serving.scans: labels in its own space,
+kidney volumes in its row; everything below is about 2-D images and slides.
 
 Engines: run_batch drives an engine that turns (input, previous row) jobs into table rows.
 LocalEngine predicts in this process; serving.ray_engine.RayEngine on Ray Data actors.
@@ -98,9 +101,14 @@ class Predictor(Protocol):
     tile_size: int
     settings: TilingSettings
     tissue_threshold: int | None
+    source: str
 
     def stream(self, image: Any, tiles: TileCount | None = None, tissue: TissueSkip | None = None
                ) -> Iterator[Band]: ...
+
+    def prepare(self, image: np.ndarray) -> np.ndarray: ...
+
+    def forward(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass

@@ -97,14 +97,16 @@ def ray_engine_class() -> type:
 
 
 def add_predict_parser(sub: Any) -> None:
-    p = sub.add_parser("predict", help="tiled ONNX prediction of a folder of images (the light install suffices)")
+    p = sub.add_parser("predict", help="ONNX prediction of images, slides and scans (NIfTI, DICOM series); the "
+                                       "light install suffices")
     p.add_argument("--model", required=True, help="model.onnx, or an MLflow URI such as models:/name@champion")
     p.add_argument("--input", required=True,
-                   help="folder of images, a quoted glob such as 'scans/*.tif', or a manifest: a .csv or .parquet "
-                        "file with a column 'path' of image paths or file:// URIs")
+                   help="folder of images, NIfTI scans (.nii, .nii.gz) and DICOM series folders (or one series "
+                        "folder), a quoted glob such as 'scans/*.tif', or a manifest: a .csv or .parquet file with a "
+                        "column 'path' of paths or file:// URIs")
     p.add_argument("--output", required=True,
-                   help="folder for the masks (<stem>.png or <stem>.ome.zarr), uncertainty maps, GeoJSON and "
-                        "predictions.csv")
+                   help="folder for the masks (<stem>.png, <stem>.ome.zarr, scans: <stem>_seg.nii.gz), uncertainty "
+                        "maps, GeoJSON, QC montages and predictions.csv")
     add_arguments(p)
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: one image after another in this process (default); ray: Ray Data actors "

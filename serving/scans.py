@@ -44,7 +44,8 @@ from serving.kidneys import apply_rules, diagnose, kidney_volumes
 from serving.montage import qc_montage
 from serving.preparation import Placement, check_spacing, prepare_scan
 from serving.uncertainty import normalised_entropy, to_uint8
-from serving.volumes import ScanSource, open_scan, scan_stem, write_label_table, write_like
+from serving.outputs import output_stem
+from serving.volumes import ScanSource, open_scan, write_label_table, write_like
 
 if TYPE_CHECKING:
     from serving.batch import Predictor
@@ -116,7 +117,7 @@ def predict_scan(predictor: Predictor, path: Path, folder: Path) -> dict[str, An
     foreground = np.zeros(g.shape + (k - 1,), np.float16)
     ids_ras, unc_ras, fg_ras = g.ras(ids), g.ras(uncertainty), g.ras(foreground)
     batch = predictor.settings.batch_size
-    for start in tqdm(range(0, g.num_slices, batch), desc=f"{scan_stem(path)} slices", unit="batch",
+    for start in tqdm(range(0, g.num_slices, batch), desc=f"{output_stem(path)} slices", unit="batch",
                       leave=False, disable=None):
         numbers = range(start, min(start + batch, g.num_slices))
         inputs = [prepared.model_slice(n, size) for n in numbers]
@@ -133,7 +134,7 @@ def predict_scan(predictor: Predictor, path: Path, folder: Path) -> dict[str, An
     volumes = kidney_volumes(kept, voxel_ml)
     labels = np.zeros(g.shape, np.uint8)
     g.ras(labels)[...] = labels_ras
-    targets = ScanTargets(folder, scan_stem(path))
+    targets = ScanTargets(folder, output_stem(path))
     row = _row(card, labels, uncertainty, kept, first.shape, g, volumes, kidney_volumes(raw_kidney, voxel_ml).tkv_ml,
                diagnosis, probability)
     _write(targets, source, prepared, labels, uncertainty, card, row)

@@ -83,11 +83,6 @@ def is_scan(path: Path) -> bool:
     return nifti_stem(path) is not None or is_dicom_series(path)
 
 
-def scan_stem(path: Path) -> str:
-    """The output stem of a scan: the NIfTI file's name without .nii[.gz], or the series folder's name."""
-    return nifti_stem(path) or path.name
-
-
 @dataclass
 class ScanSource:
     """A scan opened for reading slab by slab along its last voxel axis."""

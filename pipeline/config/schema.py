@@ -127,10 +127,11 @@ class DatasetParams(_Section):
     seed: int = 137
     # kidney-t2w: subjects -> 3-D scans -> 2-D slices
     num_subjects: int = Field(96, ge=3)
-    slices_per_scan: int = Field(4, ge=1)
+    slices_per_scan: int = Field(8, ge=1)
+    slice_mm: float = Field(5.0, ge=0.5, le=20)     # distance between the synthetic slices' centres
     repeat_fraction: float = Field(0.1, ge=0, le=1)
     repeat_scans: int = Field(5, ge=2)
-    kidney_free_fraction: float = Field(0.1, ge=0, le=1)
+    kidney_free_fraction: float = Field(0.5, ge=0, le=1)
     # glomeruli: large images (the real ones are 1024 px) cut into model-size tiles
     num_large_images: int = Field(24, ge=3)
     large_image_factor: int = Field(2, ge=1, le=16)

@@ -115,7 +115,7 @@ def _kidney(params: Params, writer: Writer) -> dict[str, Any]:
         appearance = cfg.appearance if split in cfg.randomise.splits else "realistic"
         for scan in range(subject.n_scans):
             vol = kidney_t2w.render_scan(subject, scan, cfg.image_size, cfg.slices_per_scan, cfg.seed,
-                                         appearance, cfg.randomise)
+                                         appearance, cfg.randomise, slice_mm=cfg.slice_mm)
             stems, extra = [], []
             for z in range(vol.image.shape[0]):
                 has_kidney = bool(vol.kidney[z].any())

@@ -53,7 +53,7 @@ def test_repro_produces_every_output(project):
     assert json.loads((project / "models" / "train_run.json").read_text()) == {"run_id": run_id}
     assert "tracking_uri" not in json.loads((project / "models" / "registered.json").read_text())
     assert {"loss", "val_loss", "val_dice_CKD", "learning_rate", "test_mean_foreground_dice",
-            "test_tkv_bias_ml", "test_stray_components", "test_uncertainty_auroc",
+            "test_tkv_bias_ml", "test_tkv_without_rules_bias_ml", "test_stray_components", "test_uncertainty_auroc",
             "mini_test_tiled_stray_components"} <= metrics
     evaluated = json.loads((project / "metrics" / "eval.json").read_text())
     assert 0 <= evaluated["uncertainty_auroc"] <= 1 and evaluated["stray_components"] >= 0
@@ -61,6 +61,10 @@ def test_repro_produces_every_output(project):
     assert tiled["tiled_stray_components"] >= 0 and tiled["object_metrics"] == "components"
     tkv = json.loads((project / "metrics" / "tkv.json").read_text())
     assert tkv["available"] and tkv["scans"] == len(tkv["per_scan"]) >= 2
+    assert tkv["without_rules"]["scans"] == tkv["scans"] and 0 <= tkv["volume_class_accuracy"] <= 1
+    # `flexunet predict` on the real sample gives what evaluate reports (ONNX vs Keras: 1e-6 apart)
+    real = json.loads((project / "metrics" / "real_sample.json").read_text())
+    assert abs(tiled["predict_real_kidney_dice"] - real["real_kidney_dice"]) <= 0.01
     assert len(tags["dataset.fingerprint"]) == 64 and len(tags["mlflow.source.git.commit"]) == 40
     registered = json.loads((project / "models" / "registered.json").read_text())
     assert registered["version"] == "1" or registered["version"] == 1

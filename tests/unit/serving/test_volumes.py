@@ -11,7 +11,8 @@ import pytest
 
 from common.errors import UserError
 from serving import volumes
-from serving.volumes import is_dicom_series, open_scan, require, scan_stem, write_label_table, write_like
+from serving.outputs import output_stem
+from serving.volumes import is_dicom_series, open_scan, require, write_label_table, write_like
 from tests.scan_files import save_nifti, write_dicom_series
 
 # A coronal stack (LIP): columns to the patient's left, rows downwards, slices backwards,
@@ -35,7 +36,7 @@ def test_nifti_is_read_slab_by_slab_with_its_affine(tmp_path, monkeypatch):
     slabs = list(source.slabs())
     assert [s.shape[2] for s in slabs] == [4, 4, 1] and source.shape == data.shape
     assert np.array_equal(np.concatenate(slabs, axis=2), data) and np.allclose(source.affine, AFFINE)
-    assert source.zooms == pytest.approx((1.5, 1.5, 5.0)) and scan_stem(path) == "a"
+    assert source.zooms == pytest.approx((1.5, 1.5, 5.0)) and output_stem(path) == "a"
     four = save_nifti(tmp_path / "b.nii", data[..., None], AFFINE)   # 4-D with one volume
     assert np.array_equal(_all(open_scan(four)), data)
 
@@ -63,7 +64,7 @@ def test_dicom_series_is_ordered_by_position_and_placed_like_the_nifti(tmp_path)
     source = open_scan(folder)
     assert source.kind == "dicom" and source.shape == (12, 10, 9)
     assert np.allclose(source.affine, AFFINE, atol=1e-5)
-    assert np.array_equal(_all(source), data) and scan_stem(folder) == "series"
+    assert np.array_equal(_all(source), data) and output_stem(folder) == "series"
     # slices stored against the normal: read in the normal's order, every voxel in its place
     flipped = AFFINE @ np.diag([1, 1, -1, 1])
     flipped[:3, 3] = AFFINE[:3, 3] + 8 * AFFINE[:3, 2]
