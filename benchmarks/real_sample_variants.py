@@ -1,4 +1,4 @@
-"""Real-sample kidney Dice of the synthetic training data's variants, at the default budget.
+"""Real-sample kidney Dice of the synthetic training data's variants, at the default budget, on 4-slice scans.
 
 For each variant (a name and params.yaml overrides) it runs `flexunet prepare`, `train` and
 `evaluate` in a fresh temporary project beside this checkout's code and `.venv`: the
@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_results import machine_summary, run_stages, scratch_project, write_results  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
-    "default (randomised, realistic_fraction 0.5)": [],
-    "default, train.seed 7": ["train.seed=7"],
+    "4-slice scans (randomised, realistic_fraction 0.5)": [],
+    "4-slice scans, train.seed 7": ["train.seed=7"],
     "realistic appearance": ["dataset.appearance=realistic"],
     "realistic_fraction 0.3": ["dataset.randomise.realistic_fraction=0.3"],
     "realistic_fraction 0.7": ["dataset.randomise.realistic_fraction=0.7"],

@@ -66,8 +66,8 @@ LEVERS: dict[str, list[str]] = {
     "4 slices of 10 mm": [*FOUR, "dataset.slice_mm=10"],
     "5 slices of 8 mm, 50 % kidney-free": ["dataset.slices_per_scan=5", "dataset.slice_mm=8",
                                            "dataset.kidney_free_fraction=0.5"],
-    "8 slices of 5 mm, 50 % kidney-free (the default)": EIGHT,
-    "the default, train.epochs 6": [*EIGHT, "train.epochs=6"],
+    "8 slices of 5 mm, 50 % kidney-free (the default's data)": EIGHT,
+    "the default's data, train.epochs 6": [*EIGHT, "train.epochs=6"],
     "8 slices, 30 % kidney-free, num_subjects 64": [*EIGHT[:1], "dataset.kidney_free_fraction=0.3",
                                                     "dataset.num_subjects=64"],
     "12 slices, 50 % kidney-free, num_subjects 40": [*TWELVE, "dataset.kidney_free_fraction=0.5",
@@ -212,8 +212,10 @@ def levers(names: list[str], model: Path, seed: int) -> None:
     out = REPO / "benchmarks" / "results" / "volume_tkv_levers"
     rows = json.loads(out.with_suffix(".json").read_text())["levers"] if out.with_suffix(".json").is_file() else {}
     real = json.loads((REPO / "metrics" / "real_sample.json").read_text())
+    trained = json.loads((REPO / "metrics" / "train.json").read_text())
     with tempfile.TemporaryDirectory(prefix="flexunet-tkv-") as tmp:
         rows["this checkout's model"] = {"overrides": [], "real_kidney_dice": real["real_kidney_dice"],
+                                         "seconds": {"train": trained.get("train_seconds")},
                                          **summarise(predict_scans(model, SUBJECTS, seed, Path(tmp)))}
     for name in names:
         print(f"{name} ...", flush=True)
