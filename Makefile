@@ -31,6 +31,7 @@ benchmark: install  # needs `make repro` first for the tiled and int8 ones (a tr
 	$(BIN)/python benchmarks/space_to_depth.py
 	$(BIN)/python benchmarks/int8_variants.py
 	$(BIN)/python benchmarks/batch_engines.py
+	$(BIN)/python benchmarks/volume_tkv.py
 	$(BIN)/python benchmarks/make_test_time.py
 
 mlflow-ui: install

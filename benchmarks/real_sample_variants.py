@@ -110,7 +110,7 @@ def _ceiling(variants: dict) -> str:
     line = (f"\nEach slice's best kidney Dice over the {len(rows)} randomised rows, whichever row it comes from: "
             f"{' '.join(f'{v:.2f}' for v in best)}; mean over slices {mean:.3f}")
     if default is not None:
-        line += f" (the default row's mean over slices: {sum(default['per_slice'].values()) / len(stems):.3f})"
+        line += f" (the first row's mean over slices: {sum(default['per_slice'].values()) / len(stems):.3f})"
     return line + ".\n"
 
 

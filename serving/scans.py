@@ -40,9 +40,10 @@ from tqdm import tqdm
 from common.atomic import write_json
 from common.errors import UserError
 from common.imageio import save_rgb_png
-from serving.kidneys import apply_rules, diagnose, kidney_volumes
+from serving.card import ModelCard
+from serving.kidneys import KidneyVolumes, apply_rules, diagnose, kidney_volumes
 from serving.montage import qc_montage
-from serving.preparation import Placement, check_spacing, prepare_scan
+from serving.preparation import Placement, PreparedScan, ScanGeometry, check_spacing, prepare_scan
 from serving.uncertainty import normalised_entropy, to_uint8
 from serving.outputs import output_stem
 from serving.volumes import ScanSource, open_scan, write_label_table, write_like
@@ -129,14 +130,17 @@ def predict_scan(predictor: Predictor, path: Path, folder: Path) -> dict[str, An
             g.put(fg_ras, n, probs[..., 1:].astype(np.float16))
     voxel_ml = float(np.prod(g.zooms)) / 1000.0
     raw_kidney = ids_ras != 0
+    raw_tkv = kidney_volumes(raw_kidney, voxel_ml).tkv_ml
     kept = apply_rules(raw_kidney, voxel_ml, plane_axis=g.axis, min_component_ml=card.min_component_ml)
-    labels_ras, diagnosis, probability = _classes(kept, ids_ras, fg_ras, card.single_foreground_class)
-    volumes = kidney_volumes(kept, voxel_ml)
+    del raw_kidney   # a scan's volumes are large: each is let go as soon as it is done with
+    classes, diagnosis, probability = _classes(kept, ids_ras, fg_ras, card.single_foreground_class)
+    del ids, ids_ras, foreground, fg_ras
     labels = np.zeros(g.shape, np.uint8)
-    g.ras(labels)[...] = labels_ras
+    g.ras(labels)[...] = classes   # back into the scan's voxel order
+    del classes
+    volumes = kidney_volumes(kept, voxel_ml)
     targets = ScanTargets(folder, output_stem(path))
-    row = _row(card, labels, uncertainty, kept, first.shape, g, volumes, kidney_volumes(raw_kidney, voxel_ml).tkv_ml,
-               diagnosis, probability)
+    row = _row(card, labels, uncertainty, kept, first.shape, g, volumes, raw_tkv, diagnosis, probability)
     _write(targets, source, prepared, labels, uncertainty, card, row)
     return row
 
@@ -155,9 +159,10 @@ def _classes(kept: np.ndarray, argmax: np.ndarray, foreground: np.ndarray, singl
     return labels, diagnosis, probability
 
 
-def _row(card: Any, labels: np.ndarray, uncertainty: np.ndarray, kept: np.ndarray, slice_shape: tuple[int, int],
-         g: Any, volumes: Any, raw_tkv: float, diagnosis: int | None, probability: float | None) -> dict[str, Any]:
-    counts = np.bincount(labels.ravel(), minlength=card.num_classes)
+def _row(card: ModelCard, labels: np.ndarray, uncertainty: np.ndarray, kept: np.ndarray,
+         slice_shape: tuple[int, int], g: ScanGeometry, volumes: KidneyVolumes, raw_tkv: float,
+         diagnosis: int | None, probability: float | None) -> dict[str, Any]:
+    counts = [np.count_nonzero(labels == c) for c in range(card.num_classes)]   # bincount would copy to int64
     unc = g.ras(uncertainty)
     mean = float(unc[kept].mean() if kept.any() else unc.mean()) / 255.0
     row: dict[str, Any] = {"height": int(slice_shape[0]), "width": int(slice_shape[1])}
@@ -170,8 +175,8 @@ def _row(card: Any, labels: np.ndarray, uncertainty: np.ndarray, kept: np.ndarra
     return row
 
 
-def _write(targets: ScanTargets, source: ScanSource, prepared: Any, labels: np.ndarray, uncertainty: np.ndarray,
-           card: Any, row: dict[str, Any]) -> None:
+def _write(targets: ScanTargets, source: ScanSource, prepared: PreparedScan, labels: np.ndarray,
+           uncertainty: np.ndarray, card: ModelCard, row: dict[str, Any]) -> None:
     """Every output atomically; the summary last (its presence marks the scan done)."""
     write_like(targets.labels, labels, source, f"flexunet labels: {', '.join(card.class_names)}")
     write_like(targets.uncertainty, uncertainty, source, "flexunet uncertainty: normalised entropy x 255")
