@@ -16,18 +16,27 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def default_model(params: Any) -> tuple[Any, str]:
-    """models/model.keras if `make repro` trained one, else the same architecture randomly
-    initialised (speed does not depend on the weights); and a label saying which."""
+def default_model(params: Any) -> tuple[Any, str, Any]:
+    """The model `make repro` trains: params with the tune stage's values when
+    train.use_tuned_params (tune/best_params.yaml), models/model.keras's weights when it is
+    that architecture, else the architecture randomly initialised (speed does not depend
+    on the weights); a label saying which, and the params the model was built from."""
     import keras
 
+    from pipeline.config.load import with_tuned_params
     from pipeline.model.flexunet import build_flexunet
 
+    tuned = REPO / "tune" / "best_params.yaml"
+    if params.train.use_tuned_params and tuned.is_file():
+        params = with_tuned_params(params, tuned)
+    keras.utils.set_random_seed(params.train.seed)
+    model = build_flexunet(params.model)
     trained = REPO / "models" / "model.keras"
     if trained.is_file():
-        return keras.models.load_model(trained, compile=False), "models/model.keras"
-    keras.utils.set_random_seed(params.train.seed)
-    return build_flexunet(params.model), f"random init (seed {params.train.seed})"
+        loaded = keras.models.load_model(trained, compile=False)
+        if [w.shape for w in loaded.weights] == [w.shape for w in model.weights]:
+            return loaded, "models/model.keras", params
+    return model, f"random init (seed {params.train.seed})", params
 
 
 def scratch_project(folder: Path) -> list[str]:

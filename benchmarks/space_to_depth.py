@@ -1,6 +1,6 @@
 """Export-time space-to-depth (export.space_to_depth): time per window for 0..N levels on phases.
 
-The default model of params.yaml (models/model.keras weights if present, else the same
+The default model of params.yaml with the study's values (models/model.keras weights if present, else the same
 architecture randomly initialised: speed does not depend on the weights) is exported with
 0 (plain), 1, 2, ... top levels on 2x2 phases. Each export is timed alone in a fresh
 process (one onnxruntime session per process: the idle threads of another session would
@@ -109,7 +109,7 @@ def export_all(params_path: Path, out: Path) -> dict[str, Any]:
     from pipeline.config.load import load_params
 
     params = load_params(params_path)
-    model, weights = default_model(params)
+    model, weights, params = default_model(params)
     m = params.model
     x = windows(2, m.image_width, m.image_channels)
     models, plain = {}, None

@@ -1,7 +1,7 @@
 """Tiled inference: our onnxruntime tiler vs the model's compute and vs the seed's tiler.
 
 In one run, on a synthetic SIZE x SIZE RGB image (default 2048) and the default model of
-params.yaml (models/model.keras weights if present, else the same architecture randomly
+params.yaml with the study's values (models/model.keras weights if present, else the same architecture randomly
 initialised: speed does not depend on the weights), each variant in its own process so
 its peak RSS is its own (VmHWM from /proc/self/status):
 
@@ -127,7 +127,7 @@ def work_export(a: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config.load import load_params
 
     params = load_params(a.params)
-    model, weights = default_model(params)
+    model, weights, params = default_model(params)
     model.save(a.keras)
     to_onnx(model, Path(a.model), card_for(params, None, {}), opset=params.export.opset,
             phase_levels=space_to_depth_levels(params))

@@ -164,7 +164,7 @@ def resolve_inputs(spec: str) -> list[Path]:
     if not glob.has_magic(spec):
         raise UserError(f"{spec}: no such folder or file; pass a folder of images, a glob such as 'scans/*.png' "
                         f"or a manifest ({' or '.join(MANIFEST_SUFFIXES)} with a column '{MANIFEST_COLUMN}')")
-    found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file() or is_dicom_series(Path(p)))
     if not found:
         raise UserError(f"{spec}: the pattern matches no files")
     return found

@@ -99,16 +99,27 @@ class TiledPredictor:
         """The raw model: float32 (N, h, w, C) of 0..255 values -> probabilities (N, h, w, K)."""
         return self.session(batch)
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
+    def forward(self, batch: np.ndarray, variance: bool = False) -> np.ndarray:
         """Whole inputs at the model size: float32 (N, s, s, C) -> probabilities (N, s, s, K),
-        with --tta the card's flips averaged (as serving.tiling does for windows)."""
+        with --tta the card's flips averaged (as serving.tiling does for windows) and, with
+        `variance`, their variance as one more channel. A model exported with a fixed batch
+        size gets batches of that size (zero-padded), as the tiler gives it."""
         batch = np.asarray(batch, dtype=np.float32)
         flips = self._flips()
-        if not flips:
-            return np.asarray(self.session(batch), dtype=np.float32)
-        n = len(batch)
-        out = np.asarray(self.session(np.concatenate([batch] + [batch[FLIPS[f]] for f in flips])), np.float32)
-        return undo_tta(out, n, n, flips)
+        fixed = self.session.fixed_dim(0)
+        per = len(batch) if fixed is None else fixed // (1 + len(flips))
+        parts = []
+        for start in range(0, len(batch), max(per, 1)):
+            part = batch[start: start + per]
+            n = len(part)
+            if n < per:
+                part = np.concatenate([part, np.zeros((per - n,) + part.shape[1:], np.float32)])
+            if not flips:
+                parts.append(np.asarray(self.session(part), dtype=np.float32)[:n])
+                continue
+            out = np.asarray(self.session(np.concatenate([part] + [part[FLIPS[f]] for f in flips])), np.float32)
+            parts.append(undo_tta(out, n, len(part), flips, variance))
+        return np.concatenate(parts)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Convert an image to (H, W, card.channels) by the rules in the module docstring."""
@@ -204,15 +215,20 @@ class TiledPredictor:
                               self.card.spacing_range, self.card.spacing_unit, self.source)
             if tiles is not None:
                 tiles.tiles += 1
-            probs = whole_slice_probs(self.forward, image, self.tile_size)
+            probs = whole_slice_probs(lambda x: self.forward(x, variance=True), image, self.tile_size)
         else:
             factor = self._rescale_factor(image)
             small = resize_image(np.ascontiguousarray(image), max(1, round(w * factor)), max(1, round(h * factor)))
-            at_training = np.empty(small.shape[:2] + (self.card.num_classes,), np.float32)
+            at_training = np.empty(small.shape[:2] + (self.card.num_classes + bool(self._flips()),), np.float32)
             for band in self._tiled(small, tiles, None):
-                at_training[band.row0: band.row0 + band.probs.shape[0]] = band.probs
+                rows = slice(band.row0, band.row0 + band.probs.shape[0])
+                at_training[rows, :, : self.card.num_classes] = band.probs
+                if band.tta_variance is not None:
+                    at_training[rows, :, -1] = band.tta_variance
             probs = resample_probs(at_training, h, w)
-        return Band(0, probs.argmax(axis=-1).astype(np.uint8), probs, None)
+        k = self.card.num_classes   # with --tta, one more channel: the flips' variance
+        return Band(0, probs[..., :k].argmax(axis=-1).astype(np.uint8), np.ascontiguousarray(probs[..., :k]),
+                    probs[..., k] if probs.shape[-1] > k else None)
 
     @property
     def tissue_threshold(self) -> int | None:

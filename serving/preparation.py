@@ -75,9 +75,11 @@ class Placement:
         square = resample_probs(probs, self.side, self.side)
         return np.ascontiguousarray(square[self.top: self.top + self.height, self.left: self.left + self.width])
 
-    def spacing(self, row_mm: float, col_mm: float) -> float:
-        """Mean pixel spacing at the model input of a slice whose pixels measure (row_mm, col_mm)."""
-        return 0.5 * (row_mm + col_mm) * self.side / self.size
+    def spacing(self, row_mm: float, col_mm: float) -> tuple[float, float]:
+        """(row, column) pixel spacing at the model input of a slice whose pixels measure
+        (row_mm, col_mm): the square is resampled alike along both, so non-square pixels
+        stay non-square."""
+        return row_mm * self.side / self.size, col_mm * self.side / self.size
 
 
 def resample_probs(probs: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -135,10 +137,11 @@ Slabs = Callable[[], Iterable[np.ndarray]]   # a fresh pass over the volume's va
 
 
 def percentiles(slabs: Slabs, q: tuple[float, float], source: Path | str) -> tuple[float, float]:
-    """np.percentile(volume, q) (linear interpolation, exact) from slabs, holding one slab
-    and the few values near each wanted rank: a min/max pass, a histogram pass, then the
-    values in the histogram bins holding the wanted order statistics. Bad volumes (NaN or
-    infinite voxels, constant) are a one-line UserError naming `source`."""
+    """np.percentile(volume, q) (NumPy's linear rule, to the bit) from slabs, holding one slab
+    and the distinct values near each wanted rank: a min/max pass, a histogram pass, then the
+    distinct values (with their counts) of the histogram bins holding the wanted order
+    statistics. Bad volumes (NaN or infinite voxels, constant) are a one-line UserError
+    naming `source`."""
     n, lo, hi, bad = 0, math.inf, -math.inf, 0
     for slab in slabs():
         finite = np.isfinite(slab)
@@ -154,9 +157,10 @@ def percentiles(slabs: Slabs, q: tuple[float, float], source: Path | str) -> tup
     if hi <= lo:
         raise UserError(f"{source}: the volume is constant ({lo:g}); not an image")
     ranks = []
-    for pct in q:
-        position = pct / 100.0 * (n - 1)
-        ranks.append((int(math.floor(position)), int(math.ceil(position)), position - math.floor(position)))
+    for pct in q:   # NumPy's virtual index and weight, as it computes them, so the result is its to the bit
+        position = (n - 1) * (pct / 100.0)
+        below = min(int(math.floor(position)), n - 1)
+        ranks.append((below, min(below + 1, n - 1), position - math.floor(position)))
 
     def bins(values: np.ndarray) -> np.ndarray:
         return np.clip(((values - lo) * (_HISTOGRAM_BINS / (hi - lo))).astype(np.int64), 0, _HISTOGRAM_BINS - 1)
@@ -167,18 +171,32 @@ def percentiles(slabs: Slabs, q: tuple[float, float], source: Path | str) -> tup
     before = np.concatenate([[0], np.cumsum(counts)])
     wanted = {r for lo_r, hi_r, _ in ranks for r in (lo_r, hi_r)}
     bin_of = {r: int(np.searchsorted(before, r, side="right")) - 1 for r in wanted}
-    kept: dict[int, list[np.ndarray]] = {b: [] for b in bin_of.values()}
+    # Each wanted bin's distinct values and their counts, slab by slab: a bin holding a
+    # scan's whole zero background is then one value and one count, not millions of floats.
+    seen: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in bin_of.values()}
     for slab in slabs():
         flat = slab.ravel()
         which = bins(flat)
-        for b in kept:
-            kept[b].append(flat[which == b])
-    ordered = {b: np.sort(np.concatenate(v)) for b, v in kept.items()}
-    value = {r: float(ordered[bin_of[r]][r - before[bin_of[r]]]) for r in wanted}
-    low, high = ((value[a] + (value[b] - value[a]) * f) for a, b, f in ranks)
+        for b in seen:
+            values = flat[which == b]
+            if values.size:
+                seen[b].append(np.unique(values, return_counts=True))
+    value = {}
+    for r in wanted:
+        b = bin_of[r]
+        distinct, inverse = np.unique(np.concatenate([u for u, _ in seen[b]]), return_inverse=True)
+        cumulative = np.cumsum(np.bincount(inverse, weights=np.concatenate([c for _, c in seen[b]])))
+        value[r] = float(distinct[int(np.searchsorted(cumulative, r - before[b], side="right"))])
+    low, high = (_lerp(value[a], value[b], f) for a, b, f in ranks)
     if high <= low:
         raise UserError(f"{source}: intensity percentiles {tuple(q)} are equal ({low:g}); nearly constant volume")
     return low, high
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """NumPy's own interpolation between two order statistics (np.percentile, 'linear'),
+    so the percentiles equal NumPy's to the last bit."""
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
 def normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -215,6 +233,12 @@ class ScanGeometry:
     def zooms(self) -> tuple[float, float, float]:
         """Voxel sizes in mm along the scan's own axes (from the affine, which places the voxels)."""
         return tuple(float(z) for z in np.sqrt((np.asarray(self.affine)[:3, :3] ** 2).sum(axis=0)))
+
+    @property
+    def voxel_ml(self) -> float:
+        """A voxel's volume in ml: |det| of the affine (a sheared affine, e.g. a tilted
+        gantry, has axes longer than the voxel is deep)."""
+        return abs(float(np.linalg.det(np.asarray(self.affine)[:3, :3]))) / 1000.0
 
     @property
     def ras_zooms(self) -> tuple[float, float, float]:
@@ -336,13 +360,16 @@ def in_memory(volume: np.ndarray, slab: int = 16) -> Slabs:
 
 
 # ---------------------------------------------------------------------- scale
-def check_spacing(spacing: float | None, card_range: tuple[float, float] | None, unit: str, source: Path | str) -> None:
-    """Warn when an input's pixel spacing at the model input lies outside the range the
-    training data covered (by more than SPACING_TOLERANCE)."""
+def check_spacing(spacing: tuple[float, float] | None, card_range: tuple[float, float] | None, unit: str,
+                  source: Path | str) -> None:
+    """Warn when an input's (row, column) pixel spacing at the model input lies outside the
+    range the training data covered (by more than SPACING_TOLERANCE), along either axis."""
     if spacing is None or card_range is None:
         return
     lo, hi = card_range
-    if spacing < lo * (1 - SPACING_TOLERANCE) or spacing > hi * (1 + SPACING_TOLERANCE):
-        log.warning("%s: %.3g %s per pixel at the model input, outside the %.3g-%.3g %s/px the model was trained "
+    outside = [s for s in spacing if s < lo * (1 - SPACING_TOLERANCE) or s > hi * (1 + SPACING_TOLERANCE)]
+    if outside:
+        shown = f"{spacing[0]:.3g}" if spacing[0] == spacing[1] else f"{spacing[0]:.3g} x {spacing[1]:.3g}"
+        log.warning("%s: %s %s per pixel at the model input, outside the %.3g-%.3g %s/px the model was trained "
                     "on; its sizes will look wrong to the model (check --spacing or the file's header)",
-                    source, spacing, unit, lo, hi, unit)
+                    source, shown, unit, lo, hi, unit)

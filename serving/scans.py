@@ -41,7 +41,7 @@ from common.atomic import write_json
 from common.errors import UserError
 from common.imageio import save_rgb_png
 from serving.card import ModelCard
-from serving.kidneys import KidneyVolumes, apply_rules, diagnose, kidney_volumes
+from serving.kidneys import KidneyVolumes, apply_rules, body_midline, diagnose, kidney_volumes
 from serving.montage import qc_montage
 from serving.preparation import Placement, PreparedScan, ScanGeometry, check_spacing, prepare_scan
 from serving.uncertainty import normalised_entropy, to_uint8
@@ -104,6 +104,8 @@ def predict_scan(predictor: Predictor, path: Path, folder: Path) -> dict[str, An
     if card.plane is None or card.scale != "whole":
         raise UserError(f"{path}: a scan needs a model trained on scan slices (its card records a slicing plane); "
                         f"{predictor.source} takes 2-D images")
+    targets = ScanTargets(folder, output_stem(path))
+    targets.summary.unlink(missing_ok=True)   # a run that fails from here on must not leave an old summary
     source = open_scan(path)
     prepared = prepare_scan(source.slabs, source.shape, source.affine, plane=card.plane,
                             intensity_percentiles=card.intensity_percentiles, source=path)
@@ -128,18 +130,19 @@ def predict_scan(predictor: Predictor, path: Path, folder: Path) -> dict[str, An
             g.put(ids_ras, n, probs.argmax(axis=-1).astype(np.uint8))
             g.put(unc_ras, n, to_uint8(normalised_entropy(probs)))
             g.put(fg_ras, n, probs[..., 1:].astype(np.float16))
-    voxel_ml = float(np.prod(g.zooms)) / 1000.0
+    voxel_ml = g.voxel_ml
+    midline = body_midline(g.ras(prepared.image))
     raw_kidney = ids_ras != 0
-    raw_tkv = kidney_volumes(raw_kidney, voxel_ml).tkv_ml
-    kept = apply_rules(raw_kidney, voxel_ml, plane_axis=g.axis, min_component_ml=card.min_component_ml)
+    raw_tkv = kidney_volumes(raw_kidney, voxel_ml, midline).tkv_ml
+    kept = apply_rules(raw_kidney, voxel_ml, plane_axis=g.axis, min_component_ml=card.min_component_ml,
+                       midline=midline)
     del raw_kidney   # a scan's volumes are large: each is let go as soon as it is done with
     classes, diagnosis, probability = _classes(kept, ids_ras, fg_ras, card.single_foreground_class)
     del ids, ids_ras, foreground, fg_ras
     labels = np.zeros(g.shape, np.uint8)
     g.ras(labels)[...] = classes   # back into the scan's voxel order
     del classes
-    volumes = kidney_volumes(kept, voxel_ml)
-    targets = ScanTargets(folder, output_stem(path))
+    volumes = kidney_volumes(kept, voxel_ml, midline)
     row = _row(card, labels, uncertainty, kept, first.shape, g, volumes, raw_tkv, diagnosis, probability)
     _write(targets, source, prepared, labels, uncertainty, card, row)
     return row

@@ -63,8 +63,8 @@ def nifti_stem(path: Path) -> str | None:
 
 def is_dicom_file(path: Path) -> bool:
     """A file holding DICOM's preamble magic ('DICM' at byte 128), whatever its name (scanners
-    write IM0001, 1.2.840....dcm or no suffix at all)."""
-    if path.name.startswith(".") or not path.is_file():
+    write IM0001, 1.2.840....dcm or no suffix at all); a DICOMDIR index is not one."""
+    if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
         return False
     try:
         with path.open("rb") as fh:
@@ -102,7 +102,12 @@ class ScanSource:
             four_d = len(proxy.shape) == 4
             for k in range(0, self.shape[2], SLAB):
                 index = (slice(None), slice(None), slice(k, k + SLAB)) + ((0,) if four_d else ())
-                yield np.asarray(proxy[index], dtype=np.float64)
+                try:
+                    yield np.asarray(proxy[index], dtype=np.float64)
+                except Exception as exc:  # noqa: BLE001 - gzip, zlib and nibabel raise many types
+                    raise UserError(f"{self.path}: its voxels cannot be read from slice {k} on ({type(exc).__name__}: "
+                                    f"{' '.join(str(exc).split())[:120]}); the file is truncated or damaged: "
+                                    f"copy or export it again") from None
             return
         pydicom = require("pydicom")
         for k in range(0, len(self._files), SLAB):
@@ -159,11 +164,13 @@ def _dicom_headers(folder: Path) -> list[tuple[Path, Any]]:
     headers = []
     for path in sorted(p for p in folder.iterdir() if is_dicom_file(p)):
         try:
-            headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"{path}: not a readable DICOM file ({' '.join(str(exc).split())[:200]})") from None
+        if hasattr(ds, "Rows") and hasattr(ds, "Columns"):   # an image; not a report or a presentation state
+            headers.append((path, ds))
     if not headers:
-        raise UserError(f"{folder}: no DICOM files in this folder")
+        raise UserError(f"{folder}: no DICOM images in this folder")
     return headers
 
 
@@ -232,6 +239,7 @@ def write_like(path: Path, data: np.ndarray, source: ScanSource, description: st
         out.set_qform(source.affine, code=1)
         out.set_sform(source.affine, code=1)
     out.header.set_slope_inter(1.0, 0.0)
+    out.header["cal_min"], out.header["cal_max"] = 0, 0    # the scan's display window is not the labels'
     out.header["descrip"] = description[:79].encode()
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(out, str(tmp))

@@ -19,6 +19,7 @@ Reported (metrics/tkv.json), for the rules' TKV and, under `without_rules`, the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 
 from common.atomic import write_json
 from pipeline.plots import bland_altman
-from serving.kidneys import apply_rules, diagnose, kidney_volumes
+from serving.kidneys import apply_rules, body_midline, diagnose, kidney_volumes
 from serving.preparation import display_geometry
 
 WITH, WITHOUT = "predicted_ml", "predicted_ml_without_rules"
@@ -40,6 +41,7 @@ class SlicePrediction:
     predicted: np.ndarray     # bool (h, w): the model's kidney (argmax not background)
     foreground: np.ndarray    # float16 (h, w, K-1): the foreground classes' probabilities
     truth: np.ndarray         # bool (h, w): the true kidney
+    image: np.ndarray         # uint8 (h, w): the slice (grey), where the body's midline is found
 
 
 def scan_volumes(manifest: dict[str, Any], slices: dict[str, SlicePrediction], *, class_names: list[str],
@@ -50,7 +52,7 @@ def scan_volumes(manifest: dict[str, Any], slices: dict[str, SlicePrediction], *
     for scan in manifest.get("scans", []):
         if scan.get("split") != "test" or not scan["stems"]:
             continue
-        stems = sorted(scan["stems"] + scan.get("tkv_extra_stems", []))
+        stems = sorted(scan["stems"] + scan.get("tkv_extra_stems", []), key=_slice_order)
         missing = [s for s in stems if s not in slices]
         if missing:
             raise KeyError(f"test slices {missing[:3]} of scan {scan['subject_id']}/{scan['scan']} were not evaluated")
@@ -59,10 +61,11 @@ def scan_volumes(manifest: dict[str, Any], slices: dict[str, SlicePrediction], *
         predicted = g.stack_to_ras(np.stack([slices[s].predicted for s in stems]))
         truth = g.stack_to_ras(np.stack([slices[s].truth for s in stems]))
         voxel = scan["voxel_ml"]
-        kept = apply_rules(predicted, voxel, plane_axis=g.axis, min_component_ml=min_component_ml)
+        midline = body_midline(g.stack_to_ras(np.stack([slices[s].image for s in stems])))
+        kept = apply_rules(predicted, voxel, plane_axis=g.axis, min_component_ml=min_component_ml, midline=midline)
         mass = g.stack_to_ras(np.stack([slices[s].foreground for s in stems]))[kept].sum(axis=0, dtype=np.float64)
         diagnosis, probability = diagnose(mass)
-        ruled, plain, true = (kidney_volumes(v, voxel) for v in (kept, predicted, truth))
+        ruled, plain, true = (kidney_volumes(v, voxel, midline) for v in (kept, predicted, truth))
         row = {"subject_id": scan["subject_id"], "scan": scan["scan"], "group": scan.get("group"),
                WITH: round(ruled.tkv_ml, 3), WITHOUT: round(plain.tkv_ml, 3), "true_ml": round(true.tkv_ml, 3),
                "predicted_right_ml": round(ruled.right_ml, 3), "predicted_left_ml": round(ruled.left_ml, 3),
@@ -73,6 +76,11 @@ def scan_volumes(manifest: dict[str, Any], slices: dict[str, SlicePrediction], *
             row["true_native_ml"] = round(scan["true_tkv_ml_native"], 3)
         rows.append(row)
     return rows
+
+
+def _slice_order(stem: str) -> list[int | str]:
+    """`sub-001_scan1_z07` sorts before `..._z10` and `..._z100` (numbers compared as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
 
 
 def _limits(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

@@ -64,14 +64,16 @@ def evaluate_split(model: keras.Model, layout: Layout, split: str = "test"
         ids = truth.argmax(-1)
         objects.add(ids, labels)   # the served labels: the objects a user gets
         uncertainty.update(probs_np, ids)
-        slices += _for_tkv(labels, probs_np, ids)
+        slices += _for_tkv(labels, probs_np, ids, images)
     metrics = {**acc.metrics(p.mask.class_names), **objects.metrics(), **uncertainty.metrics()}
     return metrics, acc.confusion, {pair.image.stem: c for pair, c in zip(pairs, slices)}
 
 
-def _for_tkv(labels: np.ndarray, probs: np.ndarray, truth: np.ndarray) -> list[SlicePrediction]:
+def _for_tkv(labels: np.ndarray, probs: np.ndarray, truth: np.ndarray, images: Any) -> list[SlicePrediction]:
     """Per image of a batch: what the TKV and its volume rules need."""
-    return [SlicePrediction(lab != 0, p[..., 1:].astype(np.float16), t != 0) for lab, p, t in zip(labels, probs, truth)]
+    grey = np.asarray(images)[..., 0].astype(np.uint8)
+    return [SlicePrediction(lab != 0, p[..., 1:].astype(np.float16), t != 0, g)
+            for lab, p, t, g in zip(labels, probs, truth, grey)]
 
 
 def extra_slices(model: keras.Model, layout: Layout) -> dict[str, SlicePrediction]:
@@ -87,7 +89,7 @@ def extra_slices(model: keras.Model, layout: Layout) -> dict[str, SlicePredictio
                                unit="batch"):
         probs = np.asarray(model(images, training=False))
         labels = to_labels(probs, single_foreground_class=p.mask.single_foreground_class)
-        slices += _for_tkv(labels, probs, onehot.numpy().argmax(-1))
+        slices += _for_tkv(labels, probs, onehot.numpy().argmax(-1), images)
     return {pair.image.stem: c for pair, c in zip(pairs, slices)}
 
 

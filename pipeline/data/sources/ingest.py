@@ -161,7 +161,7 @@ def import_kidney_nifti(params: Params, raw: Path, writer, split_of) -> dict[str
             "image_file": s.image.name, "shape": list(vol.image.shape), "spacing_mm": list(geometry.ras_zooms),
             "slice_thickness_mm": thickness, "model_spacing_mm": 0.5 * (model_row + model_col),
             "voxel_ml": model_row * model_col * thickness / 1000.0, "stems": stems, "tkv_extra_stems": extra,
-            "true_tkv_ml_native": float(vol.mask.sum() * np.prod(geometry.zooms) / 1000.0)})
+            "true_tkv_ml_native": float(vol.mask.sum()) * geometry.voxel_ml})
     for stem, image, ids in mini[: cfg.num_mini_test]:
         writer.write("mini_test", stem, image, ids)
     subject_records = [{"subject_id": s, "group": groups[s], "split": splits[s],

@@ -24,7 +24,7 @@ def _slice(pred: list[tuple[int, int, int, int]], truth: list[tuple[int, int, in
         t[r0:r1, c0:c1] = True
     fg = np.zeros((H, W, 2), np.float16)
     fg[p] = (ckd, 0.95 - ckd)
-    return SlicePrediction(p, fg, t)
+    return SlicePrediction(p, fg, t, np.full((H, W), 120, np.uint8))   # body everywhere: the midline is the middle
 
 
 RIGHT = (2, 6, 1, 4)       # 12 px on the image's left: the patient's right kidney

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.kidneys import LEFT, RIGHT, apply_rules, components, diagnose, kidney_volumes
+from serving.kidneys import BODY_LEVEL, LEFT, RIGHT, apply_rules, body_midline, components, diagnose, kidney_volumes
 
 
 def _mask() -> np.ndarray:
@@ -21,10 +21,27 @@ def _mask() -> np.ndarray:
 
 
 def test_components_and_their_sides_follow_ras_x():
-    _, sizes, sides = components(_mask())
+    _, _, sizes, sides = components(_mask())
     assert sorted(zip(sizes.tolist(), sides.tolist())) == [(1, RIGHT), (8, LEFT), (60, LEFT), (72, RIGHT)]
     volumes = kidney_volumes(_mask(), 0.5)
     assert (volumes.tkv_ml, volumes.right_ml, volumes.left_ml) == pytest.approx((141 * 0.5, 73 * 0.5, 68 * 0.5))
+
+
+def test_the_sides_split_at_the_bodys_midline_not_the_field_of_views_middle():
+    """A field of view off-centre towards the patient's left (the body in x 8..19 of 20):
+    both kidneys lie right of the array's middle (9.5), but on either side of the body's."""
+    m = np.zeros((20, 4, 10), bool)
+    m[16:19, :, 2:8] = True      # the right kidney
+    m[10:13, :, 2:7] = True      # the left kidney, x 10-12: past the array's middle
+    image = np.zeros(m.shape, np.uint8)
+    image[8:20] = BODY_LEVEL + 50
+    midline = body_midline(image)
+    assert midline == pytest.approx(13.5)
+    assert kidney_volumes(m, 1.0, midline).left_ml == 60 and kidney_volumes(m, 1.0).left_ml == 0
+    assert apply_rules(m, 1.0, plane_axis=1, min_component_ml=0.0, midline=midline).sum() == 72 + 60
+    assert apply_rules(m, 1.0, plane_axis=1, min_component_ml=0.0).sum() == 72    # one "side": one kept
+    assert body_midline(np.zeros(m.shape, np.uint8)) is None and body_midline(None) is None
+    assert kidney_volumes(np.zeros(m.shape, bool), 1.0).tkv_ml == 0
 
 
 def test_rules_keep_the_largest_component_per_side_above_the_minimum():

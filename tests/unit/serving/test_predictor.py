@@ -96,6 +96,19 @@ def test_unconvertible_images_are_refused(models):
 
 
 # ---------------------------------------------------------------------- scale
+class _Spy:
+    """An onnxruntime session that records the shape of every batch it is given."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(batch.shape)
+        return self.session(batch)
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
 def test_a_whole_slice_model_predicts_an_image_whole_at_its_size(tmp_path, caplog):
     """Scale 'whole' (the kidney models): padded to a square, one pass at the model size,
     probabilities restored onto the image: exactly serving.preparation.whole_slice_probs."""
@@ -105,12 +118,11 @@ def test_a_whole_slice_model_predicts_an_image_whole_at_its_size(tmp_path, caplo
     path = make_tiny_onnx(tmp_path / "whole.onnx", kernel_size=1, tile_size=16, scale="whole",
                           spacing_range=(2.5, 3.5), spacing_unit="mm")
     predictor = TiledPredictor.from_onnx(path)
-    calls = []
     session = predictor.session
-    predictor.session = lambda batch: calls.append(batch.shape) or session(batch)
+    predictor.session = spy = _Spy(session)
     image = ramp_image(40, 24)
     probs = predictor.predict_proba(image)
-    assert calls == [(1, 16, 16, 3)] and probs.shape == (40, 24, 3)
+    assert spy.calls == [(1, 16, 16, 3)] and probs.shape == (40, 24, 3)
     np.testing.assert_allclose(probs, whole_slice_probs(session, image, 16), atol=0)
     assert np.array_equal(predictor.predict(image), probs.argmax(-1))
     # --spacing: 40 px of 1 mm padded to 40 px -> 2.5 mm per model pixel, inside the range; 0.5 mm is not
@@ -129,14 +141,31 @@ def test_spacing_tiles_a_histology_image_at_the_training_resolution(models, tmp_
     image = ramp_image(64, 48)
     plain = TiledPredictor.from_onnx(path)
     at_1um = TiledPredictor.from_onnx(path, spacing=1.0)
-    seen = []
-    session = at_1um.session
-    at_1um.session = lambda batch: seen.append(batch.shape) or session(batch)
+    at_1um.session = spy = _Spy(at_1um.session)
     probs = at_1um.predict_proba(image)
-    assert probs.shape == (64, 48, 3) and max(s[1] for s in seen) == 16
+    assert probs.shape == (64, 48, 3) and max(s[1] for s in spy.calls) == 16
     half = np.asarray(Image.fromarray(image).resize((24, 32), Image.BILINEAR))
     expected = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c), mode="F").resize((48, 64), Image.BILINEAR))
                          for c in np.moveaxis(plain.predict_proba(half), -1, 0)], axis=-1)
     np.testing.assert_allclose(probs, expected, atol=1e-6)
     same = TiledPredictor.from_onnx(path, spacing=2.04)        # within 5 %: tiled as it is
     np.testing.assert_allclose(same.predict_proba(image), plain.predict_proba(image), atol=0)
+
+
+def test_whole_slices_keep_the_flip_variance_and_a_fixed_batch_size(tmp_path):
+    from tests.onnx_models import make_tiny_onnx
+
+    path = make_tiny_onnx(tmp_path / "whole.onnx", kernel_size=3, tile_size=16, scale="whole")
+    image = ramp_image(40, 24)
+    band = next(TiledPredictor.from_onnx(path, tta=True).stream(image))
+    assert band.tta_variance is not None and band.tta_variance.shape == (40, 24)
+    assert band.probs.shape == (40, 24, 3) and band.tta_variance.max() > 0
+    # a model exported with a fixed batch of 4 gets batches of 4, the last zero-padded
+    fixed = TiledPredictor.from_onnx(path)
+    spy = _Spy(fixed.session)
+    spy.fixed_dim = lambda axis: 4 if axis == 0 else None
+    fixed.session = spy
+    batch = np.stack([ramp_image(16, 16, seed=s) for s in range(6)]).astype(np.float32)
+    out = fixed.forward(batch)
+    assert spy.calls == [(4, 16, 16, 3), (4, 16, 16, 3)] and out.shape == (6, 16, 16, 3)
+    np.testing.assert_allclose(out, TiledPredictor.from_onnx(path).forward(batch), atol=1e-6)

@@ -100,6 +100,7 @@ def test_a_dicom_series_gives_the_niftis_labels_and_a_folder_mixes_kinds(model, 
     assert rows["as_dicom"]["tkv_ml"] == rows["as_nifti.nii.gz"]["tkv_ml"] != ""
     assert rows["slice.png"]["tkv_ml"] == "" and rows["slice.png"]["status"] == "ok"
     assert resolve_inputs(str(scans / "as_dicom")) == [scans / "as_dicom"]     # the series folder itself
+    assert resolve_inputs(str(scans / "as_*")) == [scans / "as_dicom", scans / "as_nifti.nii.gz"]   # a glob
 
 
 def test_a_rerun_reuses_finished_scans(model, tmp_path):
@@ -113,6 +114,9 @@ def test_a_rerun_reuses_finished_scans(model, tmp_path):
     assert rows[0]["status"] == "skipped-existing" and float(rows[0]["tkv_ml"]) > 100
     (tmp_path / "out" / "a_seg.json").unlink()          # the summary is written last: without it, predict again
     assert predict_folder(predictor, [path], tmp_path / "out").ok == 1
+    save_nifti(path, np.full((8, 8, 8), 3, np.int16), volume.affine)   # a redo that fails drops the old summary
+    assert predict_folder(predictor, [path], tmp_path / "out", overwrite=True).failed == 1
+    assert not (tmp_path / "out" / "a_seg.json").exists()
 
 
 def _bad(tmp_path, how: str):

@@ -60,6 +60,7 @@ def test_dicom_series_is_ordered_by_position_and_placed_like_the_nifti(tmp_path)
     data = _volume((12, 10, 9)) * 2
     folder = write_dicom_series(tmp_path / "series", data, AFFINE)
     (folder / "notes.txt").write_text("not DICOM")            # other files in the folder are ignored
+    (folder / "DICOMDIR").write_bytes((folder / "IM0000").read_bytes())   # and a DICOMDIR index
     assert is_dicom_series(folder) and not is_dicom_series(tmp_path)
     source = open_scan(folder)
     assert source.kind == "dicom" and source.shape == (12, 10, 9)
@@ -113,10 +114,22 @@ def test_outputs_keep_the_inputs_affine_header_and_codes(tmp_path):
     assert np.array_equal(np.asarray(back.dataobj), labels)
     assert np.allclose(back.affine, image.affine) and np.allclose(back.get_qform(), qform)
     assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 2
+    four = open_scan(save_nifti(tmp_path / "four.nii.gz", data[..., None], AFFINE))   # 4-D, one volume
+    write_like(tmp_path / "four_seg.nii.gz", labels, four, "labels")
+    back = nib.load(str(tmp_path / "four_seg.nii.gz"))
+    assert back.shape == data.shape + (1,) and np.array_equal(np.asarray(back.dataobj)[..., 0], labels)
     dicom = open_scan(write_dicom_series(tmp_path / "series", (_volume() * 2), AFFINE))
     write_like(tmp_path / "d.nii.gz", labels, dicom, "labels")
     back = nib.load(str(tmp_path / "d.nii.gz"))
     assert np.allclose(back.affine, AFFINE, atol=1e-5) and int(back.header["sform_code"]) == 1
+
+
+def test_a_truncated_nifti_is_one_line(tmp_path):
+    path = save_nifti(tmp_path / "cut.nii.gz", np.random.default_rng(0).normal(size=(40, 40, 30)), AFFINE)
+    path.write_bytes(path.read_bytes()[:-4000])
+    source = open_scan(path)                  # the header reads
+    with pytest.raises(UserError, match=r"cut\.nii\.gz: its voxels cannot be read from slice \d+ on .*truncated"):
+        _all(source)
 
 
 def test_label_table_is_itksnaps(tmp_path):
