@@ -75,6 +75,7 @@ from common.imageio import IMAGE_SUFFIXES, MaxPixels, list_images, open_image, r
 from serving.card import ModelCard
 from serving.inputs import image_size, open_input
 from serving.outputs import Targets, output_stem, resolve_format, write_prediction
+from serving.scans import SCAN_COLUMNS, ScanTargets, existing_row, predict_scan
 from serving.settings import TilingSettings
 from serving.tissue import TileCount, TissueSkip
 from serving.volumes import NIFTI_SUFFIXES, is_dicom_series, is_scan, nifti_stem
@@ -376,8 +377,6 @@ def predict_image(predictor: Predictor, path: Path, options: ImageOptions,
 
 def _scan_row(predictor: Predictor, path: Path, options: ImageOptions, t0: float) -> dict[str, Any]:
     """A scan's row (serving.scans): its earlier outputs reused, or predicted now."""
-    from serving.scans import ScanTargets, existing_row, predict_scan
-
     if not options.overwrite:
         row = existing_row(ScanTargets(options.output_dir, output_stem(path)))
         if row is not None:
@@ -482,8 +481,6 @@ class _Table:
 
     def __init__(self, path: Path, class_names: list[str], scans: bool = False):
         """scans: a model for scans, whose rows add serving.scans.SCAN_COLUMNS (kidney volumes)."""
-        from serving.scans import SCAN_COLUMNS
-
         self.path = path
         self.class_names = class_names
         self.measured = (*SCAN_COLUMNS, *self.MEASURED) if scans else self.MEASURED

@@ -37,6 +37,7 @@ from common.imageio import save_palette_png, save_png
 from serving.card import ModelCard
 from serving.labels import foreground_mass
 from serving.uncertainty import to_uint8
+from serving.volumes import nifti_stem
 
 OME_VERSION = "0.5"
 CHUNK = 1024
@@ -226,7 +227,9 @@ def output_stem(path: Path) -> str:
     name = path.name
     if path.is_dir():
         return name
-    for suffix in (".ome.tiff", ".ome.tif", ".nii.gz", ".nii"):
+    if (stem := nifti_stem(path)) is not None:
+        return stem
+    for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem

@@ -33,6 +33,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,7 @@ class ScanGeometry:
     affine: np.ndarray
     plane: str
 
-    @property
+    @cached_property
     def ornt(self) -> np.ndarray:
         from nibabel.orientations import io_orientation
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.pairs import mini_test_pairs
+from pipeline.data.pairs import find_pairs, mini_test_pairs
 from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
 from pipeline.panels import make_panel
@@ -134,7 +134,7 @@ def _real_sample_by_predict(layout: Layout, predictor: TiledPredictor) -> dict[s
     p = layout.params
     if not_scored(p) is not None:
         return {}
-    images = sorted((layout.root / str(p.evaluate.real_sample) / "images").glob("*.png"))
+    images = [pair.image for pair in find_pairs(layout.root / str(p.evaluate.real_sample))]
     with tempfile.TemporaryDirectory(prefix="flexunet-real-") as tmp:
         summary = predict_folder(predictor, images, Path(tmp), overwrite=True)
         if summary.failed:

@@ -20,8 +20,8 @@ import numpy as np
 
 from common.errors import DataError
 from pipeline.config.schema import NiftiParams
+from serving.volumes import nifti_stem
 
-SUFFIXES = (".nii.gz", ".nii")
 @dataclass(frozen=True)
 class ScanFiles:
     subject: str
@@ -35,14 +35,6 @@ class Volume:
     image: np.ndarray                 # float32 (X, Y, Z) in the file's voxel order
     mask: np.ndarray                  # uint8 0/1, same shape
     affine: np.ndarray                # voxel -> world (mm), the image's
-
-
-def nifti_stem(path: Path) -> str | None:
-    name = path.name
-    for suffix in SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 def _volumes_in(folder: Path, strip: str = "") -> dict[str, Path]:
