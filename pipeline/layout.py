@@ -48,6 +48,8 @@ class Layout:
     train_metrics_file = _Under("metrics/train.json", "Training summary: epochs run, time guard; evaluate's warnings read it.")
     eval_metrics_file = _Under("metrics/eval.json", "Test-split metrics and warnings; register tags versions with them.")
     real_sample_file = _Under("metrics/real_sample.json", "Real-sample scores; register's champion rule reads them.")
+    real_sample_predict_file = _Under("metrics/real_sample_predict.json", "The real sample through `flexunet "
+                                      "predict` (evaluate_tiled); register's champion rule reads glomeruli's.")
     plots = _Under("plots")
     dvclive = _Under("dvclive")
     predictions = _Under("outputs/mini_test_predictions")

@@ -39,3 +39,10 @@ def make_panel(images: list[np.ndarray], truths: list[np.ndarray], preds: list[n
     for i, title in enumerate(titles):
         draw.text((i * col_width + 2, 1), title, fill=(0, 0, 0))
     return np.asarray(panel)
+
+
+def notice_panel(text: str, width: int = 480) -> np.ndarray:
+    """A one-line picture saying why there is no panel: DVC expects every declared plot file."""
+    canvas = Image.new("RGB", (width, 40), (255, 255, 255))
+    ImageDraw.Draw(canvas).text((6, 14), text, fill=(0, 0, 0))
+    return np.asarray(canvas)

@@ -78,9 +78,13 @@ def open_input(path: Path, card: ModelCard, *, level: int | None = None, mpp: fl
     from serving.slide import is_slide, open_slide
 
     if not is_slide(path):
-        if level not in (None, 0) or mpp is not None:
+        if level not in (None, 0):
             raise UserError(f"{path}: --level / --mpp choose a level of a pyramidal TIFF, OME-TIFF or SVS; "
                             f"this file has one level")
+        if mpp is not None:
+            raise UserError(f"{path}: --mpp chooses a level of a pyramidal TIFF, OME-TIFF or SVS, and this file "
+                            f"has one; a PNG or JPEG records no resolution, so give the image's pixel size with "
+                            f"--spacing UM instead (e.g. --spacing 0.5)")
         image = read_image(path, card.channels, max_pixels)
         step = mask_step(*image.shape[:2])
         return InputImage(image, preview=image[::step, ::step], preview_downsample=float(step))

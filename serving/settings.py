@@ -145,7 +145,7 @@ class TilingSettings:
     spacing: float | None = _setting(
         None, "pixel spacing of 2-D inputs whose file does not record it, in the model card's unit: mm for MRI "
               "models, um for histology (a tiled model then tiles them at its training resolution; a scale "
-              "outside the trained range is warned about)", _spacing, metavar="MM_OR_UM")
+              "outside the trained range is warned about)", _spacing, metavar="MM_OR_UM", type=float)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -199,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = dict(f.metadata["flag"])
         if f.default is False:
             flag["action"] = argparse.BooleanOptionalAction
-        elif "choices" not in flag:
+        elif "choices" not in flag and "type" not in flag:   # a None default names its type in the flag
             flag["type"] = float if isinstance(f.default, float) else int
         default = "" if f.default is None or f.default is False else f" (default {f.default})"
         parser.add_argument("--" + f.name.replace("_", "-"), default=None,

@@ -76,7 +76,9 @@ def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
         raw["dataset"]["name"] = "glomeruli"
         raw["mask"] = {"rgb_map": {"(0,0,0)": 0, "(255,0,0)": 1}, "class_names": ["background", "glomerulus"]}
         raw["model"]["num_classes"] = 2
-        raw["evaluate"].update(object_metrics="detection", real_sample=None)   # as the glomeruli presets
+        # as the glomeruli presets: the real PAS tiles at 0.5 um/px
+        raw["evaluate"].update(object_metrics="detection", real_sample=str(REPO / "data/real-sample/glomeruli-pas"),
+                               real_sample_spacing=0.5)
     return raw
 
 

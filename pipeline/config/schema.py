@@ -115,6 +115,26 @@ class RandomiseParams(_Section):
     gamma_std: float = Field(0.4, ge=0)                  # SynthSeg 0.5
 
 
+# params.yaml `dataset.stain`: domain randomisation of the synthetic glomeruli tiles for
+# stain and scanner (pipeline.data.synthetic.stain; docs/data.md), lengths in µm.
+class StainParams(_Section):
+    splits: list[Literal["train", "valid", "test"]] = Field(default_factory=lambda: ["train", "valid"])
+    realistic_fraction: float = Field(0.2, ge=0, le=1)   # draws keeping the typical PAS colours
+    random_labels: float = Field(0.3, ge=0, le=1)        # of the others: every label's stain amounts drawn anew
+    stain_angle_deg: float = Field(10.0, ge=0, le=45)    # stain vectors turned in OD space
+    stain_scale: float = Field(0.35, ge=0, lt=1)         # each stain's amount x (1 +/- this)
+    stain_shift: float = Field(0.1, ge=0)                # ... + (-this..this) OD
+    label_jitter: float = Field(0.25, ge=0)              # every label's amounts x exp(N(0, this))
+    blur_um: float = Field(2.0, ge=0)                    # focus blur sigma up to this
+    noise_max: float = Field(0.04, ge=0)                 # Gaussian noise up to this of full scale
+    brightness: float = Field(0.08, ge=0)
+    contrast: float = Field(0.2, ge=0, lt=1)
+    gamma_std: float = Field(0.25, ge=0)
+    jpeg_quality_min: int = Field(40, ge=1, le=100)      # half the draws JPEG-compressed at quality >= this; 100: none
+    scale_jitter: float = Field(0.2, ge=0, lt=1)         # anatomy drawn at mpp x (1 +/- this)
+    elastic_um: float = Field(12.0, ge=0)                # max smooth displacement
+
+
 class DatasetParams(_Section):
     name: Literal["kidney-t2w", "glomeruli"] = "kidney-t2w"
     # synthetic: the embedded generator. Real data, read from `raw`: imagemask (the seed's
@@ -147,6 +167,7 @@ class DatasetParams(_Section):
     # gamma: SynthSeg-style domain randomisation) | realistic (one fixed T2w-like rendering)
     appearance: Literal["realistic", "randomised"] = "randomised"
     randomise: RandomiseParams = RandomiseParams()
+    stain: StainParams = StainParams()                # synthetic glomeruli, randomised appearance
 
     @model_validator(mode="after")
     def _source_fits_name(self) -> DatasetParams:
@@ -359,21 +380,30 @@ class EvaluateParams(_Section):
     # Quality floors: under one, evaluate warns (metrics/eval.json, MLflow); which one also
     # bars a model from champion is register's alias rule (docs/serving.md).
     min_dice: float = Field(0.75, ge=0, le=1)        # test split mean foreground Dice
-    min_real_dice: float = Field(0.5, ge=0, le=1)    # real-sample kidney Dice
+    min_real_dice: float = Field(0.5, ge=0, le=1)    # real-sample Dice: kidney, or glomerulus (pooled pixels)
+    # glomeruli: real-sample object F1 (IoU >= 0.5) a champion needs besides min_real_dice; null = none
+    min_real_object_f1: float | None = Field(None, ge=0, le=1)
     # Object-level scores next to the pixel ones (pipeline/scoring/objects.py): detection
     # (objects matched at IoU >= 0.5: precision, recall, F1; glomeruli) | components
     # (predicted components beyond a slice's two largest: two kidneys per slice) | none.
     object_metrics: Literal["detection", "components", "none"] = "components"
     # The real development sample (a folder of images/ and masks/, relative to the project
-    # root) scored after every kidney-t2w run (pipeline/scoring/real_sample.py); null = skip.
+    # root) scored after every run; null = skip. kidney-t2w: whole slices, by evaluate
+    # (pipeline/scoring/real_sample.py) and evaluate_tiled; glomeruli: whole tiles, by
+    # evaluate_tiled through `flexunet predict` (pipeline/scoring/real_tiles.py).
     real_sample: str | None = Field("data/real-sample/kidney-t2w", min_length=1)
+    # Pixel size of the real sample's images in the model card's unit (um for histology),
+    # which their files do not record: a tiled model resamples them to its training
+    # resolution (`flexunet predict --spacing`); null = tiled as they are.
+    real_sample_spacing: float | None = Field(None, gt=0)
     # Volume rules (serving/kidneys.py): kidney components smaller than this are dropped in
     # evaluate's TKV and, through the model card, by `flexunet predict` on scans.
     min_component_ml: float = Field(5.0, ge=0)
 
     def champion_floor(self, real_scored: bool) -> tuple[str, float]:
-        """(key, value) of the floor that bars a model from champion: the real sample's
-        when the model was scored on it (that score picks the champion), else the test split's."""
+        """(key, value) of the Dice floor that bars a model from champion: the real sample's
+        when the model was scored on it (that score picks the champion), else the test split's.
+        A glomeruli model scored on the real sample also needs min_real_object_f1, when set."""
         return ("min_real_dice", self.min_real_dice) if real_scored else ("min_dice", self.min_dice)
 
 

@@ -56,6 +56,9 @@ def not_scored(params: Params) -> str | None:
     """Why the real sample is not scored for these params, or None when it is."""
     if params.evaluate.real_sample is None:
         return "evaluate.real_sample is null"
+    if params.dataset.name == "glomeruli":
+        return ("glomeruli tiles are scored whole, through `flexunet predict`, by evaluate_tiled "
+                "(pipeline/scoring/real_tiles.py: metrics/real_sample_predict.json)")
     if params.dataset.name != "kidney-t2w":
         return f"the real sample is kidney-t2w; this dataset is {params.dataset.name}"
     return None
@@ -65,10 +68,7 @@ def score_sample(params: Params, root: Path, labels_of: LabelsOf
                  ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """metrics/real_sample.json's report for the predictions `labels_of` gives each slice of
     evaluate.real_sample, and the (image, truth, labels) of every slice, for panels."""
-    folder = root / str(params.evaluate.real_sample)
-    if not (folder / "images").is_dir():
-        raise DataError(f"{folder}: real sample missing (evaluate.real_sample); restore it "
-                        f"(git checkout -- {params.evaluate.real_sample}) or set evaluate.real_sample: null")
+    folder = sample_folder(params, root)
     rules, count = blend_tolerant(params.mask), SnapCount()   # its masks were resized after colouring
     scores, cases = [], []
     for pair in find_pairs(folder):
@@ -82,6 +82,15 @@ def score_sample(params: Params, root: Path, labels_of: LabelsOf
         cases.append((image, truth, labels))
     report = real_sample_report(scores, params.mask.class_names, snapped_pixels=count.snapped, mask_pixels=count.pixels)
     return {**report, "folder": params.evaluate.real_sample}, cases
+
+
+def sample_folder(params: Params, root: Path) -> Path:
+    """evaluate.real_sample's folder under `root`, or a DataError saying how to restore it."""
+    folder = root / str(params.evaluate.real_sample)
+    if not (folder / "images").is_dir():
+        raise DataError(f"{folder}: real sample missing (evaluate.real_sample); restore it "
+                        f"(git checkout -- {params.evaluate.real_sample}) or set evaluate.real_sample: null")
+    return folder
 
 
 def whole_slice_labels(predict: Predict, image: np.ndarray, size: int, single_foreground_class: bool) -> np.ndarray:
@@ -122,7 +131,7 @@ def _kidney_matrix(matrices: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([bb, bk], -1), np.stack([kb, kk], -1)], -2)
 
 
-def _dice(matrices: np.ndarray, c: int) -> np.ndarray:
+def stacked_dice(matrices: np.ndarray, c: int) -> np.ndarray:
     """Dice of class c for each (K, K) matrix of a stack; NaN where the class is absent
     from truth and prediction (confusion.py's None)."""
     tp = matrices[..., c, c].astype(np.float64)
@@ -149,17 +158,27 @@ def bootstrap_intervals(scores: list[SliceScore], class_names: list[str], resamp
     score over `resamples` resamples of the slices with replacement. A resample where a
     score is undefined (its class drawn nowhere) is left out of that score's percentiles."""
     matrices = np.stack([s.confusion for s in scores])
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(scores), size=(resamples, len(scores)))
+    draws = resample_draws(len(scores), resamples, seed)
     pooled = matrices[draws].sum(axis=1)                                   # (resamples, K, K)
-    values = {KIDNEY_DICE: _dice(_kidney_matrix(pooled), 1)}
+    values = {KIDNEY_DICE: stacked_dice(_kidney_matrix(pooled), 1)}
     for c in range(1, len(class_names)):
-        values[f"real_dice_{class_names[c]}"] = _dice(pooled, c)
+        values[f"real_dice_{class_names[c]}"] = stacked_dice(pooled, c)
     judged = np.array([s.true_class is not None for s in scores])
     correct = np.array([s.class_correct for s in scores], dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         values["real_class_accuracy"] = np.where(judged[draws].sum(1) > 0, (correct * judged)[draws].sum(1)
                                                  / np.maximum(judged[draws].sum(1), 1), np.nan)
+    return percentile_intervals(values)
+
+
+def resample_draws(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """(resamples, n) indices: each row one resample of n items with replacement, seeded."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def percentile_intervals(values: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """`<key>_ci_low` / `<key>_ci_high`: the PERCENTILES of each key's resampled scores,
+    NaN (undefined in that resample) left out; None when no resample defines it."""
     out: dict[str, float | None] = {}
     for key, v in values.items():
         defined = v[np.isfinite(v)]

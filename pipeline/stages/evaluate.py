@@ -8,7 +8,9 @@ the same pass. Everything is logged into the training run named in models/train_
 For kidney-t2w the run is also scored on the real development sample
 (`evaluate.real_sample`, pipeline/scoring/real_sample.py): metrics/real_sample.json,
 plots/real_sample_panel.png and MLflow `real_*`, so a model that only learnt the
-synthetic generator shows it.
+synthetic generator shows it. The glomeruli sample is whole 1024 px tiles at their own
+pixel size, which only `flexunet predict`'s code predicts as a user gets them: the
+evaluate_tiled stage scores it, and real_sample.json here says so.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from pipeline.config.schema import EvaluateParams
 from pipeline.layout import TKV_EXTRA, Layout
 from pipeline.model.flexunet import load_model
 from pipeline.model.losses import get_loss
-from pipeline.panels import make_panel
+from pipeline.panels import make_panel, notice_panel
 from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.confusion import Accumulator
 from pipeline.scoring.objects import ObjectScores
+from pipeline.scoring import real_tiles
 from pipeline.scoring.real_sample import KIDNEY_DICE, not_scored, score_sample, summary_line, whole_slice_labels
 from pipeline.scoring.tkv import SlicePrediction, tkv_report
 from pipeline.tracking import find_project_root, start_run
@@ -128,19 +131,12 @@ def real_sample(model: keras.Model, layout: Layout) -> tuple[dict[str, Any], np.
     return report, make_panel(*map(list, zip(*rows)))
 
 
-def _not_scored_panel(reason: str) -> np.ndarray:
-    """The panel DVC expects as an output, saying why there is none."""
-    from PIL import Image, ImageDraw
-
-    canvas = Image.new("RGB", (480, 40), (255, 255, 255))
-    ImageDraw.Draw(canvas).text((6, 14), f"real sample not scored: {reason}", fill=(0, 0, 0))
-    return np.asarray(canvas)
-
-
 def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None, floors: EvaluateParams,
-                     real: float | None = None) -> list[str]:
+                     real: float | None = None, real_decides: bool | None = None) -> list[str]:
     """One line per reason to distrust this model: training cut short, or a Dice under its
-    floor (`real`: the real-sample kidney Dice, None when not scored)."""
+    floor (`real`: the real-sample kidney Dice, None when not scored; `real_decides`: a
+    real-sample score picks the champion, by default when `real` is given; glomeruli get
+    theirs later, from evaluate_tiled)."""
     out = []
     if training:
         run, configured = training.get("epochs_run"), training.get("epochs_configured")
@@ -151,7 +147,7 @@ def quality_warnings(metrics: dict[str, float], training: dict[str, Any] | None,
             out.append("train.max_minutes fired")
     dice = metrics["mean_foreground_dice"]
     if dice < floors.min_dice:
-        deciding, _ = floors.champion_floor(real is not None)
+        deciding, _ = floors.champion_floor(real is not None if real_decides is None else real_decides)
         out.append(f"test mean foreground Dice {dice:.4f} is below evaluate.min_dice {floors.min_dice}"
                    + ("" if deciding == "min_dice" else " (the real sample, not this floor, decides the champion)"))
     if real is not None and real < floors.min_real_dice:
@@ -179,9 +175,11 @@ def evaluate(layout: Layout) -> dict[str, Any]:
         save_mini_test(model, layout)
         real, panel = real_sample(model, layout)
         write_json(real_json, real)
-        save_rgb_png(real_panel, panel if panel is not None else _not_scored_panel(real["reason"]))
+        save_rgb_png(real_panel, panel if panel is not None else
+                     notice_panel(f"real sample not scored: {real['reason']}"))
         real_dice = real.get(KIDNEY_DICE)   # absent when the sample was not scored
-        warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate, real_dice)
+        warnings = quality_warnings(metrics, _training_summary(layout), p.evaluate, real_dice,
+                                    real_decides=real_dice is not None or real_tiles.not_scored(p) is None)
         report = {**metrics, "confusion_matrix": confusion.tolist(), "object_metrics": p.evaluate.object_metrics,
                   "min_dice": p.evaluate.min_dice,
                   "below_min_dice": metrics["mean_foreground_dice"] < p.evaluate.min_dice,

@@ -17,29 +17,39 @@ size, predicted once, labels resized back):
   (uncertainty/<stem>.png) single out the wrong pixels of the tiled masks.
 Images no larger than a tile have no seams; their seam metrics are absent (null).
 
-kidney-t2w: the real sample (evaluate.real_sample) is also predicted by `flexunet predict`
-(serving.batch, into a temporary folder) and scored as evaluate scores it:
-`predict_real_kidney_dice` and its interval, the figure a user of `flexunet predict` gets,
-next to evaluate's `real_kidney_dice` from the Keras model.
+The real sample (evaluate.real_sample) is also predicted as `flexunet predict` predicts it
+(serving.batch into a temporary folder, with `--spacing evaluate.real_sample_spacing`) and
+scored into metrics/real_sample_predict.json, with plots/real_sample_predict_panel.png and
+the same numbers in the MLflow run (no prefix): the figures a user of `flexunet predict`
+gets.
+- kidney-t2w: `predict_real_kidney_dice` and its interval, scored as evaluate scores the
+  Keras model (pipeline/scoring/real_sample.py), next to evaluate's `real_kidney_dice`;
+- glomeruli: the whole 1024 px tiles, the model's only real-sample score
+  (pipeline/scoring/real_tiles.py): `real_glomerulus_dice`, `real_object_precision`,
+  `real_object_recall`, `real_object_f1`, each with its interval, and a row per tile; the
+  register stage's champion rule reads it.
+Not scored (evaluate.real_sample null): `{"available": false, "reason": ...}`.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.data.pairs import find_pairs, mini_test_pairs
 from pipeline.data.masks import ids_to_rgb, read_mask
 from pipeline.layout import Layout
-from pipeline.panels import make_panel
+from pipeline.panels import make_panel, notice_panel
+from pipeline.scoring import real_sample, real_tiles
 from pipeline.scoring.confusion import confusion, dice_scores
 from pipeline.scoring.auroc import UncertaintyAuroc
 from pipeline.scoring.objects import ObjectScores
-from pipeline.scoring.real_sample import KIDNEY_DICE, not_scored, score_sample
+from pipeline.scoring.real_sample import KIDNEY_DICE
 from pipeline.tracking import find_project_root, start_run
 from common.atomic import remove_on_failure, write_json
 from common.errors import FlexUNetError
@@ -50,7 +60,12 @@ from serving.labels import to_labels
 from serving.predictor import TiledPredictor
 from serving.tiling import window_starts
 
+if TYPE_CHECKING:
+    from pipeline.config.schema import MaskParams
+
 log = logging.getLogger(__name__)
+
+REAL_PANEL_SIDE = 256   # panel rows at this size: 6 tiles at 1024 px would make a 20 MB picture
 
 
 def seam_mask(height: int, width: int, tile: int, overlap: float, half_width: int) -> np.ndarray:
@@ -83,7 +98,8 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
     predictor = TiledPredictor.from_onnx(layout.onnx_file, q.tiling())
     pairs = mini_test_pairs(layout.data_dir, fallback=p.dataset.num_mini_test)   # no mini_test: test images
     out_dir = layout.tiled_predictions
-    outputs = [out_dir, layout.metrics / "tiled.json", layout.plots / "tiled_panel.png"]
+    real_json, real_panel = layout.real_sample_predict_file, layout.plots / "real_sample_predict_panel.png"
+    outputs = [out_dir, layout.metrics / "tiled.json", layout.plots / "tiled_panel.png", real_json, real_panel]
     n, names, tile = p.model.num_classes, p.mask.class_names, predictor.tile_size
     with remove_on_failure(outputs):
         summary = predict_folder(predictor, [pair.image for pair in pairs], out_dir, overwrite=True, overlay=True)
@@ -119,34 +135,78 @@ def evaluate_tiled(layout: Layout) -> dict[str, Any]:
                           {f"{key}_mean_foreground_dice": None})
         if report["seam_mean_foreground_dice"] is not None and report["interior_mean_foreground_dice"] is not None:
             report["seam_cost"] = report["interior_mean_foreground_dice"] - report["seam_mean_foreground_dice"]
-        report.update(_real_sample_by_predict(layout, predictor))
         write_json(layout.metrics / "tiled.json", report)
         save_rgb_png(layout.plots / "tiled_panel.png",
                      make_panel(*map(list, zip(*panel_rows)), titles=("input", "truth", "tiled prediction")))
-        _log_to_mlflow(layout, report)
+        real, panel = real_sample_by_predict(layout, predictor)
+        write_json(real_json, real)
+        save_rgb_png(real_panel, panel)
+        _log_to_mlflow(layout, report, real)
     log.info("tiled mini_test: mean foreground Dice %.4f tiled vs %.4f resized (%d images)",
              report["tiled_mean_foreground_dice"] or 0, report["resized_mean_foreground_dice"] or 0, len(pairs))
+    log.info("%s", _real_line(real))
     return report
 
 
-def _real_sample_by_predict(layout: Layout, predictor: TiledPredictor) -> dict[str, Any]:
-    """The real sample's kidney Dice of `flexunet predict`'s masks (empty when not scored)."""
+def real_sample_by_predict(layout: Layout, predictor: TiledPredictor) -> tuple[dict[str, Any], np.ndarray]:
+    """metrics/real_sample_predict.json's report and its panel: the real sample through
+    `flexunet predict` (see the module docstring)."""
     p = layout.params
-    if not_scored(p) is not None:
-        return {}
-    images = [pair.image for pair in find_pairs(layout.root / str(p.evaluate.real_sample))]
+    kidney = p.dataset.name == "kidney-t2w"   # whole slices; glomeruli: whole tiles
+    reason = (real_sample if kidney else real_tiles).not_scored(p)
+    if reason is not None:
+        return {"available": False, "reason": reason}, notice_panel(f"real sample not scored: {reason}")
+    # `flexunet predict --spacing`: the real images' pixel size, which their files do not record
+    settings = predictor.settings.replace(spacing=p.evaluate.real_sample_spacing)
+    at_scale = TiledPredictor(predictor.session, predictor.card, settings, source=predictor.source)
+    images = [pair.image for pair in find_pairs(real_sample.sample_folder(p, layout.root))]
     with tempfile.TemporaryDirectory(prefix="flexunet-real-") as tmp:
-        summary = predict_folder(predictor, images, Path(tmp), overwrite=True)
-        if summary.failed:
-            raise FlexUNetError(f"flexunet predict failed on {summary.failed} real-sample slice(s): {summary.errors[0]}")
-        report, _ = score_sample(p, layout.root, lambda path, _: read_mask(Path(tmp) / f"{path.stem}.png", p.mask))
-    return {f"predict_{k}": report[k] for k in (KIDNEY_DICE, f"{KIDNEY_DICE}_ci_low", f"{KIDNEY_DICE}_ci_high")}
+        predicted = _predict_real(at_scale, images, Path(tmp), p.mask)
+        if kidney:
+            scored, cases = real_sample.score_sample(p, layout.root, lambda path, _: predicted(path))
+            keys = (KIDNEY_DICE, f"{KIDNEY_DICE}_ci_low", f"{KIDNEY_DICE}_ci_high")
+            report = {"available": True, "real_slices": scored["real_slices"], "spacing": settings.spacing,
+                      **{f"predict_{k}": scored[k] for k in keys}, "folder": scored["folder"]}
+        else:
+            report, cases = real_tiles.score_tiles(p, layout.root, predicted, min_object_px=at_scale.min_object_px)
+    return report, _real_panel(cases, p.mask.colours)
 
 
-def _log_to_mlflow(layout: Layout, report: dict[str, Any]) -> None:
+def _predict_real(predictor: TiledPredictor, images: list[Path], out: Path, mask: MaskParams
+                  ) -> Callable[[Path], np.ndarray]:
+    """Masks of `images` written by serving.batch into `out`; returns their reader."""
+    summary = predict_folder(predictor, images, out, overwrite=True)
+    if summary.failed:
+        raise FlexUNetError(f"flexunet predict failed on {summary.failed} real-sample image(s): {summary.errors[0]}")
+    return lambda path: read_mask(out / f"{path.stem}.png", mask)
+
+
+def _real_panel(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]], colours: list[tuple[int, int, int]]
+                ) -> np.ndarray:
+    """input | truth | prediction per real image, each row REAL_PANEL_SIDE px square."""
+    side = REAL_PANEL_SIDE
+    rows = [[resize_image(image, side, side)] + [ids_to_rgb(resize_labels(ids, side, side), colours)
+                                                 for ids in (truth, labels)] for image, truth, labels in cases]
+    return make_panel(*map(list, zip(*rows)), titles=("input", "truth", "flexunet predict"))
+
+
+def _real_line(real: dict[str, Any]) -> str:
+    if not real.get("available"):
+        return f"real sample through flexunet predict: not scored ({real['reason']})"
+    if real_tiles.GLOMERULUS_DICE in real:
+        return f"{real_tiles.summary_line(real)} through flexunet predict"
+    dice, low, high = (real[f"predict_{KIDNEY_DICE}{end}"] for end in ("", "_ci_low", "_ci_high"))
+    return (f"real sample through flexunet predict ({real['real_slices']} slices): kidney Dice "
+            + ("n/a" if dice is None else f"{dice:.2f} [{low:.2f}, {high:.2f}]"))
+
+
+def _log_to_mlflow(layout: Layout, report: dict[str, Any], real: dict[str, Any]) -> None:
     run_id = layout.read_run()["run_id"]
     with start_run(layout.params.mlflow, find_project_root(layout.root), run_id=run_id) as run:
         run.log_numbers(report, prefix="mini_test_")
         run.log_artifact(layout.plots / "tiled_panel.png", "plots")
         run.log_artifact(layout.metrics / "tiled.json", "metrics")
-
+        # real_sample_predict.json's names, unprefixed: evaluate logs its own real_* under other names
+        run.log_numbers({k: v for k, v in real.items() if k.startswith(("real_", "predict_real_"))})
+        run.log_artifact(layout.plots / "real_sample_predict_panel.png", "plots")
+        run.log_artifact(layout.real_sample_predict_file, "metrics")

@@ -7,8 +7,8 @@ What it does, in the training run named in models/train_run.json:
    file as artifact `onnx`, the `serving` package shipped as code) -- the one
    `mlflow models serve -m models:/<name>@champion` serves.
 2. Registers the pyfunc model as a NEW version of `registry.model_name`, tagged with the
-   test metrics of metrics/eval.json (`test_mean_foreground_dice`, ...), the dataset
-   fingerprint, the git commit of the training run and the ONNX file's sha256; its
+   test metrics of metrics/eval.json (`test_mean_foreground_dice`, ...), the real-sample
+   score (below), the dataset fingerprint, the git commit of the training run and the ONNX file's sha256; its
    description is a model card in Markdown (model_card(): data, metrics, limits, intended
    use), from the ONNX file's card, metrics/eval.json and the dataset manifest.
 
@@ -18,15 +18,20 @@ Alias rule (documented in docs/serving.md):
   (read from the champion version's `test_mean_foreground_dice` tag; a tie moves it, so
   a retrain of equal quality takes over). The first version becomes champion; a champion
   without that tag (registered by hand) is replaced.
-- When both versions were scored on the real sample (kidney-t2w, `evaluate.real_sample`:
-  tag `real_kidney_dice`), that score decides instead: the same real slices for every
-  version, where a synthetic test split changes with the generator, and it is what a
-  synthetic-only model is for (docs/results.md, "Real sample").
-- A new version under its floor never becomes champion, the first version included: a
-  version scored on the real sample needs `evaluate.min_real_dice` there, one not scored
-  needs `evaluate.min_dice` on the test mean foreground Dice. The evaluate stage's
-  warnings (training cut short, a Dice under a floor) are written into the decision
-  (models/registered.json, the log).
+- When both versions were scored on the real sample (`evaluate.real_sample`), that score
+  decides instead: the same real images for every version, where a synthetic test split
+  changes with the generator, and it is what a synthetic-only model is for
+  (docs/results.md, "Real sample"). kidney-t2w: the kidney Dice of metrics/real_sample.json
+  (tag `real_kidney_dice`); glomeruli: the glomerulus Dice of the whole real tiles through
+  `flexunet predict`, metrics/real_sample_predict.json (tag `real_glomerulus_dice`, and
+  `real_object_f1` beside it).
+- A new version under a floor never becomes champion, the first version included: it is
+  registered with the challenger alias only, and the decision (one log line,
+  models/registered.json) names the score, the floor and its key. A version scored on the
+  real sample needs `evaluate.min_real_dice` there (glomeruli also
+  `evaluate.min_real_object_f1` on the object F1, unless null), one not scored needs
+  `evaluate.min_dice` on the test mean foreground Dice. The evaluate stage's warnings
+  (training cut short, a Dice under a floor) are written into the decision too.
 
 Idempotent: when a version whose `onnx_sha256` tag equals this file's sha256 exists, nothing
 is logged or registered again; that version is reused and the alias rule re-applied (which
@@ -41,6 +46,7 @@ import logging
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +55,7 @@ import numpy as np
 from pipeline.config.schema import EvaluateParams
 from pipeline.data.pairs import find_pairs
 from pipeline.scoring.real_sample import KIDNEY_DICE
+from pipeline.scoring.real_tiles import GLOMERULUS_DICE, OBJECT_F1
 from common.errors import DataError
 from pipeline.layout import Layout
 from pipeline.tracking import (
@@ -63,7 +70,9 @@ log = logging.getLogger(__name__)
 
 SHA_TAG = "onnx_sha256"
 DICE_TAG = "test_mean_foreground_dice"
-REAL_TAG = "real_kidney_dice"   # the version tag; metrics/real_sample.json's key is KIDNEY_DICE
+REAL_TAG = "real_kidney_dice"   # kidney's version tag; metrics/real_sample.json's key is KIDNEY_DICE
+GLOMERULUS_TAG = GLOMERULUS_DICE  # glomeruli's, metrics/real_sample_predict.json's key ...
+OBJECT_F1_TAG = OBJECT_F1         # ... and its object F1 (the floor evaluate.min_real_object_f1)
 PYFUNC_NAME = "flexunet"   # the pyfunc model's name inside the run
 ONNX_NAME = "onnx"         # the mlflow.onnx model's name inside the run
 
@@ -82,12 +91,42 @@ def _read_eval(layout: Layout) -> tuple[dict[str, float], list[str]]:
     return metrics, [str(w) for w in raw.get("warnings", [])]
 
 
-def _read_real(layout: Layout) -> float | None:
-    """The real-sample kidney Dice of metrics/real_sample.json, None when not scored."""
-    path = layout.real_sample_file
-    if not path.is_file():
-        return None
-    return metric_number(json.loads(path.read_text(encoding="utf-8")).get(KIDNEY_DICE))
+@dataclass(frozen=True)
+class RealScore:
+    """A version's real-sample score: what the alias rule judges it by when it has one."""
+
+    tag: str                          # the version tag holding `dice`: REAL_TAG or GLOMERULUS_TAG
+    label: str                        # its name in decisions: "real-sample kidney Dice"
+    dice: float
+    object_f1: float | None = None    # glomeruli: object F1 at IoU >= 0.5
+
+    def tags(self) -> dict[str, str]:
+        return {self.tag: repr(self.dice),
+                **({OBJECT_F1_TAG: repr(self.object_f1)} if self.object_f1 is not None else {})}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_real(layout: Layout) -> RealScore | None:
+    """The kidney Dice of metrics/real_sample.json, else the glomerulus Dice (and object F1)
+    of metrics/real_sample_predict.json; None when the real sample was not scored."""
+    kidney = metric_number(_read_json(layout.real_sample_file).get(KIDNEY_DICE))
+    if kidney is not None:
+        return RealScore(REAL_TAG, "real-sample kidney Dice", kidney)
+    tiles = _read_json(layout.real_sample_predict_file)
+    glomerulus = metric_number(tiles.get(GLOMERULUS_DICE))
+    if glomerulus is not None:
+        return RealScore(GLOMERULUS_TAG, "real-sample glomerulus Dice", glomerulus, metric_number(tiles.get(OBJECT_F1)))
+    return None
+
+
+def _real_record(real: RealScore | None, dataset: str) -> dict[str, float | None]:
+    """registered.json's real-sample keys: the dataset's, None when not scored."""
+    if dataset != "glomeruli":
+        return {REAL_TAG: real.dice if real else None}
+    return {GLOMERULUS_TAG: real.dice if real else None, OBJECT_F1_TAG: real.object_f1 if real else None}
 
 
 def _tag_value(champion: VersionInfo, tag: str) -> float:
@@ -104,10 +143,10 @@ def _example_image(layout: Layout, card: ModelCard) -> np.ndarray:
 
 
 def _version_tags(layout: Layout, run_id: str, tracking_uri: str, card: ModelCard, sha: str,
-                  metrics: dict[str, float], real: float | None) -> dict[str, str]:
+                  metrics: dict[str, float], real: RealScore | None) -> dict[str, str]:
     commit = run_tags(tracking_uri, run_id).get("mlflow.source.git.commit") or git_commit(layout.root)
     return {**{f"test_{k}": repr(v) for k, v in metrics.items()}, SHA_TAG: sha,
-            **({REAL_TAG: repr(real)} if real is not None else {}),
+            **(real.tags() if real is not None else {}),
             "dataset_fingerprint": card.dataset_fingerprint or "unknown", "git_commit": commit or "unknown",
             "dataset": card.dataset or "unknown"}
 
@@ -116,20 +155,32 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def _scored(dice: float, real: float | None) -> tuple[str, float]:
+def _scored(dice: float, real: RealScore | None) -> tuple[str, float]:
     """The score the alias rule judges a version by, and its name."""
-    return ("real-sample kidney Dice", real) if real is not None else ("test mean foreground Dice", dice)
+    return (real.label, real.dice) if real is not None else ("test mean foreground Dice", dice)
 
 
-def _floor_line(floors: EvaluateParams, dice: float, real: float | None) -> str:
+def floor_checks(floors: EvaluateParams, dice: float, real: RealScore | None
+                 ) -> list[tuple[str, float | None, str, float]]:
+    """(score name, score, floor key, floor) of every floor a champion must reach: the Dice
+    it is judged by, and for glomeruli on the real sample the object F1 (unless null)."""
     key, floor = floors.champion_floor(real is not None)
-    name, score = _scored(dice, real)
-    return (f"The champion is judged on the {name} ({score:.4f}): a model under {floor:g} (`evaluate.{key}`) "
-            "never becomes champion.")
+    checks: list[tuple[str, float | None, str, float]] = [(*_scored(dice, real), key, floor)]
+    if real is not None and real.tag == GLOMERULUS_TAG and floors.min_real_object_f1 is not None:
+        checks.append(("real-sample object F1", real.object_f1, "min_real_object_f1", floors.min_real_object_f1))
+    return checks
+
+
+def _floor_line(floors: EvaluateParams, dice: float, real: RealScore | None) -> str:
+    (name, score, key, floor), *others = floor_checks(floors, dice, real)
+    line = f"The champion is judged on the {name} ({_fmt(score)}): a model under {floor:g} (`evaluate.{key}`)"
+    for label, value, key, floor in others:
+        line += f" or a {label} ({_fmt(value)}) under {floor:g} (`evaluate.{key}`)"
+    return line + " never becomes champion."
 
 
 def model_card(card: ModelCard, metrics: dict[str, float], warnings: list[str], manifest: dict[str, Any],
-               *, name: str, floors: EvaluateParams, real: float | None, run_id: str) -> str:
+               *, name: str, floors: EvaluateParams, real: RealScore | None, run_id: str) -> str:
     """The registered version's description: a short model card in Markdown."""
     classes = card.class_names
     foreground = classes[1:]
@@ -201,22 +252,23 @@ def _log_models(layout: Layout, run_id: str, card: ModelCard) -> str:
 
 
 def champion_decision(dice: float, version: str, champion: VersionInfo | None,
-                      floors: EvaluateParams, real: float | None = None) -> tuple[bool, str]:
-    """(move champion here?, why) by the alias rule in the module docstring; `real` is this
-    version's real-sample kidney Dice (None: not scored)."""
+                      floors: EvaluateParams, real: RealScore | None = None) -> tuple[bool, str]:
+    """(move champion here?, why, in one line) by the alias rule in the module docstring;
+    `real` is this version's real-sample score (None: not scored)."""
     if champion is not None and champion.version == version:
         return True, f"version {version} is already the champion"
-    key, floor = floors.champion_floor(real is not None)
-    name, score = _scored(dice, real)
-    if score < floor:
-        return False, f"{name} {score:.4f} < evaluate.{key} {floor}: never champion"
+    # a score that is missing where a floor asks for it (an older metrics file) does not pass it
+    under = [f"{name} {_fmt(score)} < evaluate.{key} {floor}" for name, score, key, floor
+             in floor_checks(floors, dice, real) if score is None or score < floor]
+    if under:
+        return False, ", ".join(under) + ": registered as challenger only"
     if champion is None:
         return True, "first version: no champion yet"
-    old_real = _tag_value(champion, REAL_TAG)
+    old_real = _tag_value(champion, real.tag) if real is not None else math.nan
     if real is not None and not math.isnan(old_real):
-        verdict = ">=" if real >= old_real else "<"
-        return real >= old_real, (f"real-sample kidney Dice {real:.4f} {verdict} champion v{champion.version}'s "
-                                  f"{old_real:.4f} (test mean foreground Dice {dice:.4f})")
+        verdict = ">=" if real.dice >= old_real else "<"
+        return real.dice >= old_real, (f"{real.label} {real.dice:.4f} {verdict} champion v{champion.version}'s "
+                                       f"{old_real:.4f} (test mean foreground Dice {dice:.4f})")
     old_dice = _tag_value(champion, DICE_TAG)
     if math.isnan(old_dice):
         return True, f"champion v{champion.version} has no {DICE_TAG} tag"
@@ -260,7 +312,8 @@ def register(layout: Layout) -> dict[str, Any]:
         final = registry.version(r.model_name, version)
         report = {
             "name": r.model_name, "version": version, "aliases": final.aliases, "reused": existing is not None,
-            "champion": promote, "decision": why, "warnings": warnings, "onnx_sha256": sha, DICE_TAG: dice, REAL_TAG: real, "run_id": run_id,
+            "champion": promote, "decision": why, "warnings": warnings, "onnx_sha256": sha, DICE_TAG: dice,
+            **_real_record(real, p.dataset.name), "run_id": run_id,
             "model_uri": f"models:/{r.model_name}@{r.champion_alias}",
             "version_uri": f"models:/{r.model_name}/{version}",
             **store_record(tracking_uri, layout.root),   # a git-tracked file: no path of this clone

@@ -63,7 +63,8 @@ def build_project(root: Path) -> None:
     (root / "data" / "raw").mkdir(parents=True)
     shutil.copy(REPO / "data" / "raw" / "README.md", root / "data" / "raw")   # prepare's (empty) raw-data dep
     sample = "data/real-sample/kidney-t2w"   # in git, as in the repository (evaluate's dep)
-    shutil.copytree(REPO / sample, root / sample)
+    for folder in (sample, "data/real-sample/glomeruli-pas"):   # both are evaluate_tiled's deps
+        shutil.copytree(REPO / folder, root / folder)
     raw = tiny_dict()
     raw["evaluate"]["real_sample"] = sample
     raw["train"].update(epochs=1, use_tuned_params=True, epoch_change_infer=False)

@@ -22,7 +22,7 @@ import yaml
 
 from tests.integration.conftest import BIN, sh
 
-STAGES = ("prepare", "tune", "train", "evaluate", "export", "register", "evaluate_tiled")
+STAGES = ("prepare", "tune", "train", "evaluate", "export", "evaluate_tiled", "register")
 
 
 def _ran(output: str) -> set[str]:
@@ -36,7 +36,8 @@ def test_repro_produces_every_output(project):
                 "dvclive/plots/metrics/train/loss.tsv", "dvc.lock", "models/model.onnx", "metrics/export.json",
                 "models/registered.json", "metrics/tiled.json", "plots/tiled_panel.png",
                 "outputs/tiled_predictions/predictions.csv", "tune/best_params.yaml", "metrics/tune.json",
-                "plots/tune_history.png", "optuna/flexunet.journal", "metrics/tkv.json", "plots/bland_altman.png"):
+                "plots/tune_history.png", "optuna/flexunet.journal", "metrics/tkv.json", "plots/bland_altman.png",
+                "metrics/real_sample_predict.json", "plots/real_sample_predict_panel.png"):
         assert (project / rel).exists(), rel
     assert list((project / "outputs" / "mini_test_predictions").glob("*.png"))
     run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
@@ -54,7 +55,7 @@ def test_repro_produces_every_output(project):
     assert "tracking_uri" not in json.loads((project / "models" / "registered.json").read_text())
     assert {"loss", "val_loss", "val_dice_CKD", "learning_rate", "test_mean_foreground_dice",
             "test_tkv_bias_ml", "test_tkv_without_rules_bias_ml", "test_stray_components", "test_uncertainty_auroc",
-            "mini_test_tiled_stray_components"} <= metrics
+            "mini_test_tiled_stray_components", "predict_real_kidney_dice"} <= metrics
     evaluated = json.loads((project / "metrics" / "eval.json").read_text())
     assert 0 <= evaluated["uncertainty_auroc"] <= 1 and evaluated["stray_components"] >= 0
     tiled = json.loads((project / "metrics" / "tiled.json").read_text())
@@ -64,7 +65,9 @@ def test_repro_produces_every_output(project):
     assert tkv["without_rules"]["scans"] == tkv["scans"] and 0 <= tkv["volume_class_accuracy"] <= 1
     # `flexunet predict` on the real sample gives what evaluate reports (ONNX vs Keras: 1e-6 apart)
     real = json.loads((project / "metrics" / "real_sample.json").read_text())
-    assert abs(tiled["predict_real_kidney_dice"] - real["real_kidney_dice"]) <= 0.01
+    by_predict = json.loads((project / "metrics" / "real_sample_predict.json").read_text())
+    assert abs(by_predict["predict_real_kidney_dice"] - real["real_kidney_dice"]) <= 0.01
+    assert by_predict["real_slices"] == 8 and "predict_real_kidney_dice" not in tiled
     assert len(tags["dataset.fingerprint"]) == 64 and len(tags["mlflow.source.git.commit"]) == 40
     registered = json.loads((project / "models" / "registered.json").read_text())
     assert registered["version"] == "1" or registered["version"] == 1

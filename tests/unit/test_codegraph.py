@@ -13,7 +13,7 @@ import yaml
 from pipeline import codegraph
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("prepare", "tune", "train", "evaluate", "export", "register", "evaluate_tiled")
+STAGES = ("prepare", "tune", "train", "evaluate", "export", "evaluate_tiled", "register")   # dvc.yaml's order: the DAG's
 
 
 def test_dvc_yaml_lists_exactly_the_code_each_stage_runs():

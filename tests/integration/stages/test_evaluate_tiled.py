@@ -40,7 +40,7 @@ def glomeruli_layout(tmp_path) -> Layout:
     manifest = prepare(layout)
     p = layout.params
     make_tiny_onnx(layout.onnx_file, num_classes=2, tile_size=32, size_multiple=4, kernel_size=3,
-                   class_names=p.mask.class_names, colours=p.mask.colours)
+                   class_names=p.mask.class_names, colours=p.mask.colours, spacing=2.0)
     with start_run(p.mlflow, tmp_path, tags={"dataset.fingerprint": manifest["fingerprint"]}) as run:
         pass
     write_json(layout.run_file, {"run_id": run.run_id})
@@ -80,6 +80,20 @@ def test_tiled_evaluation_writes_masks_metrics_and_panel(glomeruli_layout):
     assert on_disk["tiled_objects_true"] >= 1
     assert 0 <= on_disk["tiled_objects_matched"] <= min(on_disk["tiled_objects_true"], on_disk["tiled_objects_predicted"])
     assert on_disk["tiled_object_f1"] is None or 0 <= on_disk["tiled_object_f1"] <= 1
+    # The real PAS tiles through flexunet predict at 0.5 um/px: their own file, panel and MLflow metrics.
+    real = json.loads(layout.real_sample_predict_file.read_text())
+    assert (real["available"], real["real_tiles"], real["spacing"], real["real_objects_true"]) == (True, 6, 0.5, 9)
+    assert len(real["per_tile"]) == 6 and "predict_real_kidney_dice" not in on_disk
+    assert (layout.plots / "real_sample_predict_panel.png").is_file()
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import resolve_tracking_uri
+
+    logged = MlflowClient(resolve_tracking_uri(layout.params.mlflow, layout.root)).get_run(
+        json.loads(layout.run_file.read_text())["run_id"]).data.metrics
+    assert logged["real_glomerulus_dice"] == pytest.approx(real["real_glomerulus_dice"])
+    assert logged["real_object_f1_ci_high"] == pytest.approx(real["real_object_f1_ci_high"])
+    assert "mini_test_real_glomerulus_dice" not in logged and "mini_test_tiled_mean_foreground_dice" in logged
 
 
 def test_failed_tiled_evaluation_leaves_no_outputs(glomeruli_layout):
@@ -88,3 +102,4 @@ def test_failed_tiled_evaluation_leaves_no_outputs(glomeruli_layout):
     with pytest.raises(UserError, match="not a readable ONNX model"):
         evaluate_tiled(layout)
     assert not (layout.metrics / "tiled.json").exists() and not layout.tiled_predictions.exists()
+    assert not layout.real_sample_predict_file.exists()

@@ -180,7 +180,7 @@ def test_a_model_under_the_quality_floor_never_becomes_champion(served):
     write_json(layout.eval_metrics_file, report)
     first = register(layout)   # even the first version: no champion rather than a broken one
     assert (first["version"], first["champion"], first["aliases"]) == ("1", False, ["challenger"])
-    assert "0.5000 < evaluate.min_dice 0.8: never champion" in first["decision"]
+    assert "0.5000 < evaluate.min_dice 0.8: registered as challenger only" in first["decision"]
     assert "training ran 4 of 30 epochs" in first["decision"] and first["warnings"] == report["warnings"]
     assert _registry(layout).by_alias("t-floor", "champion") is None
     _new_model(layout, seed=5, dice=0.85)
@@ -188,15 +188,19 @@ def test_a_model_under_the_quality_floor_never_becomes_champion(served):
     assert (second["version"], second["champion"], second["warnings"]) == ("2", True, [])
 
 
-def test_scored_on_the_real_sample_its_floor_decides_not_the_test_dice_floor(served):
+def test_scored_on_the_real_sample_its_floor_decides_not_the_test_dice_floor(served, caplog):
     raw = tiny_dict()
     raw["registry"]["model_name"] = "t-real-floor"
     raw["evaluate"].update(min_dice=0.8, min_real_dice=0.6)
     layout = Layout(served[0].root, params_from_dict(raw))
     _new_model(layout, seed=6, dice=0.99, real=0.4)   # fits the generator, misses real kidneys
-    first = register(layout)
-    assert (first["version"], first["champion"]) == ("1", False)
-    assert "real-sample kidney Dice 0.4000 < evaluate.min_real_dice 0.6: never champion" in first["decision"]
+    with caplog.at_level("INFO", logger="pipeline.stages.register"):
+        first = register(layout)
+    assert (first["version"], first["champion"], first["aliases"]) == ("1", False, ["challenger"])
+    line = "real-sample kidney Dice 0.4000 < evaluate.min_real_dice 0.6: registered as challenger only"
+    assert first["decision"] == line
+    said = [r.getMessage() for r in caplog.records if "challenger only" in r.getMessage()]
+    assert said == [f"t-real-floor v1: {line} -> challenger"]   # one line, naming score, floor and key
     assert "evaluate.min_real_dice" in _registry(layout).version("t-real-floor", "1").description
     _new_model(layout, seed=7, dice=0.3, real=0.7)    # synthetic class not learnt, real kidneys found
     second = register(layout)

@@ -279,6 +279,54 @@ def test_blank_glass_is_skipped_counted_and_background(tmp_path, model, predicto
     np.testing.assert_array_equal(ids[:, :64], np.asarray(Image.open(tmp_path / "plain" / "slide.png"))[:, :64])
 
 
+def test_spacing_resamples_a_real_tile_to_the_models_resolution(tmp_path, monkeypatch):
+    """`flexunet predict --spacing 0.5` on a real 1024 px PAS tile (data/real-sample/glomeruli-pas)
+    with a model whose card says 2 um/px: the tile is shrunk 4x to 256 px, tiled, and its
+    probabilities resampled back, so the mask is 1024 px and is the argmax of those."""
+    from serving.predictor import TiledPredictor
+
+    monkeypatch.chdir(tmp_path)   # no params.yaml: the plain defaults
+    tile = REPO / "data" / "real-sample" / "glomeruli-pas" / "images" / "10191.png"
+    model = make_tiny_onnx(tmp_path / "at2um.onnx", num_classes=2, tile_size=32, spacing=2.0)
+    calls: list[tuple[int, ...]] = []
+    real_call = TiledPredictor.predict_fn
+    monkeypatch.setattr(TiledPredictor, "predict_fn", lambda self, batch: calls.append(batch.shape) or
+                        real_call(self, batch))
+    assert _predict("--model", str(model), "--input", str(tile), "--output", "out", "--spacing", "0.5") == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "10191.png"))
+    assert mask.shape == (1024, 1024) and _rows(tmp_path / "out")["10191"]["tiles"] == "121"   # 11 x 11 windows
+    assert {c[1:3] for c in calls} == {(32, 32)} and len(calls) == 31   # the 121 windows in batches of 4
+    image = np.asarray(Image.open(tile).convert("RGB"))
+    quarter = np.asarray(Image.fromarray(image).resize((256, 256), Image.BILINEAR))
+    at_model = TiledPredictor.from_onnx(model).predict_proba(quarter)
+    back = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c), mode="F").resize((1024, 1024), Image.BILINEAR))
+                     for c in np.moveaxis(at_model, -1, 0)], axis=-1)
+    margin = np.abs(back[..., 1] - back[..., 0])
+    decided = margin > 1e-5                         # pixels whose argmax float rounding cannot flip
+    assert decided.mean() > 0.999 and 0 < mask.mean() < 1
+    np.testing.assert_array_equal(mask[decided], back.argmax(-1)[decided])
+    # without --spacing the tile is tiled as it is: 43 x 43 windows, another mask
+    assert _predict("--model", str(model), "--input", str(tile), "--output", "plain") == 0
+    assert _rows(tmp_path / "plain")["10191"]["tiles"] == "1849"
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "10191.png")), mask)
+
+
+def test_mpp_on_a_png_says_to_give_its_pixel_size_with_spacing(tmp_path, model, caplog):
+    from serving.inputs import open_input
+
+    Image.fromarray(_gradient(20, 30, 1)).save(tmp_path / "plain.png")
+    message = (f"{tmp_path / 'plain.png'}: --mpp chooses a level of a pyramidal TIFF, OME-TIFF or SVS, and this "
+               "file has one; a PNG or JPEG records no resolution, so give the image's pixel size with --spacing UM "
+               "instead (e.g. --spacing 0.5)")
+    with pytest.raises(UserError) as info:
+        open_input(tmp_path / "plain.png", load_predictor(model).card, mpp=0.5)
+    assert str(info.value) == message
+    assert _predict("--model", str(model), "--input", str(tmp_path / "plain.png"), "--output",
+                    str(tmp_path / "out"), "--mpp", "0.5") == 1
+    assert _rows(tmp_path / "out")["plain"]["status"] == f"error: {message}"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [message]
+
+
 def test_console_script_runs_without_tensorflow(tmp_path, model):
     """`flexunet predict` end to end in a fresh process where importing TensorFlow fails."""
     blocker = tmp_path / "blocker"
