@@ -171,8 +171,11 @@ def _glomeruli(params: Params, writer: Writer) -> dict[str, Any]:
     splits = split_groups(keys, ["all"] * len(keys), cfg)
     class_id = _class_id(params, "glomerulus")
     n_mini = 0
+    mpp = cfg.mpp or glomeruli.DEFAULT_MPP
     for index, key in enumerate(tqdm(keys, desc="glomeruli images", unit="image")):
-        image, glom = glomeruli.render_glomeruli(large, index, cfg.seed)
+        # Randomised appearance is a training device; the other splits keep the typical PAS one.
+        appearance = cfg.appearance if splits[key] in cfg.stain.splits else "realistic"
+        image, glom = glomeruli.render_glomeruli(large, index, cfg.seed, mpp, appearance, cfg.stain)
         ids = glom.astype(np.uint8) * class_id
         split = splits[key]
         for y in range(0, large, tile):
@@ -181,8 +184,11 @@ def _glomeruli(params: Params, writer: Writer) -> dict[str, Any]:
         if split == "test" and n_mini < cfg.num_mini_test:
             writer.write("mini_test", key, image, ids)  # whole image, for tiled inference
             n_mini += 1
+    jitter = cfg.stain.scale_jitter if cfg.appearance == "randomised" else 0.0
+    randomised = {"appearance": cfg.appearance, "stain": cfg.stain.model_dump()} if cfg.appearance == "randomised" else {}
     return {"images": [{"id": k, "split": splits[k], "size": large} for k in keys],
-            "scale": scale_record("tiled", "um", cfg.mpp, None, params)}
+            "scale": scale_record("tiled", "um", mpp, (mpp / (1 + jitter), mpp * (1 + jitter)), params),
+            **randomised}
 
 
 def _build(params: Params, writer: Writer, project_root: Path) -> dict[str, Any]:

@@ -149,7 +149,7 @@ def _render_island(island: _Island, target: float, seed: int, texture: np.ndarra
     is `target` pixels; the exact count after blending is measured and returned, and the
     caller carries the difference to the next island."""
     rng = np.random.default_rng([seed, _SALT, 3, island.number])
-    image, truth = render_glomeruli(ISLAND, island.number, int(rng.integers(2**63)))
+    image, truth = render_glomeruli(ISLAND, island.number, int(rng.integers(2**63)), edges=False)
     blob = _blob(rng)
     border = max(blob[0].max(), blob[-1].max(), blob[:, 0].max(), blob[:, -1].max())
     candidates = np.sort(blob[tissue_mask(image, TISSUE_THRESHOLD)])[::-1]
