@@ -239,9 +239,17 @@ class TiledPredictor:
 
     @property
     def min_object_px(self) -> int:
-        """Smallest object kept (serving.objects.is_object): the settings', else the model card's."""
+        """Smallest object kept (serving.objects.is_object), in pixels of the written mask:
+        the settings', else the model card's. The card's is counted at the training
+        resolution, so when --spacing resamples an image (a 0.5 um/px PNG for a 2 um/px
+        model) it grows with the area of a training pixel on the image (16x there)."""
         value = self.settings.min_object_px
-        return int(self.card.min_object_px if value is None else value)
+        if value is not None:
+            return int(value)
+        spacing, trained = self.settings.spacing, self.card.spacing
+        if self.card.scale != "tiled" or spacing is None or trained is None:
+            return int(self.card.min_object_px)
+        return int(round(self.card.min_object_px * (trained / spacing) ** 2))
 
     def _tiling(self, skip: TissueSkip | None) -> dict[str, Any]:
         """serving.tiling's keywords for these settings and this model."""

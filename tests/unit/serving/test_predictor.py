@@ -152,6 +152,21 @@ def test_spacing_tiles_a_histology_image_at_the_training_resolution(models, tmp_
     np.testing.assert_allclose(same.predict_proba(image), plain.predict_proba(image), atol=0)
 
 
+def test_min_object_px_is_counted_at_the_training_resolution(tmp_path):
+    """The card's speck size is pixels at the training resolution: on a 0.5 um/px image for
+    a 2 um/px model, a training pixel covers 16 image pixels; a user's value is taken as given."""
+    from tests.onnx_models import make_tiny_onnx
+
+    tiled = make_tiny_onnx(tmp_path / "tiled.onnx", kernel_size=1, tile_size=16, spacing=2.0, min_object_px=50)
+    assert TiledPredictor.from_onnx(tiled).min_object_px == 50
+    assert TiledPredictor.from_onnx(tiled, spacing=0.5).min_object_px == 800
+    assert TiledPredictor.from_onnx(tiled, spacing=4.0).min_object_px == 12   # a coarser image: fewer pixels
+    assert TiledPredictor.from_onnx(tiled, spacing=0.5, min_object_px=30).min_object_px == 30
+    whole = make_tiny_onnx(tmp_path / "whole.onnx", kernel_size=1, tile_size=16, spacing=2.0, min_object_px=50,
+                           scale="whole")
+    assert TiledPredictor.from_onnx(whole, spacing=0.5).min_object_px == 50   # resampled whole, back at its own grid
+
+
 def test_whole_slices_keep_the_flip_variance_and_a_fixed_batch_size(tmp_path):
     from tests.onnx_models import make_tiny_onnx
 
