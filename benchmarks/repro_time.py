@@ -19,6 +19,7 @@ and its value, the epochs run, and the test Dice. Results: benchmarks/results/re
 (and .md, the tables in docs/benchmarks.md).
 
     python benchmarks/repro_time.py [--profiles native,avx2] [--set KEY=VALUE ...]
+    python benchmarks/repro_time.py --preset glomeruli-cpu --profiles native   # -> repro_time_glomeruli-cpu
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ def stages(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
-def run_profile(name: str, overrides: list[str]) -> dict:
+def run_profile(name: str, overrides: list[str], preset: str | None = None) -> dict:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **PROFILES[name], "PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     with tempfile.TemporaryDirectory(prefix=f"repro-{name}-") as tmp:
         root = Path(tmp) / "flexunet"
         subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
+        if preset:
+            subprocess.run([str(bin_dir / "flexunet"), "preset", preset], cwd=root, env=env, check=True,
+                           capture_output=True)
         if overrides:
             params = yaml.safe_load((root / "params.yaml").read_text())
             for item in overrides:
@@ -85,8 +89,10 @@ def run_profile(name: str, overrides: list[str]) -> dict:
         def metrics(file: str) -> dict:
             return json.loads((root / "metrics" / file).read_text())
 
-        manifest = json.loads((root / "data" / "kidney-t2w" / "manifest.json").read_text()) \
-            if (root / "data" / "kidney-t2w").is_dir() else {}
+        dataset = yaml.safe_load((root / "params.yaml").read_text())["dataset"]["name"]
+        manifest = json.loads((root / "data" / dataset / "manifest.json").read_text())
+        real = metrics("real_sample_predict.json")
+        tkv = metrics("tkv.json") if (root / "metrics" / "tkv.json").is_file() else {}
         evaluation, train, tune = metrics("eval.json"), metrics("train.json"), metrics("tune.json")
         best = yaml.safe_load((root / "tune" / "best_params.yaml").read_text())
         return {
@@ -98,7 +104,10 @@ def run_profile(name: str, overrides: list[str]) -> dict:
             "final_val_loss": train["final_val_loss"], "train_seconds": train["train_seconds"],
             "test_mean_foreground_dice": evaluation["mean_foreground_dice"],
             "test_dice": {k: v for k, v in evaluation.items() if k.startswith("dice_")},
-            "tkv": {k: metrics("tkv.json").get(k) for k in ("bias_ml", "loa_low_ml", "loa_high_ml")},
+            "tkv": {k: tkv.get(k) for k in ("bias_ml", "loa_low_ml", "loa_high_ml")},
+            "real_sample_predict": {k: v for k, v in real.items() if k.startswith(("real_", "predict_real_"))
+                                    and not isinstance(v, (list, dict))},
+            "registered": json.loads((root / "models" / "registered.json").read_text()).get("decision"),
             "warnings": evaluation.get("warnings", []),
         }
 
@@ -123,14 +132,14 @@ def markdown(result: dict) -> str:
     names = list(runs)
     stage_names = [s for s in next(iter(runs.values()))["seconds"] if s != "total"]
     lines = [f"Machine: {mc['cpu']}, {mc['cores']} cores, vector ISA {mc['vector_isa']}. "
-             f"Overrides: {result['overrides'] or 'none'}.", "",
+             f"Preset: {result.get('preset') or 'none'}. Overrides: {result['overrides'] or 'none'}.", "",
              "| stage | " + " | ".join(f"{n} (s)" for n in names) + " |", "|---|" + "---:|" * len(names)]
     for stage in stage_names + ["total"]:
         lines.append(f"| {stage} | " + " | ".join(str(runs[n]["seconds"][stage]) for n in names) + " |")
     lines += ["", "| result | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in ("fingerprint", "best_trial", "best_value", "best_params", "epochs_run", "final_val_loss",
-                "test_mean_foreground_dice", "tkv"):
-        lines.append(f"| {key} | " + " | ".join(f"`{runs[n][key]}`" if key in ("fingerprint", "best_params", "tkv")
+                "test_mean_foreground_dice", "tkv", "real_sample_predict", "registered"):
+        lines.append(f"| {key} | " + " | ".join(f"`{runs[n][key]}`" if key in ("fingerprint", "best_params", "tkv", "real_sample_predict")
                                                  else str(runs[n][key]) for n in names) + " |")
     if result.get("comparison"):
         lines += ["", "Comparison: " + ", ".join(f"{k} {v}" for k, v in result["comparison"].items()
@@ -143,12 +152,14 @@ def main() -> None:
     parser.add_argument("--profiles", default="native,avx2")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="params.yaml override in the clone, e.g. --set train.onednn=true")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "repro_time"))
+    parser.add_argument("--preset", help="run `flexunet preset NAME` in the clone first (default: params.yaml as is)")
+    parser.add_argument("--out", help="default: benchmarks/results/repro_time[_<preset>]")
     args = parser.parse_args()
+    args.out = args.out or str(REPO / "benchmarks" / "results" / ("repro_time" + (f"_{args.preset}" if args.preset else "")))
     if shutil.which("git") is None:
         raise SystemExit("git is needed to clone the repository")
-    runs = {name: run_profile(name, args.set) for name in args.profiles.split(",")}
-    result = {"machine": machine_summary(),
+    runs = {name: run_profile(name, args.set, args.preset) for name in args.profiles.split(",")}
+    result = {"machine": machine_summary(), "preset": args.preset,
               "overrides": args.set, "runs": runs, "comparison": compare(runs)}
     write_results(args.out, result, markdown)
 

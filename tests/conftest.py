@@ -76,6 +76,8 @@ def tiny_dict(name: str = "kidney-t2w") -> dict[str, Any]:
         raw["dataset"]["name"] = "glomeruli"
         raw["mask"] = {"rgb_map": {"(0,0,0)": 0, "(255,0,0)": 1}, "class_names": ["background", "glomerulus"]}
         raw["model"]["num_classes"] = 2
+        # 8 um/px: a 64 px image is 512 um, a real 1024 px tile's field, with glomeruli of 12-25 px
+        raw["dataset"]["mpp"] = 8.0
         # as the glomeruli presets: the real PAS tiles at 0.5 um/px
         raw["evaluate"].update(object_metrics="detection", real_sample=str(REPO / "data/real-sample/glomeruli-pas"),
                                real_sample_spacing=0.5)
