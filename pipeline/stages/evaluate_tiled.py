@@ -156,8 +156,9 @@ def real_sample_by_predict(layout: Layout, predictor: TiledPredictor) -> tuple[d
     reason = (real_sample if kidney else real_tiles).not_scored(p)
     if reason is not None:
         return {"available": False, "reason": reason}, notice_panel(f"real sample not scored: {reason}")
-    # `flexunet predict --spacing`: the real images' pixel size, which their files do not record
-    settings = predictor.settings.replace(spacing=p.evaluate.real_sample_spacing)
+    # `flexunet predict --spacing`: the real images' pixel size, which their files do not record;
+    # the speck size is the card's (predict.min_object_px, training-resolution pixels), scaled to it
+    settings = predictor.settings.replace(spacing=p.evaluate.real_sample_spacing, min_object_px=None)
     at_scale = TiledPredictor(predictor.session, predictor.card, settings, source=predictor.source)
     images = [pair.image for pair in find_pairs(real_sample.sample_folder(p, layout.root))]
     with tempfile.TemporaryDirectory(prefix="flexunet-real-") as tmp:
