@@ -4,8 +4,8 @@ The 6 real tiles (data/real-sample/glomeruli-pas) are split into two folds of 3 
 order: A = 10177, 10183, 10191 and B = 10210, 10220, 10224. For each fold in turn, its 3
 tiles train and the other 3 score:
 
-- **synthetic only**: the glomeruli-cpu preset's model (prepare, train, export in a scratch
-  project; `train.use_tuned_params: false`), trained once and used for both folds;
+- **synthetic only**: the glomeruli-cpu preset's model at 10 epochs (prepare, train, export
+  in a scratch project; `train.use_tuned_params: false`), trained once and used for both folds;
 - **real only, from scratch**: the same architecture trained on the 3 training tiles;
 - **synthetic, then real**: the synthetic model fine-tuned on them (`train.init_from`).
 
@@ -87,7 +87,7 @@ def main() -> None:
         tmp = Path(tmp)
         synthetic = tmp / "synthetic"
         scratch_glomeruli(synthetic)
-        run_stages(synthetic, ("prepare", "train", "export"), BASE, label="synthetic")
+        run_stages(synthetic, ("prepare", "train", "export"), BASE + ["train.epochs=10"], label="synthetic")
         weights = synthetic / "models" / "model.keras"
         for fold, train_stems in FOLDS.items():
             scored = [s for stems in FOLDS.values() for s in stems if s not in train_stems]
