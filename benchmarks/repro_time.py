@@ -54,7 +54,7 @@ def stages(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
-def run_profile(name: str, overrides: list[str], preset: str | None = None) -> dict:
+def run_profile(name: str, overrides: list[str], preset: str | None = None, keep: Path | None = None) -> dict:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **PROFILES[name], "PATH": f"{bin_dir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -85,6 +85,10 @@ def run_profile(name: str, overrides: list[str], preset: str | None = None) -> d
                 raise SystemExit(f"{name}: stage {stage} failed\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
             print(f"{name}: {stage} {seconds[stage]} s", flush=True)
         seconds["total"] = round(time.perf_counter() - total, 1)
+
+        if keep is not None:   # the run's metrics and plots, for the docs
+            for folder in ("metrics", "plots"):
+                shutil.copytree(root / folder, keep / name / folder, dirs_exist_ok=True)
 
         def metrics(file: str) -> dict:
             return json.loads((root / "metrics" / file).read_text())
@@ -154,11 +158,12 @@ def main() -> None:
                         help="params.yaml override in the clone, e.g. --set train.onednn=true")
     parser.add_argument("--preset", help="run `flexunet preset NAME` in the clone first (default: params.yaml as is)")
     parser.add_argument("--out", help="default: benchmarks/results/repro_time[_<preset>]")
+    parser.add_argument("--keep", type=Path, help="copy each profile's metrics/ and plots/ to KEEP/<profile>/")
     args = parser.parse_args()
     args.out = args.out or str(REPO / "benchmarks" / "results" / ("repro_time" + (f"_{args.preset}" if args.preset else "")))
     if shutil.which("git") is None:
         raise SystemExit("git is needed to clone the repository")
-    runs = {name: run_profile(name, args.set, args.preset) for name in args.profiles.split(",")}
+    runs = {name: run_profile(name, args.set, args.preset, args.keep) for name in args.profiles.split(",")}
     result = {"machine": machine_summary(), "preset": args.preset,
               "overrides": args.set, "runs": runs, "comparison": compare(runs)}
     write_results(args.out, result, markdown)
