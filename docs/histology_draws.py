@@ -20,7 +20,6 @@ sys.path.insert(0, str(REPO))
 
 
 def outlined(image, mask):
-    import numpy as np
     from scipy import ndimage
 
     out = image.copy()
