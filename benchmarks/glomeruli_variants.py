@@ -42,7 +42,7 @@ SAMPLE = REPO / "data" / "real-sample" / "glomeruli-pas"
 REINHARD = "+ Reinhard"
 TTA = "+ TTA"
 VARIANTS: dict[str, list[str]] = {
-    "randomised, 10 epochs": [],
+    "randomised at 10 epochs": [],
     "train.seed 7": ["train.seed=7"],
     "realistic appearance": ["dataset.appearance=realistic"],
     "realistic_fraction 0.5": ["dataset.stain.realistic_fraction=0.5"],
