@@ -75,13 +75,14 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def _layout(args: argparse.Namespace, tuned: bool = True, tracking: bool = True):
+def _layout(args: argparse.Namespace, tuned: bool = True, tracking: bool = True, say_hidden: bool = False):
     """Params and paths of one call. tuned: apply tune/best_params.yaml when
-    train.use_tuned_params (every stage after tune sees the same effective values).
+    train.use_tuned_params (every stage after tune sees the same effective values);
+    say_hidden: log, in one line, the params.yaml values the study's replaced (train does).
     tracking: the stage logs to MLflow, so a tracking server that does not answer stops
     it here, in one line, before anything else runs."""
     from pipeline.layout import Layout
-    from pipeline.config.load import load_params, with_tuned_params
+    from pipeline.config.load import hidden_by_tuned, load_params, with_tuned_params
 
     params_path = Path(args.params)
     params = load_params(params_path, dict(_parse_override(s) for s in args.set or []))
@@ -89,6 +90,11 @@ def _layout(args: argparse.Namespace, tuned: bool = True, tracking: bool = True)
     layout = Layout(root=root, params=params)
     if tuned and params.train.use_tuned_params:
         layout = Layout(root=root, params=with_tuned_params(params, layout.tuned_params_file))
+        hidden = hidden_by_tuned(params, layout.params) if say_hidden else []
+        if hidden:
+            log.warning("train.use_tuned_params: the study's values (%s) replace params.yaml's: %s; set "
+                        "train.use_tuned_params: false to train with params.yaml's", layout.tuned_params_file.name,
+                        ", ".join(hidden))
     if tracking:
         from pipeline.tracking import find_project_root, reachable_tracking_uri
 
@@ -103,7 +109,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    layout = _layout(args)
+    layout = _layout(args, say_hidden=True)
     layout.read_manifest()   # a missing dataset is said before TensorFlow takes seconds to load
     quiet_tensorflow(args.debug, layout.params.train.onednn)
     from pipeline.stages.train import train

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from common.errors import ParamsError
 from pipeline.config.schema import Params
-from pipeline.config.search_space import TUNABLE, apply_values
+from pipeline.config.search_space import TUNABLE, apply_values, current_values
 
 
 # Keys the seed kept elsewhere: a pointer beats "unknown key".
@@ -59,6 +59,14 @@ def with_tuned_params(params: Params, path: Path) -> Params:
     if unknown:
         raise ParamsError(f"{path}: {unknown} cannot be tuned; tunable: {', '.join(TUNABLE)}")
     return params_from_dict(apply_values(params.model_dump(mode="python"), values), source=f"{path} over params")
+
+
+def hidden_by_tuned(params: Params, tuned: Params) -> list[str]:
+    """`section.key ours -> theirs` for each params.yaml value that with_tuned_params replaced
+    with a different one: an edit of params.yaml that the study's values hide."""
+    ours = current_values(params.model, params.train, list(TUNABLE))
+    theirs = current_values(tuned.model, tuned.train, list(TUNABLE))
+    return [f"{TUNABLE[k]}.{k} {ours[k]!r} -> {theirs[k]!r}" for k in TUNABLE if ours[k] != theirs[k]]
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
